@@ -1,0 +1,89 @@
+"""Token-budget batches: sort rows by length, fill each batch up to a token budget (padding included),
+run the model, restore the input order. One copy of this serves embed, classify and search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+DEFAULT_BATCH_TOKENS = 4096
+
+
+@dataclass
+class Tokenized:
+    """Unpadded token ids of a list of texts (what `tokenize` or a tokenized dataset holds)."""
+
+    input_ids: list
+    token_type_ids: list | None
+    truncated: int  # rows longer than max_length, cut
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, pairs: list[str] | None = None) -> Tokenized:
+    """Fast-tokenizer batch call without padding; counts the rows that truncation cut."""
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False,
+                        return_attention_mask=False, return_overflowing_tokens=False,
+                        return_length=False)
+    ids = encoded["input_ids"]
+    # A row cut by truncation fills max_length exactly; re-check those few without truncation.
+    full = [i for i, row in enumerate(ids) if len(row) >= max_length]
+    truncated = 0
+    if full:
+        lengths = tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs else None,
+                            truncation=False, padding=False, return_attention_mask=False,
+                            return_token_type_ids=False, verbose=False)["input_ids"]
+        truncated = sum(len(row) > max_length for row in lengths)
+    return Tokenized(ids, encoded.get("token_type_ids"), truncated)
+
+
+def budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Row indices grouped longest-first so that rows × longest row ≤ batch_tokens (at least one row)."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        rows = max(1, batch_tokens // longest)
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
+def pad(tokenized: Tokenized, rows: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    seqs = [tokenized.input_ids[i] for i in rows]
+    width = max(len(s) for s in seqs)
+    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for r, seq in enumerate(seqs):
+        input_ids[r, :len(seq)] = seq
+        attention_mask[r, :len(seq)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if tokenized.token_type_ids is not None:
+        token_type_ids = np.zeros((len(seqs), width), dtype=np.int64)
+        for r, i in enumerate(rows):
+            types = tokenized.token_type_ids[i]
+            token_type_ids[r, :len(types)] = types
+        batch["token_type_ids"] = token_type_ids
+    return batch
+
+
+def run_batches(forward: Callable[[dict[str, np.ndarray]], np.ndarray], tokenized: Tokenized, pad_id: int,
+                batch_tokens: int = DEFAULT_BATCH_TOKENS, on_batch: Callable[[int], None] | None = None
+                ) -> np.ndarray:
+    """`forward(batch) -> [rows, dim]` over length-sorted budget batches; the result is in input order."""
+    if len(tokenized) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    lengths = np.fromiter((len(s) for s in tokenized.input_ids), dtype=np.int64, count=len(tokenized))
+    out = None
+    for rows in budget_batches(lengths, batch_tokens):
+        result = forward(pad(tokenized, rows, pad_id))
+        if out is None:
+            out = np.empty((len(tokenized),) + result.shape[1:], dtype=np.float32)
+        out[rows] = result
+        if on_batch is not None:
+            on_batch(len(rows))
+    return out

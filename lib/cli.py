@@ -1,0 +1,161 @@
+"""The `hfbatch` command group, shared option decorators, and error / exit-code handling.
+
+Each job lives in its own module under `jobs/` and exports one Click command. The group imports a job's
+module only when that job runs (or when help lists it), so `hfbatch info` or a no-op re-run does not pay
+for importing torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import sys
+import time
+
+import click
+
+from . import __version__, log
+from .errors import EXIT_FAILED
+
+# name -> "module:attribute"; a new job is one line here plus its file in jobs/.
+JOBS = {
+    "ingest": "hfbatch.jobs.ingest:ingest",
+    "embed": "hfbatch.jobs.embed:embed",
+    "index": "hfbatch.jobs.index:index",
+    "search": "hfbatch.jobs.search:search",
+    "info": "hfbatch.jobs.info:info",
+}
+
+
+class LazyGroup(click.Group):
+    """Click's documented lazy-loading group: commands are imported on first use."""
+
+    def __init__(self, *args, lazy_commands: dict[str, str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy_commands:
+            module_name, attr = self.lazy_commands[name].split(":")
+            return getattr(importlib.import_module(module_name), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, lazy_commands=JOBS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hfbatch")
+@click.option("-v", "--verbose", is_flag=True, help="Debug-level log lines on stderr.")
+def cli(verbose: bool) -> None:
+    """Batch NLP jobs on whole corpora: ingest, embed, index, search.
+
+    Every job writes its output atomically with a manifest.json, resumes after being killed, and exits
+    0 (ok), 1 (job failed), 2 (bad input or usage) or 75 (output locked by another run).
+
+    \b
+    Example:
+        hfbatch ingest data/sample.jsonl -o out/dataset
+        hfbatch embed out/dataset -o out/embeddings
+        hfbatch index out/embeddings -o out/index
+        hfbatch search out/index "a fast text editor"
+    """
+    quiet_environment()  # also under CliRunner, which does not go through main()
+    log.setup(verbose)
+
+
+def quiet_environment() -> None:
+    """Offline, and no library progress bars in our logs (hfbatch draws its own, on a TTY only)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not deadlock
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main() -> None:
+    """Console entry point: user errors are one line (Click); anything unexpected is one line too,
+    with the traceback only when HFBATCH_DEBUG=1."""
+    quiet_environment()
+    try:
+        cli.main(standalone_mode=True)
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug or an environment failure: still no traceback by default
+        if os.environ.get("HFBATCH_DEBUG"):
+            raise
+        click.echo(f"Error: internal error: {type(exc).__name__}: {exc} (set HFBATCH_DEBUG=1 for the traceback)",
+                   err=True)
+        sys.exit(EXIT_FAILED)
+
+
+# ---- shared options ----------------------------------------------------------------------------------
+
+def output_option(f):
+    return click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+                        help="Output directory (published atomically with a manifest.json).")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True,
+                        help="Recompute even if OUTPUT exists from other inputs or options.")(f)
+
+
+def model_option(f):
+    return click.option("--model", "model", default=None, metavar="DIR",
+                        help="Local model directory (default: the bundled all-MiniLM-L6-v2).")(f)
+
+
+def trust_remote_code_option(f):
+    return click.option("--trust-remote-code", is_flag=True,
+                        help="Allow the model directory's own Python code to run (off by default).")(f)
+
+
+def device_options(f):
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="auto = CUDA when available, else CPU.")(f)
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True,
+                     help="auto = bf16 where the hardware has it (AVX512-BF16/AMX CPUs, CUDA), fp16 on older "
+                          "CUDA, else fp32. fp32 is exact.")(f)
+    f = click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
+                     show_default=True, help="Inference engine. auto = OpenVINO on CPU, torch on CUDA.")(f)
+    return f
+
+
+def text_column_option(f):
+    return click.option("--text-column", default="text", show_default=True, help="Column holding the text.")(f)
+
+
+def json_summary(job_name: str):
+    """Adds `--json`: print a one-object summary on stdout when the job ends, for cron and scripts.
+
+    The wrapped command returns a dict (rows in/out, output, ...); errors are summarised too, then re-raised
+    so the exit code stays the documented one.
+    """
+
+    def decorate(f):
+        @click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary on stdout.")
+        @functools.wraps(f)
+        def wrapper(*args, as_json: bool, **kwargs):
+            start = time.monotonic()
+            summary = {"job": job_name, "status": "ok"}
+            try:
+                result = f(*args, **kwargs) or {}
+                summary.update(result)
+            except click.ClickException as exc:
+                if as_json:
+                    summary.update(status="failed", exit_code=exc.exit_code, error=exc.format_message())
+                    summary["seconds"] = round(time.monotonic() - start, 3)
+                    click.echo(json.dumps(summary))
+                raise
+            summary["seconds"] = round(time.monotonic() - start, 3)
+            if as_json:
+                click.echo(json.dumps(summary, default=str))
+            return summary
+
+        return wrapper
+
+    return decorate

@@ -1,0 +1,55 @@
+"""Texts in, embeddings out: tokenizer + encoder + token-budget batching, shared by embed and search."""
+
+from __future__ import annotations
+
+from .batching import DEFAULT_BATCH_TOKENS
+
+
+class TextEmbedder:
+    """Tokenizer + encoder + token-budget batching: texts in, embeddings out (also used by search)."""
+
+    def __init__(self, model_dir, *, backend="auto", device="auto", precision="auto", max_length=None,
+                 batch_tokens=DEFAULT_BATCH_TOKENS, trust_remote_code=False):
+        from .models import default_max_length, load_tokenizer, make_encoder
+
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
+        self.encoder, self.settings = make_encoder(model_dir, task="embed", backend=backend, device=device,
+                                                   precision=precision, trust_remote_code=trust_remote_code)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        self.max_length = max_length or default_max_length(model_dir, self.tokenizer, config)
+        self.batch_tokens = batch_tokens
+        self.dim = config.hidden_size
+
+    def tokenize(self, texts):
+        from .batching import tokenize
+
+        return tokenize(self.tokenizer, list(texts), self.max_length)
+
+    def run(self, tokenized, on_batch=None):
+        import numpy as np
+
+        from .batching import run_batches
+
+        if len(tokenized) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return run_batches(self.encoder, tokenized, self.tokenizer.pad_token_id or 0, self.batch_tokens,
+                           on_batch)
+
+    def __call__(self, texts):
+        return self.run(self.tokenize(texts))
+
+
+def embeddings_features(id_feature, dim):
+    import datasets
+
+    return datasets.Features({"id": id_feature,
+                              "embedding": datasets.Sequence(datasets.Value("float32"), length=dim)})
+
+
+def embeddings_table(ids, vectors, dim):
+    import pyarrow as pa
+
+    flat = pa.array(vectors.reshape(-1).astype("float32", copy=False), pa.float32())
+    return pa.table({"id": pa.array(ids), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})

