@@ -10,7 +10,8 @@ _LOGGER = logging.getLogger("hfbatch")
 
 
 def setup(verbose: bool = False) -> None:
-    if _LOGGER.handlers:
+    if _LOGGER.handlers:  # set up already: follow the current stderr (tests swap it)
+        _LOGGER.handlers[0].setStream(sys.stderr)
         _LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
         return
     handler = logging.StreamHandler(sys.stderr)

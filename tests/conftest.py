@@ -1,0 +1,126 @@
+"""Shared fixtures: tiny randomly initialised models saved to temp dirs, sample corpora, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample.jsonl"
+SHARED_CORPUS = ROOT.parent / "shared" / "corpora" / "debian-descriptions.jsonl.gz"
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["the", "a", "of", "and", "to", "for", "is", "in", "this", "package", "library", "python", "game",
+         "network", "data", "file", "tool", "text", "fast", "editor", "chess", "json", "parser", "server"]
+
+
+def write_tokenizer(directory: Path, max_length: int = 128) -> None:
+    """A real WordPiece fast tokenizer over letters, digits, punctuation and a few words: any ASCII text
+    tokenizes without [UNK] storms, and the vocabulary stays tiny."""
+    from transformers import BertTokenizer  # the fast (tokenizers) implementation in transformers 5
+
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(tiny_vocab())}, do_lower_case=True,
+                              model_max_length=max_length)
+    assert tokenizer.is_fast and tokenizer.tokenize("chess game!") == ["chess", "game", "!"]
+    tokenizer.save_pretrained(str(directory))
+
+
+def tiny_vocab() -> list[str]:
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    return list(dict.fromkeys(SPECIALS + WORDS + chars + ["##" + c for c in string.ascii_lowercase + string.digits]))
+
+
+def tiny_config(**overrides):
+    from transformers import BertConfig
+
+    values = dict(vocab_size=len(tiny_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=128, type_vocab_size=2)
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+def make_tiny_model(directory: Path, *, pooling: str | None = "mean", normalize: bool = True,
+                    num_labels: int | None = None, seed: int = 0, **config) -> Path:
+    """Save a tiny random BERT (safetensors) + tokenizer; with `pooling`, sentence-transformers module
+    files like a real ST model directory (modules.json, 1_Pooling/config.json, 2_Normalize)."""
+    import torch
+    from transformers import BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(**config)
+    if num_labels:
+        cfg.num_labels = num_labels
+        cfg.id2label = {i: f"label_{i}" for i in range(num_labels)}
+        cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+        model = BertForSequenceClassification(cfg)
+    else:
+        model = BertModel(cfg, add_pooling_layer=False)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    write_tokenizer(directory, cfg.max_position_embeddings)
+    if pooling:
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            (directory / "2_Normalize").mkdir(exist_ok=True)
+        (directory / "modules.json").write_text(json.dumps(modules))
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps({
+            "word_embedding_dimension": cfg.hidden_size,
+            "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
+            "pooling_mode_max_tokens": pooling == "max",
+            "pooling_mode_mean_sqrt_len_tokens": False}))
+        (directory / "sentence_bert_config.json").write_text(json.dumps(
+            {"max_seq_length": cfg.max_position_embeddings, "do_lower_case": False}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Mean pooling + Normalize, like all-MiniLM-L6-v2 but 32-d."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-mean")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    def make(name: str, **kwargs) -> Path:
+        path = tmp_path_factory.mktemp("models") / name
+        return make_tiny_model(path, **kwargs)
+    return make
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, args: list[str], expect: int = 0):
+    """Run `hfbatch ARGS` in-process; assert the exit code; return the result."""
+    from hfbatch.cli import cli
+
+    result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=True)
+    if result.exit_code != expect:
+        raise AssertionError(f"exit {result.exit_code} != {expect} for {args}\n"
+                             f"output:\n{result.output}\nexception: {result.exception!r}")
+    return result
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sample_rows(n: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    return rows[:n] if n else rows
