@@ -44,16 +44,16 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
     from hfbatch.models import model_fingerprint, resolve_model_dir
 
     model_dir = resolve_model_dir(model)
-    source, _ = open_dataset(dataset)
-    require_column(source, text_column, dataset)
     config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
               "text_column": text_column, "device": device, "precision": precision, "backend": backend,
               "max_length": max_length, "shard_rows": shard_rows}
     # batch_tokens changes speed, not results: it is left out of the config so it can be tuned on resume.
 
     with Job("embed", output, config=config, datasets=[dataset], force=force) as job:
-        if job.up_to_date:
+        if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
+        source, _ = open_dataset(dataset)
+        require_column(source, text_column, dataset)
         n_shards = max(1, -(-len(source) // shard_rows))
         embedder = TextEmbedder(model_dir, backend=backend, device=device, precision=precision,
                                 max_length=max_length, batch_tokens=batch_tokens,

@@ -29,15 +29,15 @@ def index(embeddings, output, kind, force):
     from hfbatch.index import build_index, choose_index, plan_for_kind, save_index
     from hfbatch.io import open_dataset, require_column
 
-    dataset, emb_manifest = open_dataset(embeddings, "embeddings")
-    require_column(dataset, "embedding", embeddings, option="hfbatch embed")
-    n, dim = len(dataset), int(emb_manifest.get("dim") or dataset.features["embedding"].length)
-    if n == 0:
-        raise InputError(f"{embeddings}: no vectors to index")
     config = {"kind": kind}
     with Job("index", output, config=config, datasets=[embeddings], force=force) as job:
         if job.up_to_date:
             return job.summary()
+        dataset, emb_manifest = open_dataset(embeddings, "embeddings")
+        require_column(dataset, "embedding", embeddings, option="hfbatch embed")
+        n, dim = len(dataset), int(emb_manifest.get("dim") or dataset.features["embedding"].length)
+        if n == 0:
+            raise InputError(f"{embeddings}: no vectors to index")
         plan = choose_index(n, dim) if kind == "auto" else plan_for_kind(kind, n, dim)
         log.event("index", "plan", kind=plan.kind, factory=plan.factory, vectors=n, dim=dim)
         read_chunk = vector_reader(dataset, dim)

@@ -51,9 +51,6 @@ def ingest(sources, output, fmt, id_column, text_column, json_field, max_rejects
     Example:
         hfbatch ingest 'corpus/*.jsonl.gz' -o out/dataset --text-column text
     """
-    import datasets
-    import pyarrow as pa
-
     from hfbatch.io import expand_sources, read_source
 
     limit_kind, limit = parse_max_rejects(max_rejects)
@@ -64,8 +61,11 @@ def ingest(sources, output, fmt, id_column, text_column, json_field, max_rejects
               "max_rejects": max_rejects}
 
     with Job("ingest", output, config=config, files=paths, force=force) as job:
-        if job.up_to_date:
+        if job.up_to_date:  # decided from manifests and file stats: no dataset library needed
             return job.summary()
+        import datasets
+        import pyarrow as pa
+
         schema = _output_schema(read_source(paths[0], fmt, json_field), paths[0], id_column, text_column)
         seen_ids = _ids_of_finished_shards(job, len(paths))
         progress = log.Progress("ingest", None)
