@@ -28,9 +28,12 @@ from hfbatch.runner import Job
               help="Rows per resumable shard: a killed run redoes at most one shard.")
 @trust_remote_code_option
 @force_option
+@click.option("--incremental", is_flag=True,
+              help="OUTPUT exists from an older DATASET: reuse the vectors of rows whose id and text are "
+                   "unchanged, compute new or changed rows, drop deleted ones.")
 @json_summary("embed")
 def embed(dataset, output, model, text_column, device, precision, backend, max_length, batch_tokens,
-          shard_rows, trust_remote_code, force):
+          shard_rows, trust_remote_code, force, incremental):
     """Embed the TEXT_COLUMN of DATASET (an `hfbatch ingest` output) into OUTPUT.
 
     OUTPUT has columns `id` and `embedding` (float32, L2-normalised when the model's
@@ -49,7 +52,7 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
               "max_length": max_length, "shard_rows": shard_rows}
     # batch_tokens changes speed, not results: it is left out of the config so it can be tuned on resume.
 
-    with Job("embed", output, config=config, datasets=[dataset], force=force) as job:
+    with Job("embed", output, config=config, datasets=[dataset], force=force, incremental=incremental) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
         source, _ = open_dataset(dataset)
@@ -61,22 +64,36 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
         pending = job.pending(n_shards)
         progress = log.Progress("embed", sum(_shard_len(len(source), shard_rows, i) for i in pending))
 
-        def texts_of(i):
-            return source[i * shard_rows:(i + 1) * shard_rows][text_column]
+        previous = PreviousVectors(job.output) if job.previous else None
+
+        def work_of(i):
+            """(ids, hashes, rows to compute, their tokens) of shard i; the rest is reused from `previous`."""
+            rows = source[i * shard_rows:(i + 1) * shard_rows]
+            hashes = text_hashes(rows[text_column])
+            todo = list(range(len(hashes))) if previous is None else \
+                [r for r, (row_id, h) in enumerate(zip(rows["id"], hashes)) if not previous.has(row_id, h)]
+            return rows["id"], hashes, todo, embedder.tokenize([rows[text_column][r] for r in todo])
 
         # Tokenize the next shard in a thread while the model runs on this one (the fast tokenizer releases
         # the GIL), so the model never waits for tokens.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(embedder.tokenize, texts_of(pending[0])) if pending else None
+            future = pool.submit(work_of, pending[0]) if pending else None
             for n, i in enumerate(pending):
-                tokenized = future.result()
+                ids, hashes, todo, tokenized = future.result()
                 if n + 1 < len(pending):
-                    future = pool.submit(embedder.tokenize, texts_of(pending[n + 1]))
-                vectors = embedder.run(tokenized, on_batch=progress.update)
-                ids = source[i * shard_rows:(i + 1) * shard_rows]["id"]
-                job.write_shard(i, embeddings_table(ids, vectors, embedder.dim), truncated=tokenized.truncated)
+                    future = pool.submit(work_of, pending[n + 1])
+                computed = embedder.run(tokenized, on_batch=progress.update)
+                if previous is None:
+                    vectors = computed
+                else:
+                    vectors = previous.vectors_for(ids)  # rows not found stay zero until filled below
+                    vectors[todo] = computed
+                    progress.update(len(ids) - len(todo))
+                job.write_shard(i, embeddings_table(ids, vectors, embedder.dim, hashes),
+                                truncated=tokenized.truncated, computed=len(todo), reused=len(ids) - len(todo))
         progress.close()
-        job.publish_dataset(n_shards, embeddings_features(source.features["id"], embedder.dim), extra={
+        features = embeddings_features(source.features["id"], embedder.dim)
+        job.publish_dataset(n_shards, features, fill=write_hash_file, extra={
             "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
             "model": str(model_dir), "dim": embedder.dim, "max_length": embedder.max_length,
             **embedder.settings})
@@ -89,3 +106,58 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
 
 def _shard_len(total, shard_rows, i):
     return max(0, min(shard_rows, total - i * shard_rows))
+
+
+HASH_FILE = "content_hashes.parquet"
+
+
+def text_hashes(texts):
+    """64-bit content hash per text: how --incremental knows a row's text did not change."""
+    import hashlib
+
+    return [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True)
+            for t in texts]
+
+
+def write_hash_file(tmp, joined):
+    """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a
+    Parquet side file for the next --incremental run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = joined.data.table
+    pq.write_table(pa.table({"id": table.column("id"), "text_hash": table.column("text_hash")}), tmp / HASH_FILE)
+
+
+class PreviousVectors:
+    """The output being updated by --incremental: id -> (row, text hash), vectors memory-mapped."""
+
+    def __init__(self, path):
+        import datasets
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        from hfbatch.errors import InputError
+
+        if not (path / HASH_FILE).exists():
+            raise InputError(f"{path} has no {HASH_FILE} (made by an older hfbatch): --incremental needs it; "
+                             f"recompute once with --force")
+        hashes = pq.read_table(path / HASH_FILE).to_pydict()
+        self.rows = {row_id: (row, h) for row, (row_id, h) in enumerate(zip(hashes["id"], hashes["text_hash"]))}
+        column = datasets.load_from_disk(str(path)).data.table.column("embedding")
+        self.dim = column.type.list_size
+        self.vectors = np.asarray(column.combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                                  dtype=np.float32).reshape(-1, self.dim)
+
+    def has(self, row_id, text_hash) -> bool:
+        found = self.rows.get(row_id)
+        return found is not None and found[1] == text_hash
+
+    def vectors_for(self, ids):
+        import numpy as np
+
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        for r, row_id in enumerate(ids):
+            if row_id in self.rows:
+                out[r] = self.vectors[self.rows[row_id][0]]
+        return out

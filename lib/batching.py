@@ -26,6 +26,8 @@ class Tokenized:
 
 def tokenize(tokenizer, texts: list[str], max_length: int, pairs: list[str] | None = None) -> Tokenized:
     """Fast-tokenizer batch call without padding; counts the rows that truncation cut."""
+    if not texts:
+        return Tokenized([], None, 0)
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False,
                         return_attention_mask=False, return_overflowing_tokens=False,
                         return_length=False)

@@ -48,8 +48,11 @@ def embeddings_features(id_feature, dim):
                               "embedding": datasets.Sequence(datasets.Value("float32"), length=dim)})
 
 
-def embeddings_table(ids, vectors, dim):
+def embeddings_table(ids, vectors, dim, text_hashes=None):
     import pyarrow as pa
 
     flat = pa.array(vectors.reshape(-1).astype("float32", copy=False), pa.float32())
-    return pa.table({"id": pa.array(ids), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+    columns = {"id": pa.array(ids), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}
+    if text_hashes is not None:
+        columns["text_hash"] = pa.array(text_hashes, pa.int64())
+    return pa.table(columns)

@@ -230,8 +230,10 @@ class Job:
     """
 
     def __init__(self, name: str, output, *, config: dict, files: Iterable = (), datasets: Iterable = (),
-                 force: bool = False):
+                 force: bool = False, incremental: bool = False):
         self.name = name
+        self.incremental = incremental
+        self.previous: dict | None = None  # with --incremental: the manifest of the output being updated
         self.output = Path(output).resolve()
         self.config = config
         self.force = force
@@ -279,8 +281,14 @@ class Job:
                 self.manifest = existing
                 log.event(self.name, "up_to_date", output=self.output)
                 return
-            raise InputError(f"{self.output} was made from other inputs or options ({'; '.join(changes)}); "
-                             f"pass --force to recompute it")
+            if self.incremental and all(c.startswith("input ") for c in changes):
+                self.previous = existing
+                log.event(self.name, "incremental", output=self.output, changes="; ".join(changes))
+            else:
+                hint = ("--incremental updates an output only when its options are unchanged; pass --force"
+                        if self.incremental else "pass --force to recompute it (or --incremental where offered)")
+                raise InputError(f"{self.output} was made from other inputs or options ({'; '.join(changes)}); "
+                                 f"{hint}")
         self._prepare_partial()
 
     def _prepare_partial(self) -> None:
@@ -354,8 +362,9 @@ class Job:
         }
 
     def publish_dataset(self, n_shards: int, features, extra: dict | None = None,
-                        max_shard_size: str = "500MB") -> dict:
-        """Join the finished shards (memory-mapped, in order) into one `save_to_disk` dataset."""
+                        max_shard_size: str = "500MB", fill: Callable | None = None) -> dict:
+        """Join the finished shards (memory-mapped, in order) into one `save_to_disk` dataset of the
+        `features` columns; `fill(tmp_dir, joined_shards)` may write side files from other shard columns."""
         import datasets
 
         records = self.shard_records(n_shards)
@@ -366,6 +375,11 @@ class Job:
         else:
             dataset = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
         tmp = self._tmp_output()
+        tmp.mkdir(parents=True)
+        if fill is not None:  # side files from shard-only columns, written before the atomic rename
+            fill(tmp, dataset)
+        if set(dataset.column_names) != set(features):
+            dataset = dataset.select_columns(list(features))
         dataset.save_to_disk(str(tmp), max_shard_size=max_shard_size)
         n_rejects = self._gather_rejects(n_shards, tmp)
         counts = {}

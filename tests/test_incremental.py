@@ -1,0 +1,51 @@
+"""embed --incremental: unchanged rows reused, new or changed rows computed, deleted rows dropped."""
+
+import json
+
+import numpy as np
+
+from conftest import invoke, sample_rows, write_jsonl
+
+
+def table(path):
+    import datasets
+
+    return datasets.load_from_disk(str(path)).with_format("numpy")
+
+
+def test_incremental_embed_equals_a_full_run_and_computes_only_changes(tmp_path, tiny_model, runner):
+    rows = sample_rows(120)
+    src = write_jsonl(tmp_path / "docs.jsonl", rows)
+    embed = ["--model", tiny_model, "--precision", "fp32", "--shard-rows", "50"]
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds"])
+    invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", *embed])
+    assert (tmp_path / "emb" / "content_hashes.parquet").exists()
+    assert table(tmp_path / "emb").column_names == ["id", "embedding"]
+
+    changed = [dict(r) for r in rows]
+    for r in changed[10:13]:
+        r["text"] = r["text"] + " (updated)"
+    del changed[40:45]
+    changed += [{"id": 10_000_000 + i, "package": "new", "section": "new", "text": f"brand new text {i}"}
+                for i in range(4)]
+    write_jsonl(src, changed)
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds", "--force"])
+    refused = invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", *embed], expect=2)
+    assert "/ds changed" in refused.output
+    result = invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", *embed, "--incremental", "--json"])
+    summary = json.loads(result.stdout)
+    assert summary["computed"] == 7 and summary["reused"] == len(changed) - 7
+
+    invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "full", *embed])
+    got, want = table(tmp_path / "emb"), table(tmp_path / "full")
+    assert list(got["id"]) == [r["id"] for r in changed] == list(want["id"])
+    np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
+
+
+def test_incremental_refuses_changed_options(tmp_path, tiny_model, runner):
+    src = write_jsonl(tmp_path / "docs.jsonl", sample_rows(10))
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds"])
+    invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", "--model", tiny_model])
+    result = invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", "--model", tiny_model,
+                             "--max-length", "16", "--incremental"], expect=2)
+    assert "option max_length" in result.output and "--incremental updates an output only" in result.output
