@@ -31,9 +31,13 @@ from hfbatch.runner import Job
 @click.option("--incremental", is_flag=True,
               help="OUTPUT exists from an older DATASET: reuse the vectors of rows whose id and text are "
                    "unchanged, compute new or changed rows, drop deleted ones.")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the rows into this many slices (one per machine or cron host) ...")
+@click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="... and embed only this slice; `hfbatch merge` joins the slices' outputs.")
 @json_summary("embed")
 def embed(dataset, output, model, text_column, device, precision, backend, max_length, batch_tokens,
-          shard_rows, trust_remote_code, force, incremental):
+          shard_rows, trust_remote_code, force, incremental, num_shards, shard_index):
     """Embed the TEXT_COLUMN of DATASET (an `hfbatch ingest` output) into OUTPUT.
 
     OUTPUT has columns `id` and `embedding` (float32, L2-normalised when the model's
@@ -46,10 +50,14 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
     from hfbatch.io import open_dataset, require_column
     from hfbatch.models import model_fingerprint, resolve_model_dir
 
+    if shard_index >= num_shards:
+        raise click.BadParameter(f"{shard_index} is not below --num-shards {num_shards}", param_hint="--shard-index")
     model_dir = resolve_model_dir(model)
     config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
               "text_column": text_column, "device": device, "precision": precision, "backend": backend,
               "max_length": max_length, "shard_rows": shard_rows}
+    if num_shards > 1:
+        config.update(num_shards=num_shards, shard_index=shard_index)
     # batch_tokens changes speed, not results: it is left out of the config so it can be tuned on resume.
 
     with Job("embed", output, config=config, datasets=[dataset], force=force, incremental=incremental) as job:
@@ -57,6 +65,9 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
             return job.summary()
         source, _ = open_dataset(dataset)
         require_column(source, text_column, dataset)
+        start, stop = slice_bounds(len(source), num_shards, shard_index)
+        if num_shards > 1:
+            source = source.select(range(start, stop))
         n_shards = max(1, -(-len(source) // shard_rows))
         embedder = TextEmbedder(model_dir, backend=backend, device=device, precision=precision,
                                 max_length=max_length, batch_tokens=batch_tokens,
@@ -96,12 +107,18 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
         job.publish_dataset(n_shards, features, fill=write_hash_file, extra={
             "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
             "model": str(model_dir), "dim": embedder.dim, "max_length": embedder.max_length,
+            "slice": {"index": shard_index, "count": num_shards, "start": start, "stop": stop},
             **embedder.settings})
         truncated = job.manifest["counts"].get("truncated", 0)
         if truncated:
             log.warn("embed", "truncated", rows=truncated, max_length=embedder.max_length,
                      hint="raise --max-length if the model allows it")
         return job.summary()
+
+
+def slice_bounds(total, num_shards, shard_index):
+    """Rows [start, stop) of slice `shard_index`: contiguous, so merged slices keep the dataset's order."""
+    return total * shard_index // num_shards, total * (shard_index + 1) // num_shards
 
 
 def _shard_len(total, shard_rows, i):

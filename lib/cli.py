@@ -27,6 +27,7 @@ JOBS = {
     "search": "hfbatch.jobs.search:search",
     "info": "hfbatch.jobs.info:info",
     "run": "hfbatch.jobs.run:run",
+    "merge": "hfbatch.jobs.merge:merge",
 }
 
 

@@ -49,3 +49,26 @@ def test_incremental_refuses_changed_options(tmp_path, tiny_model, runner):
     result = invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", "--model", tiny_model,
                              "--max-length", "16", "--incremental"], expect=2)
     assert "option max_length" in result.output and "--incremental updates an output only" in result.output
+
+
+def test_slices_embedded_apart_merge_into_the_full_result(tmp_path, tiny_model, runner):
+    src = write_jsonl(tmp_path / "docs.jsonl", sample_rows(53))
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds"])
+    opts = ["--model", tiny_model, "--precision", "fp32"]
+    invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "full", *opts])
+    for i in range(3):
+        invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / f"part{i}", *opts,
+                        "--num-shards", "3", "--shard-index", str(i)])
+    missing = invoke(runner, ["merge", tmp_path / "part0", tmp_path / "part2", "-o", tmp_path / "m"], expect=2)
+    assert "slices [1] of 3 are missing" in missing.output and not (tmp_path / "m").exists()
+    invoke(runner, ["merge", tmp_path / "part2", tmp_path / "part0", tmp_path / "part1", "-o", tmp_path / "m"])
+    got, want = table(tmp_path / "m"), table(tmp_path / "full")
+    assert list(got["id"]) == list(want["id"])
+    np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
+    invoke(runner, ["index", tmp_path / "m", "-o", tmp_path / "idx"])  # a merged output is a normal input
+    other = invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "odd", "--model", tiny_model,
+                            "--num-shards", "3", "--shard-index", "1"])
+    assert other.exit_code == 0
+    bad = invoke(runner, ["merge", tmp_path / "part0", tmp_path / "odd", tmp_path / "part2", "-o", tmp_path / "m2"],
+                 expect=2)
+    assert "differ in their options precision" in bad.output

@@ -1,0 +1,71 @@
+"""hfbatch merge: join the slices of a job run with --num-shards into one output, checking none is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hfbatch.cli import force_option, json_summary, output_option
+from hfbatch.errors import InputError
+from hfbatch.runner import Job, require_complete
+
+PER_SLICE = {"shard_index"}
+COPIED = ("source_dataset", "text_column", "model", "dim", "max_length", "device", "precision", "backend",
+          "pooling")
+
+
+@click.command()
+@click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@output_option
+@force_option
+@json_summary("merge")
+def merge(parts, output, force):
+    """Join PARTS (outputs of one job run with --num-shards N --shard-index 0..N-1) into OUTPUT.
+
+    Every slice must be there exactly once, all made by the same job from the same inputs and options;
+    rows keep the dataset's order.
+
+    \b
+    Example:
+        hfbatch embed out/dataset -o out/emb-0 --num-shards 2 --shard-index 0   # on host A
+        hfbatch embed out/dataset -o out/emb-1 --num-shards 2 --shard-index 1   # on host B
+        hfbatch merge out/emb-0 out/emb-1 -o out/embeddings
+    """
+    manifests = [require_complete(Path(p), "part") for p in parts]
+    first = manifests[0]
+    count = first.get("slice", {}).get("count")
+    if not count:
+        raise InputError(f"{parts[0]} was not made with --num-shards; nothing to merge")
+    by_index = {}
+    for path, manifest in zip(parts, manifests):
+        if manifest.get("job") != first.get("job"):
+            raise InputError(f"{path} was made by `hfbatch {manifest.get('job')}`, {parts[0]} by "
+                             f"`hfbatch {first.get('job')}`")
+        differing = sorted(k for k in set(manifest["config"]) | set(first["config"])
+                           if k not in PER_SLICE and manifest["config"].get(k) != first["config"].get(k))
+        if differing or manifest.get("inputs") != first.get("inputs"):
+            what = f"options {', '.join(differing)}" if differing else "inputs"
+            raise InputError(f"{path} and {parts[0]} differ in their {what}: they are not slices of one run")
+        index = manifest["slice"]["index"]
+        if index in by_index:
+            raise InputError(f"slice {index} is given twice: {by_index[index]} and {path}")
+        by_index[index] = path
+    missing = sorted(set(range(count)) - set(by_index))
+    if missing:
+        raise InputError(f"slices {missing} of {count} are missing; run them with --shard-index, then merge")
+
+    ordered = [by_index[i] for i in range(count)]
+    config = {k: v for k, v in first["config"].items() if k not in PER_SLICE | {"num_shards"}}
+    with Job("merge", output, config=config, datasets=ordered, force=force) as job:
+        if job.up_to_date:
+            return job.summary()
+        import datasets
+
+        for i, path in enumerate(ordered):
+            if not job.is_done(i):
+                job.write_shard(i, datasets.load_from_disk(str(path)).data.table)
+        features = datasets.load_from_disk(str(ordered[0])).features
+        job.publish_dataset(count, features, extra={
+            "merged_from": first.get("job"), **{k: first[k] for k in COPIED if k in first}})
+        return job.summary()
