@@ -136,3 +136,8 @@ def test_arrow_vectors_reads_a_saved_dataset(tmp_path):
         assert np.array_equal(read(a, b), x[a:b])
     assert np.array_equal(hx.read_sample(read, 2500, 100, blocks=10),
                           np.concatenate([x[s:s + 10] for s in np.linspace(0, 2490, 10).astype(int)]))
+    # a plain (variable-size) list column of equal-length rows reads the same
+    plain = datasets.Dataset.from_dict({"embedding": x.astype(np.float64).tolist()})
+    plain.save_to_disk(str(tmp_path / "plain"))
+    read = hx.ArrowVectors(tmp_path / "plain")
+    assert read.dim == 8 and np.allclose(read(5, 2000), x[5:2000])
