@@ -82,7 +82,8 @@ def test_choose_index():
     assert big.kind == "ivfpq" and "x4fs" in big.factory and big.train_size < 200_000
     # flat vectors (1.4 GiB) do not fit in 500 MB: compressed, and the estimate respects the budget
     tight = hx.choose_index(1_000_000, 384, 500 * 2**20)
-    assert tight.kind == "ivfpq" and tight.est_bytes <= 500 * 2**20
+    assert tight.kind == "ivfpq" and "Refine(SQ8)" in tight.factory and tight.est_bytes <= 500 * 2**20
+    assert hx.choose_index(1_000_000, 384, None, target_recall=1.0).kind == "flat"
     tiny = hx.choose_index(50_000, 384, 2 * 2**20)      # small n, but even flat does not fit
     assert tiny.kind == "ivfpq" and "Refine" not in tiny.factory
     assert hx.plan_for_factory("IVF64,Flat", 10_000, 32).factory == "IVF64,Flat"
