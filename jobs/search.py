@@ -19,9 +19,11 @@ from hfbatch.errors import InputError
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Hits per query.")
 @click.option("--format", "out_format", type=click.Choice(["jsonl", "text"]), default="jsonl", show_default=True,
               help="jsonl: one object per hit (for tools); text: a ranked list for people.")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None, help="Override the tuned nprobe (IVF).")
+@click.option("--ef", type=click.IntRange(min=1), default=None, help="Override the tuned efSearch (HNSW).")
 @model_option
 @trust_remote_code_option
-def search(index_dir, queries, queries_file, k, out_format, model, trust_remote_code):
+def search(index_dir, queries, queries_file, k, out_format, nprobe, ef, model, trust_remote_code):
     """Search INDEX_DIR (an `hfbatch index` output) for QUERIES.
 
     Prints one JSON object per hit: {"query", "rank", "id", "score", "text"}. The queries are embedded
@@ -52,8 +54,9 @@ def search(index_dir, queries, queries_file, k, out_format, model, trust_remote_
     if embedder.dim != manifest["dim"]:
         raise InputError(f"--model {model_dir} makes {embedder.dim}-d vectors but the index holds "
                          f"{manifest['dim']}-d ones")
-    index = load_index(Path(index_dir) / "index.faiss")
-    apply_search_params(index, manifest.get("params") or {})
+    index = load_index(Path(index_dir) / "index.faiss", mmap=True)
+    overrides = {key: value for key, value in (("nprobe", nprobe), ("efSearch", ef)) if value is not None}
+    apply_search_params(index, {**(manifest.get("params") or {}), **overrides})
     vectors = np.ascontiguousarray(embedder(texts), dtype=np.float32)
     scores, positions = index.search(vectors, min(k, index.ntotal))
     rows = RowLookup(manifest)

@@ -1,0 +1,144 @@
+"""hfbatch.index on small, clustered data that is not trivially easy for IVF."""
+import numpy as np
+import pytest
+
+from hfbatch import index as hx
+
+N, DIM, K = 10_000, 32, 10
+
+
+def clustered(n, dim, seed=0, per_cluster=50, sigma=1.2):
+    """Points around n/50 random centres with noise comparable to the centre:
+    neighbours spill across IVF cells, so one probe is far from exact."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // per_cluster), dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, len(centres), n)]
+    x = x + sigma * rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = clustered(N + 600, DIM)
+    base, tune_q, test_q = x[:N], x[N:N + 300], x[N + 300:]   # queries are not in the index
+    read = lambda a, b: base[a:b]
+    _, tune_gt = hx.exact_neighbors(read, N, tune_q, K)
+    _, test_gt = hx.exact_neighbors(read, N, test_q, K)
+    return base, read, tune_q, tune_gt, test_q, test_gt
+
+
+@pytest.fixture(scope="module")
+def built(data):
+    base, read = data[0], data[1]
+    return {kind: hx.build_index(hx.plan_for_kind(kind, N, DIM), N, DIM, read, chunk_rows=4096)
+            for kind in hx.KINDS}
+
+
+def test_exact_neighbors_matches_flat_search(data):
+    base, read, tune_q = data[0], data[1], data[2]
+    import faiss
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(base)
+    D, I = flat.search(tune_q, K)
+    D2, I2 = hx.exact_neighbors(read, N, tune_q, K, chunk_rows=777)   # many chunks to merge
+    assert np.allclose(D, D2, atol=1e-5)
+    assert hx.recall_at_k(I2, I, K) > 0.999                            # ties may swap
+
+
+def test_data_is_not_trivial_for_ivf(data, built):
+    _, _, tune_q, tune_gt = data[:4]
+    hx.apply_search_params(built["ivf"], {"nprobe": 1})
+    assert hx.measure_recall(built["ivf"], tune_q, tune_gt, K) < 0.8
+
+
+@pytest.mark.parametrize("kind,min_recall", [("flat", 0.999), ("ivf", 0.95), ("hnsw", 0.95), ("ivfpq", 0.93)])
+def test_each_kind_reaches_recall_after_tuning(data, built, kind, min_recall):
+    _, _, tune_q, tune_gt, test_q, test_gt = data
+    index = built[kind]
+    assert index.ntotal == N
+    params = hx.tune_search_params(index, tune_q, tune_gt, target_recall=0.95, k=K)
+    assert params["recall"] >= 0.95 and params["qps"] > 0
+    # held-out queries: tuned on one set, checked on another
+    assert hx.measure_recall(index, test_q, test_gt, K) >= min_recall
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_tuning_queries_from_database_rows_predict_held_out_recall(data, built, kind):
+    read, test_q, test_gt = data[1], data[4], data[5]
+    q = hx.tuning_queries(read, N, 300, seed=3)
+    assert q.shape == (300, DIM) and np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+    D, _ = hx.exact_neighbors(read, N, q, K)
+    assert D[:, 0].max() < 0.99                  # no query sits on a database row
+    _, gt = hx.exact_neighbors(read, N, q, K)
+    params = hx.tune_search_params(built[kind], q, gt, 0.95, K)
+    assert params["recall"] >= 0.95
+    assert hx.measure_recall(built[kind], test_q, test_gt, K) >= 0.94
+
+
+def test_choose_index():
+    assert hx.choose_index(5_000, 384, None).kind == "flat"
+    big = hx.choose_index(1_000_000, 384, None)
+    assert big.kind == "ivfpq" and "x4fs" in big.factory and big.train_size < 200_000
+    # flat vectors (1.4 GiB) do not fit in 500 MB: compressed, and the estimate respects the budget
+    tight = hx.choose_index(1_000_000, 384, 500 * 2**20)
+    assert tight.kind == "ivfpq" and "Refine(SQ8)" in tight.factory and tight.est_bytes <= 500 * 2**20
+    assert hx.choose_index(1_000_000, 384, None, target_recall=1.0).kind == "flat"
+    tiny = hx.choose_index(50_000, 384, 2 * 2**20)      # small n, but even flat does not fit
+    assert tiny.kind == "ivfpq" and "Refine" not in tiny.factory
+    assert hx.plan_for_factory("IVF64,Flat", 10_000, 32).factory == "IVF64,Flat"
+    with pytest.raises(ValueError):
+        hx.plan_for_kind("annoy", 10, 4)
+
+
+def test_factory_passthrough_and_progress(data):
+    read = data[1]
+    seen = []
+    plan = hx.plan_for_factory("IVF64,SQ8", N, DIM)
+    index = hx.build_index(plan, N, DIM, read, progress=seen.append, chunk_rows=3000)
+    assert index.ntotal == N and seen == [3000, 6000, 9000, N]
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_save_load_round_trip(tmp_path, data, built, mmap):
+    test_q = data[4]
+    path = tmp_path / "index.faiss"
+    for kind, index in built.items():
+        params = hx.tune_search_params(index, data[2], data[3], 0.95, K)
+        D, I = index.search(test_q, K)
+        hx.save_index(index, path)
+        loaded = hx.load_index(path, mmap=mmap)
+        hx.apply_search_params(loaded, params)
+        D2, I2 = loaded.search(test_q, K)
+        assert np.array_equal(I, I2) and np.array_equal(D, D2), kind
+    assert [p.name for p in tmp_path.iterdir()] == ["index.faiss"]      # no temp files left
+
+
+def test_save_is_atomic_on_failure(tmp_path, data, built):
+    path = tmp_path / "index.faiss"
+    hx.save_index(built["flat"], path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        hx.save_index("not an index", path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["index.faiss"]
+
+
+def test_arrow_vectors_reads_a_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    x = clustered(2500, 8, seed=1)
+    features = datasets.Features({"id": datasets.Value("int64"),
+                                  "embedding": datasets.Sequence(datasets.Value("float32"), length=8)})
+    ds = datasets.Dataset.from_dict({"id": np.arange(len(x)), "embedding": x}, features=features)
+    ds.save_to_disk(str(tmp_path / "ds"), num_shards=3)                 # reads cross file boundaries
+    read = hx.ArrowVectors(tmp_path / "ds")
+    assert (len(read), read.dim) == (2500, 8)
+    for a, b in [(0, 2500), (0, 1), (799, 1701), (2499, 2500), (1000, 1000)]:
+        assert np.array_equal(read(a, b), x[a:b])
+    assert np.array_equal(hx.read_sample(read, 2500, 100, blocks=10),
+                          np.concatenate([x[s:s + 10] for s in np.linspace(0, 2490, 10).astype(int)]))
+    # a plain (variable-size) list column of equal-length rows reads the same
+    plain = datasets.Dataset.from_dict({"embedding": x.astype(np.float64).tolist()})
+    plain.save_to_disk(str(tmp_path / "plain"))
+    read = hx.ArrowVectors(tmp_path / "plain")
+    assert read.dim == 8 and np.allclose(read(5, 2000), x[5:2000])
