@@ -6,7 +6,7 @@ process if optimum-intel imports, else in a subprocess of --st-ov-python), and h
 by a simple length-sorted token-budget batcher, for each precision x performance hint x budget asked for.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/ov_prototype.py --n 2000 --budgets 2048,4096 \
-        --hints LATENCY,THROUGHPUT --precisions bf16,fp32 [--st-ov-python /path/to/python]
+        --hints LATENCY,THROUGHPUT --precisions bf16,fp32 [--rounds 3] [--st-ov-python /path/to/python]
 
 Prints docs/s, ratios vs ST fp32 and vs ST-openvino, min/mean cosine to ST fp32, and the time tokenization
 takes beside inference. Timings on a shared machine are noisy: compare rows of one run only.
@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--multiple", type=int, default=1, help="pad sequence length up to a multiple of this")
     ap.add_argument("--hints", default="LATENCY,THROUGHPUT")
     ap.add_argument("--precisions", default="bf16,fp32")
-    ap.add_argument("--passes", type=int, default=1, help="timed passes of each encoder setting (first is cold)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every system this many times, interleaved")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--st-ov-python", default=os.environ.get("ST_OV_PYTHON"),
                     help="python that has optimum-intel, for ST backend='openvino' when this one has not")
@@ -169,51 +169,62 @@ def main() -> None:
     print(f"{len(texts)} docs, {n_tok} tokens (max 256), cpu_has_bf16={cpu_has_bf16()}, cores={os.cpu_count()}")
     print(f"tokenization alone (one fast-tokenizer call): {t_tok:.2f} s = {len(texts) / t_tok:.0f} docs/s")
 
-    rows = []
-    ref = None
-    if not args.skip_st:
-        ref, secs = st_encode(args.model, texts, "torch")
-        rows.append(("ST fp32 encode (batch 32)", len(texts) / secs, secs, None, None, 1.0))
-        emb, secs, how = st_openvino(args, texts)
-        print(f"ST backend='openvino': {how}")
-        st_ov = None
-        if emb is not None:
-            st_ov = len(texts) / secs
-            c = cosines(emb, ref)
-            rows.append(("ST backend=openvino (batch 32)", st_ov, secs, None, None, c))
-
+    encoders = []
     for precision in args.precisions.split(","):
         for hint in args.hints.split(","):
             t0 = time.perf_counter()
             enc = OpenVINOEncoder(args.model, pooling="mean", normalize=True, precision=precision,
                                   performance_hint=hint, cache_dir=args.cache_dir)
-            t_load = time.perf_counter() - t0
-            print(f"encoder {precision}/{hint}: in force {enc.precision}, load {t_load:.1f} s "
+            print(f"encoder {precision}/{hint}: in force {enc.precision}, load {time.perf_counter() - t0:.1f} s "
                   f"(cache_hit={enc.cache_hit}, compile {enc.compile_s:.2f} s), "
                   f"streams={enc.compiled.get_property('NUM_STREAMS')}, "
                   f"threads={enc.compiled.get_property('INFERENCE_NUM_THREADS')}")
-            for budget in (int(b) for b in args.budgets.split(",")):
-                for p in range(args.passes):
-                    out, secs, t_inf, t_tk, nb, _ = run_encoder(enc, tok, texts, budget, args.multiple)
-                    c = cosines(out, ref) if ref is not None else None
-                    label = f"hfbatch OV {precision}->{enc.precision} {hint} budget {budget}" + (
-                        f" pass {p + 1}" if args.passes > 1 else "")
-                    rows.append((label, len(texts) / secs, secs, t_inf, t_tk, c if c is not None else 1.0))
-                    print(f"  {label}: {len(texts) / secs:.1f} docs/s ({nb} batches, "
-                          f"tokenize {t_tk:.2f} s + infer {t_inf:.2f} s)")
-            del enc
+            encoders.append((precision, hint, enc))
 
-    base = rows[0][1] if not args.skip_st else None
-    st_ov = next((r[1] for r in rows if r[0].startswith("ST backend=openvino")), None)
+    # Each round runs every system once, in turn; ratios are taken within a round (the load of a shared
+    # machine drifts between rounds), and the summary shows medians over rounds.
+    rounds: list[dict[str, tuple]] = []
+    ref = None
+    for r in range(args.rounds):
+        print(f"-- round {r + 1}/{args.rounds}, load average {os.getloadavg()[0]:.1f}", flush=True)
+        rows: dict[str, tuple] = {}
+        if not args.skip_st:
+            emb, secs = st_encode(args.model, texts, "torch")
+            ref = emb if ref is None else ref
+            rows["ST fp32 encode (batch 32)"] = (len(texts) / secs, None, None, cosines(emb, ref))
+            emb, secs, how = st_openvino(args, texts)
+            if r == 0:
+                print(f"ST backend='openvino': {how}")
+            if emb is not None:
+                rows["ST backend=openvino (batch 32)"] = (len(texts) / secs, None, None, cosines(emb, ref))
+        for precision, hint, enc in encoders:
+            for budget in (int(b) for b in args.budgets.split(",")):
+                out, secs, t_inf, t_tk, nb, _ = run_encoder(enc, tok, texts, budget, args.multiple)
+                c = cosines(out, ref) if ref is not None else np.ones(1)
+                label = f"hfbatch OV {precision}->{enc.precision} {hint} budget {budget}"
+                rows[label] = (len(texts) / secs, t_inf, t_tk, c)
+                print(f"  {label}: {len(texts) / secs:.1f} docs/s ({nb} batches, "
+                      f"tokenize {t_tk:.2f} s + infer {t_inf:.2f} s)", flush=True)
+        rounds.append(rows)
+
+    def med(xs):
+        xs = [x for x in xs if x is not None]
+        return float(np.median(xs)) if xs else float("nan")
+
+    base_key, ov_key = "ST fp32 encode (batch 32)", "ST backend=openvino (batch 32)"
     print()
+    print(f"medians over {len(rounds)} round(s); ratios are per-round ratios' medians; load average now "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"{'system':52s} {'docs/s':>7s} {'xST':>6s} {'xSTov':>6s} {'min cos':>10s} {'mean cos':>10s} "
           f"{'infer s':>7s} {'tok s':>6s}")
-    for label, dps, secs, t_inf, t_tk, c in rows:
-        c = np.atleast_1d(c)
-        print(f"{label:52s} {dps:7.1f} {dps / base if base else float('nan'):6.2f} "
-              f"{dps / st_ov if st_ov else float('nan'):6.2f} {c.min():10.7f} {c.mean():10.7f} "
-              f"{t_inf if t_inf is not None else float('nan'):7.2f} {t_tk if t_tk is not None else float('nan'):6.2f}")
-
+    for label in rounds[0]:
+        dps = med([rw[label][0] for rw in rounds])
+        x_st = med([rw[label][0] / rw[base_key][0] for rw in rounds if base_key in rw])
+        x_ov = med([rw[label][0] / rw[ov_key][0] for rw in rounds if ov_key in rw])
+        cmin = min(rw[label][3].min() for rw in rounds)
+        cmean = float(np.mean([rw[label][3].mean() for rw in rounds]))
+        print(f"{label:52s} {dps:7.1f} {x_st:6.2f} {x_ov:6.2f} {cmin:10.7f} {cmean:10.7f} "
+              f"{med([rw[label][1] for rw in rounds]):7.2f} {med([rw[label][2] for rw in rounds]):6.2f}")
 
 if __name__ == "__main__":
     main()
