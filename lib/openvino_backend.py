@@ -377,16 +377,37 @@ def _write_entry(cache_dir: Path, key: str, ov_model, meta: dict[str, Any]) -> P
     return entry
 
 
-def _lock(cache_dir: Path, key: str):
-    """An inter-process lock so that concurrent loaders of one model convert it once (best effort)."""
-    try:
-        from filelock import FileLock
+class _ConversionLock:
+    """An inter-process lock so that concurrent loaders of one model convert it once.
 
-        return FileLock(str(cache_dir / f".{key[:16]}.lock"), timeout=600)
-    except ImportError:  # pragma: no cover - filelock is a dependency; the rename alone is still safe
-        import contextlib
+    Best effort: if the lock cannot be had in ``timeout`` seconds the caller converts anyway, which is still
+    safe because entries are published by an atomic rename.
+    """
 
-        return contextlib.nullcontext()
+    def __init__(self, cache_dir: Path, key: str, timeout: float = 600):
+        self._lock = None
+        try:
+            from filelock import FileLock
+
+            self._lock = FileLock(str(cache_dir / f".{key[:16]}.lock"), timeout=timeout)
+        except ImportError:  # pragma: no cover - filelock is a dependency
+            pass
+
+    def __enter__(self):
+        if self._lock is not None:
+            from filelock import Timeout
+
+            try:
+                self._lock.acquire()
+            except Timeout:
+                log.warning("waited too long for %s; converting without it", self._lock.lock_file)
+                self._lock = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._lock is not None:
+            self._lock.release()
+        return False
 
 
 def get_ir(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | None = None,
@@ -403,12 +424,12 @@ def get_ir(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | 
         return entry / IR_XML, True
     cache_dir.mkdir(parents=True, exist_ok=True)
     _sweep_stale_tmp(cache_dir)
-    with _lock(cache_dir, key):
+    with _ConversionLock(cache_dir, key):
         if _entry_complete(entry):  # another process converted it while we waited
             return entry / IR_XML, True
         if entry.exists():  # not ours to half-repair: move the broken entry aside, then rebuild
-            broken = cache_dir / f".{key[:16]}.tmp-broken-{os.getpid()}"
-            os.rename(entry, broken)
+            broken = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.tmp-broken-", dir=cache_dir))
+            os.rename(entry, broken / "entry")
             shutil.rmtree(broken, ignore_errors=True)
         ov_model = convert(model_dir, task=task, pooling=pooling, normalize=normalize)
         meta = {
