@@ -169,13 +169,12 @@ def test_env_cache_dir_and_concurrent_writers(model_dir, tmp_path, monkeypatch):
     assert results[0][0].is_relative_to(tmp_path / "root" / "openvino")
 
 
-def test_broken_entry_is_rebuilt(model_dir, tmp_path):
-    cd = tmp_path / "cache"
-    xml, hit = get_ir(model_dir, pooling="cls", cache_dir=cd)
-    assert not hit
+def test_broken_entry_is_rebuilt(model_dir, cache_dir):
+    xml, _ = get_ir(model_dir, pooling="cls", cache_dir=cache_dir)
     (xml.parent / "meta.json").unlink()  # e.g. a hand-deleted file
-    xml2, hit = get_ir(model_dir, pooling="cls", cache_dir=cd)
+    xml2, hit = get_ir(model_dir, pooling="cls", cache_dir=cache_dir)
     assert not hit and xml2 == xml and (xml.parent / "meta.json").is_file()
+    assert get_ir(model_dir, pooling="cls", cache_dir=cache_dir) == (xml, True)
 
 
 def test_classification_logits_match_torch(cls_model_dir, cache_dir):
@@ -194,8 +193,8 @@ def test_classification_logits_match_torch(cls_model_dir, cache_dir):
 
 
 def test_run_many_keeps_order(model_dir, cache_dir):
-    enc = OpenVINOEncoder(model_dir, pooling="mean", precision="fp32", performance_hint="THROUGHPUT",
-                          num_streams=2, cache_dir=cache_dir)
+    enc = OpenVINOEncoder(model_dir, pooling="mean", normalize=True, precision="fp32",
+                          performance_hint="THROUGHPUT", num_streams=2, cache_dir=cache_dir)
     batches = [_batch(model_dir, [t]) for t in TEXTS] * 2
     outs = list(enc.run_many(batches))
     singles = [enc.run(*b) for b in batches]
@@ -205,11 +204,12 @@ def test_run_many_keeps_order(model_dir, cache_dir):
 
 def test_precision_and_options(model_dir, cache_dir):
     assert isinstance(cpu_has_bf16(), bool)
-    enc = OpenVINOEncoder(model_dir, pooling="mean", precision="bf16", cache_dir=cache_dir, num_threads=1)
+    enc = OpenVINOEncoder(model_dir, pooling="mean", normalize=True, precision="bf16", cache_dir=cache_dir,
+                          num_threads=1)
     assert enc.precision == ("bf16" if cpu_has_bf16() else "fp32")
     assert enc.compiled.get_property("INFERENCE_NUM_THREADS") == 1
     ids, mask, tt = _batch(model_dir, TEXTS)
-    ref = _torch_pooled(model_dir, ids, mask, "mean", False)
+    ref = _torch_pooled(model_dir, ids, mask, "mean", True)
     assert _cos(enc.run(ids, mask, tt), ref).min() >= 0.999
     for bad in (dict(pooling="avg"), dict(task="generate"), dict(precision="int8"),
                 dict(pooling=None, normalize=True), dict(task="classify", pooling="cls")):
@@ -221,7 +221,7 @@ def test_usable_beside_torch_threads(model_dir, cache_dir):
     """torch has run its own thread pool in this process; OpenVINO must still run (not hang) from a thread."""
     torch.set_num_threads(os.cpu_count() or 1)
     torch.ones(256, 256) @ torch.ones(256, 256)
-    enc = OpenVINOEncoder(model_dir, pooling="mean", precision="fp32", cache_dir=cache_dir)
+    enc = OpenVINOEncoder(model_dir, pooling="mean", normalize=True, precision="fp32", cache_dir=cache_dir)
     out = []
     t = threading.Thread(target=lambda: out.append(enc.run(*_batch(model_dir, TEXTS))))
     t.start()
