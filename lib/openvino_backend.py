@@ -1,0 +1,592 @@
+"""OpenVINO CPU inference backend: convert a local Hugging Face model directory once, cache the IR, run it.
+
+    enc = OpenVINOEncoder(model_dir, task="embed", pooling="mean", normalize=True, precision="bf16")
+    vectors = enc.run(input_ids, attention_mask)          # float32 [B, H]
+
+* Conversion uses ``openvino.convert_model`` on the transformers model (``AutoModel`` for ``task="embed"``,
+  ``AutoModelForSequenceClassification`` for ``task="classify"``) traced with dynamic batch and sequence dims.
+  Not optimum-intel.
+* For embeddings the pooling (masked mean / CLS / masked max, optional L2 normalisation) is appended to the
+  graph with OpenVINO ops, so only ``[B, H]`` comes back. Those ops are marked "precise" so that the CPU
+  plugin keeps them in f32 when the rest of the model runs in bf16. ``pooling=None`` returns the model's main
+  output (``last_hidden_state`` ``[B, T, H]`` or ``logits`` ``[B, labels]``).
+* The converted IR is cached under ``cache_dir`` (argument) or ``$HFBATCH_CACHE_DIR/openvino`` or
+  ``~/.cache/hfbatch/openvino``, in one folder per key: a sha256 over the model's config and weight files
+  (relative paths + bytes), the graph options and the library versions. An entry is written in a temporary
+  folder beside it and renamed into place whole, so a reader never sees half an entry and concurrent
+  writers cannot corrupt one. A hit does not import torch or transformers at all.
+* ``precision="bf16"`` compiles with ``INFERENCE_PRECISION_HINT=bf16`` where the CPU has native bf16
+  (``cpu_has_bf16()``), else falls back to f32 (``OpenVINOEncoder.precision`` says which one is in force);
+  ``precision="fp32"`` is the exact mode (``INFERENCE_PRECISION_HINT=f32``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Bump when the way a graph is built changes, so old cache entries are not reused.
+GRAPH_FORMAT = 1
+
+#: Attention implementation traced into the graph ("sdpa" becomes OpenVINO's fused ScaledDotProductAttention).
+ATTN_IMPLEMENTATION = "sdpa"
+
+TASKS = ("embed", "classify")
+POOLINGS = ("mean", "cls", "max", None)
+PRECISIONS = ("bf16", "fp32")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+
+IR_XML = "model.xml"
+IR_BIN = "model.bin"
+META = "meta.json"
+
+# Weight files that AutoModel.from_pretrained reads from the top of a model directory.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+#: How many conversions this process has done (tests use it to prove a cache hit converts nothing).
+conversions = 0
+
+_core = None
+_core_lock = threading.Lock()
+
+
+def get_core():
+    """One ``openvino.Core`` per process (it is thread-safe and caches plugins)."""
+    global _core
+    with _core_lock:
+        if _core is None:
+            import openvino as ov
+
+            _core = ov.Core()
+        return _core
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (affinity-aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512_BF16 or AMX), so bf16 inference is fast and offered."""
+    try:
+        caps = get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if any(str(c).upper() == "BF16" for c in caps):
+            return True
+    except Exception:  # pragma: no cover - depends on the OpenVINO build
+        log.debug("could not read OPTIMIZATION_CAPABILITIES", exc_info=True)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def default_cache_dir() -> Path:
+    """``$HFBATCH_CACHE_DIR/openvino`` if that variable is set, else ``~/.cache/hfbatch/openvino``."""
+    root = os.environ.get("HFBATCH_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "openvino"
+    return Path.home() / ".cache" / "hfbatch" / "openvino"
+
+
+# --------------------------------------------------------------------------------------------- cache key
+
+
+def _model_files(model_dir: Path) -> list[Path]:
+    files = []
+    for p in sorted(model_dir.iterdir()):
+        if not p.is_file():
+            continue
+        n = p.name
+        if n == "config.json" or n.endswith(_WEIGHT_INDEX_SUFFIXES) or n.endswith(_WEIGHT_SUFFIXES):
+            files.append(p)
+    if not any(p.name == "config.json" for p in files):
+        raise FileNotFoundError(f"{model_dir}: no config.json (not a transformers model directory)")
+    if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in files):
+        raise FileNotFoundError(f"{model_dir}: no weight file (*.safetensors or *.bin)")
+    return files
+
+
+_file_digest_memo: dict[tuple[str, int, int], bytes] = {}
+
+
+def _file_digest(p: Path) -> bytes:
+    st = p.stat()
+    memo_key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    d = _file_digest_memo.get(memo_key)
+    if d is None:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        d = h.digest()
+        _file_digest_memo[memo_key] = d
+    return d
+
+
+def _graph_options(task: str, pooling: str | None, normalize: bool) -> dict[str, Any]:
+    import openvino as ov
+
+    try:
+        from importlib.metadata import version
+
+        tf_version = version("transformers")
+    except Exception:  # pragma: no cover
+        tf_version = "?"
+    return {
+        "graph_format": GRAPH_FORMAT,
+        "task": task,
+        "pooling": pooling,
+        "normalize": bool(normalize),
+        "attn_implementation": ATTN_IMPLEMENTATION,
+        "openvino": ov.get_version(),
+        "transformers": tf_version,
+    }
+
+
+def cache_key(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | None = None,
+              normalize: bool = False) -> str:
+    """sha256 (hex) over config + weight files (relative path and bytes), graph options and versions."""
+    _check_options(task, pooling, normalize)
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    for p in _model_files(model_dir):
+        rel = p.relative_to(model_dir).as_posix().encode()
+        h.update(len(rel).to_bytes(8, "little") + rel)
+        h.update(p.stat().st_size.to_bytes(8, "little"))
+        h.update(_file_digest(p))
+    h.update(json.dumps(_graph_options(task, pooling, normalize), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _check_options(task: str, pooling: str | None, normalize: bool) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+    if task == "classify" and (pooling is not None or normalize):
+        raise ValueError("task='classify' returns logits: pooling must be None and normalize False")
+    if normalize and pooling is None:
+        raise ValueError("normalize=True needs a pooling (it normalises the pooled [B, H] vector)")
+
+
+# ------------------------------------------------------------------------------------------- conversion
+
+
+def _load_torch_model(model_dir: Path, task: str):
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    cls = AutoModel if task == "embed" else AutoModelForSequenceClassification
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    try:
+        model = cls.from_pretrained(str(model_dir), attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
+    except (ValueError, ImportError, TypeError):  # architecture without SDPA support
+        model = cls.from_pretrained(str(model_dir), attn_implementation="eager", **kwargs)
+    return model.eval()
+
+
+def _forward_input_names(model) -> list[str]:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in params and getattr(model.config, "type_vocab_size", 1) and \
+            getattr(model.config, "model_type", "") not in ("roberta", "xlm-roberta", "camembert"):
+        # RoBERTa-likes accept token_type_ids but only ever use type 0; leave the input out of their graph.
+        names.append("token_type_ids")
+    return names
+
+
+def _main_output_module(model, input_names: list[str]):
+    import torch
+
+    class MainOutput(torch.nn.Module):
+        """The HF model returning only its first output (last_hidden_state / logits): no pooler, no tuple."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kw["token_type_ids"] = token_type_ids
+            return self.m(**kw, return_dict=True)[0]
+
+    return MainOutput(model).eval()
+
+
+def _mark_precise(nodes) -> None:
+    """Ask the CPU plugin to keep these nodes in f32 under a bf16 inference precision hint."""
+    for n in nodes:
+        try:
+            n.get_rt_info()["precise_0"] = ""
+        except Exception:  # pragma: no cover - rt_info API differences between versions
+            log.debug("could not mark %s precise", n, exc_info=True)
+
+
+def _append_pooling(ov_model, pooling: str, normalize: bool):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    params = {p.get_friendly_name(): p for p in ov_model.get_parameters()}
+    mask_param = params["attention_mask"]
+    hidden = ov_model.get_results()[0].input_value(0)  # the node feeding the Result, not the Result
+    new = []
+
+    def k(node):
+        new.append(node)
+        return node
+
+    h = k(ops.convert(hidden, ov.Type.f32))  # a no-op in f32; a real cast out of bf16
+    mask = k(ops.convert(mask_param, ov.Type.f32))  # [B, T]
+    mask3 = k(ops.unsqueeze(mask, ops.constant(np.array([-1], dtype=np.int64))))  # [B, T, 1]
+    axis1 = ops.constant(np.array([1], dtype=np.int64))
+    if pooling == "mean":
+        summed = k(ops.reduce_sum(k(ops.multiply(h, mask3)), axis1, keep_dims=False))  # [B, H]
+        counts = k(ops.reduce_sum(mask3, axis1, keep_dims=False))  # [B, 1]
+        counts = k(ops.maximum(counts, ops.constant(np.array(1e-9, dtype=np.float32))))
+        pooled = k(ops.divide(summed, counts))
+    elif pooling == "cls":
+        pooled = k(ops.gather(h, ops.constant(np.array(0, dtype=np.int64)), ops.constant(np.array(1, dtype=np.int64))))
+    elif pooling == "max":
+        is_pad = k(ops.equal(mask3, ops.constant(np.array(0.0, dtype=np.float32))))
+        masked = k(ops.select(is_pad, ops.constant(np.array(-1e9, dtype=np.float32)), h))
+        pooled = k(ops.reduce_max(masked, axis1, keep_dims=False))
+    else:  # pragma: no cover - checked before
+        raise ValueError(pooling)
+    if normalize:
+        # torch.nn.functional.normalize: x / max(||x||, 1e-12)
+        pooled = k(ops.normalize_l2(pooled, ops.constant(np.array([1], dtype=np.int64)), 1e-12, "max"))
+    _mark_precise(new)
+    pooled.output(0).get_tensor().set_names({"embedding"})
+    return ov.Model([ops.result(pooled)], ov_model.get_parameters(), "hfbatch_embed")
+
+
+def convert(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | None = None,
+            normalize: bool = False):
+    """Convert the model directory to an ``openvino.Model`` (no caching). Imports torch and transformers."""
+    global conversions
+    _check_options(task, pooling, normalize)
+    import openvino as ov
+    import torch
+
+    model_dir = Path(model_dir)
+    t0 = time.perf_counter()
+    model = _load_torch_model(model_dir, task)
+    names = _forward_input_names(model)
+    wrapper = _main_output_module(model, names)
+    example = {n: torch.ones(2, 8, dtype=torch.long) for n in names}
+    example["input_ids"] = torch.full((2, 8), 5, dtype=torch.long)  # a plain token id, in any vocabulary
+    if "token_type_ids" in example:
+        example["token_type_ids"] = torch.zeros(2, 8, dtype=torch.long)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The trace bakes in Python-level branches of the attention-mask code (padding_length, is_causal),
+        # which are the same for every shape of an encoder's input: the tests check other shapes.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)  # torch.jit.trace, used by the converter
+        warnings.simplefilter("ignore", category=FutureWarning)
+        ov_model = ov.convert_model(
+            wrapper,
+            example_input=example,
+            input=[(n, ov.PartialShape([-1, -1]), ov.Type.i64) for n in names],
+        )
+    for p, n in zip(ov_model.get_parameters(), names):
+        p.set_friendly_name(n)
+        p.output(0).get_tensor().set_names({n})
+    if pooling is not None:
+        ov_model = _append_pooling(ov_model, pooling, normalize)
+    else:
+        ov_model.output(0).get_tensor().set_names({"logits" if task == "classify" else "last_hidden_state"})
+    conversions += 1
+    log.info("converted %s (task=%s, pooling=%s) to OpenVINO in %.1f s", model_dir, task, pooling,
+             time.perf_counter() - t0)
+    return ov_model
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def _entry_complete(entry: Path) -> bool:
+    return (entry / META).is_file() and (entry / IR_XML).is_file() and (entry / IR_BIN).is_file()
+
+
+def _sweep_stale_tmp(cache_dir: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove temporary folders left by writers that were killed (older than a day)."""
+    now = time.time()
+    try:
+        for p in cache_dir.iterdir():
+            if p.name.startswith(".") and ".tmp-" in p.name and p.is_dir():
+                try:
+                    if now - p.stat().st_mtime > max_age_s:
+                        shutil.rmtree(p, ignore_errors=True)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+
+
+def _write_entry(cache_dir: Path, key: str, ov_model, meta: dict[str, Any]) -> Path:
+    """Write an entry in a temporary folder beside its final place, then rename it there whole."""
+    import openvino as ov
+
+    entry = cache_dir / key
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.tmp-", dir=cache_dir))
+    try:
+        ov.save_model(ov_model, str(tmp / IR_XML), compress_to_fp16=False)
+        for name in (IR_XML, IR_BIN):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        with open(tmp / META, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, entry)  # atomic; fails if another writer got there first
+        except OSError:
+            if not _entry_complete(entry):
+                raise
+            log.debug("cache entry %s was written by another process meanwhile", entry)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+class _ConversionLock:
+    """An inter-process lock so that concurrent loaders of one model convert it once.
+
+    Best effort: if the lock cannot be had in ``timeout`` seconds the caller converts anyway, which is still
+    safe because entries are published by an atomic rename.
+    """
+
+    def __init__(self, cache_dir: Path, key: str, timeout: float = 600):
+        self._lock = None
+        try:
+            from filelock import FileLock
+
+            self._lock = FileLock(str(cache_dir / f".{key[:16]}.lock"), timeout=timeout)
+        except ImportError:  # pragma: no cover - filelock is a dependency
+            pass
+
+    def __enter__(self):
+        if self._lock is not None:
+            from filelock import Timeout
+
+            try:
+                self._lock.acquire()
+            except Timeout:
+                log.warning("waited too long for %s; converting without it", self._lock.lock_file)
+                self._lock = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._lock is not None:
+            self._lock.release()
+        return False
+
+
+def get_ir(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | None = None,
+           normalize: bool = False, cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """Path of the cached ``model.xml`` for these options, converting (and caching) on a miss.
+
+    Returns ``(xml_path, cache_hit)``; ``cache_hit`` is False when this call converted the model.
+    """
+    model_dir = Path(model_dir).resolve()
+    key = cache_key(model_dir, task=task, pooling=pooling, normalize=normalize)
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    entry = cache_dir / key
+    if _entry_complete(entry):
+        return entry / IR_XML, True
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_tmp(cache_dir)
+    with _ConversionLock(cache_dir, key):
+        if _entry_complete(entry):  # another process converted it while we waited
+            return entry / IR_XML, True
+        if entry.exists():  # not ours to half-repair: move the broken entry aside, then rebuild
+            broken = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.tmp-broken-", dir=cache_dir))
+            os.rename(entry, broken / "entry")
+            shutil.rmtree(broken, ignore_errors=True)
+        ov_model = convert(model_dir, task=task, pooling=pooling, normalize=normalize)
+        meta = {
+            "key": key,
+            "model_dir": str(model_dir),
+            "inputs": [p.get_friendly_name() for p in ov_model.get_parameters()],
+            "output_rank": ov_model.output(0).get_partial_shape().rank.get_length(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **_graph_options(task, pooling, normalize),
+        }
+        entry = _write_entry(cache_dir, key, ov_model, meta)
+    return entry / IR_XML, False
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+class OpenVINOEncoder:
+    """A compiled OpenVINO model for one model directory and one set of graph options.
+
+    ``run`` is thread-safe (one infer request, under a lock); ``run_many`` pipelines batches over several
+    infer requests, which only pays with ``performance_hint="THROUGHPUT"`` (several streams).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        task: str = "embed",
+        pooling: str | None = "mean",
+        normalize: bool = False,
+        precision: str = "bf16",
+        num_threads: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        performance_hint: str = "LATENCY",
+        num_streams: int | None = None,
+        ov_config: dict[str, Any] | None = None,
+    ):
+        if task == "classify" and pooling == "mean":
+            pooling = None  # the default pooling does not apply to a classifier
+        _check_options(task, pooling, normalize)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        if performance_hint not in PERFORMANCE_HINTS:
+            raise ValueError(f"performance_hint must be one of {PERFORMANCE_HINTS}, not {performance_hint!r}")
+        self.model_dir = Path(model_dir)
+        self.task, self.pooling, self.normalize = task, pooling, bool(normalize)
+        self.requested_precision = precision
+        if precision == "bf16" and not cpu_has_bf16():
+            log.warning("this CPU has no native bf16: OpenVINO runs %s in f32", self.model_dir)
+            precision = "fp32"
+        self.precision = precision  # the one in force
+        self.num_threads = int(num_threads) if num_threads else available_cpus()
+
+        t0 = time.perf_counter()
+        self.ir_path, self.cache_hit = get_ir(self.model_dir, task=task, pooling=pooling, normalize=normalize,
+                                              cache_dir=cache_dir)
+        self.convert_s = time.perf_counter() - t0
+
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": performance_hint,
+            "INFERENCE_NUM_THREADS": self.num_threads,
+            # Pinned threads stall behind any other busy process on a shared machine; unpinned measured as fast
+            # or faster on the 2-core dev box. ov_config={"ENABLE_CPU_PINNING": True} to pin.
+            "ENABLE_CPU_PINNING": False,
+        }
+        if num_streams is not None:
+            config["NUM_STREAMS"] = int(num_streams)
+        config.update(ov_config or {})
+        self.config = config
+        t0 = time.perf_counter()
+        self.compiled = get_core().compile_model(str(self.ir_path), "CPU", config)
+        self.compile_s = time.perf_counter() - t0
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    # -- properties
+    @property
+    def dim(self) -> int | None:
+        """Last dimension of the output (hidden size or number of labels), when static."""
+        d = self.compiled.output(0).get_partial_shape()[-1]
+        return d.get_length() if d.is_static else None
+
+    def describe(self) -> dict[str, Any]:
+        """What a manifest should record about this backend."""
+        import openvino as ov
+
+        return {
+            "backend": "openvino",
+            "openvino": ov.get_version(),
+            "task": self.task,
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "precision": self.precision,
+            "requested_precision": self.requested_precision,
+            "num_threads": self.num_threads,
+            "performance_hint": self.config["PERFORMANCE_HINT"],
+            "ir": str(self.ir_path),
+        }
+
+    # -- inference
+    def _inputs(self, input_ids, attention_mask, token_type_ids=None) -> dict[str, np.ndarray]:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal [B, T]")
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            if token_type_ids is None:
+                feed["token_type_ids"] = np.zeros_like(ids)
+            else:
+                feed["token_type_ids"] = np.ascontiguousarray(token_type_ids, dtype=np.int64)
+        return feed
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            token_type_ids: np.ndarray | None = None) -> np.ndarray:
+        """One batch: int64 ``[B, T]`` arrays in, float32 out (``[B, H]`` pooled, ``[B, T, H]``, or logits)."""
+        feed = self._inputs(input_ids, attention_mask, token_type_ids)
+        if feed["input_ids"].shape[0] == 0:
+            rank = self.compiled.output(0).get_partial_shape().rank.get_length()
+            shape = (0, self.dim or 0) if rank == 2 else (0, feed["input_ids"].shape[1], self.dim or 0)
+            return np.zeros(shape, dtype=np.float32)
+        with self._lock:
+            out = self._request.infer(feed, share_inputs=True, share_outputs=False)
+            return np.asarray(out[0], dtype=np.float32)
+
+    def run_many(self, batches: Iterable[tuple], jobs: int | None = None) -> Iterator[np.ndarray]:
+        """Run ``(input_ids, attention_mask[, token_type_ids])`` batches, yielding outputs in input order.
+
+        Keeps up to ``jobs`` (default: the compiled model's optimal number of requests) batches in flight.
+        """
+        import collections
+
+        jobs = jobs or max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        if jobs == 1:
+            for b in batches:
+                yield self.run(*b)
+            return
+        free = collections.deque(self.compiled.create_infer_request() for _ in range(jobs))
+        pending: collections.deque = collections.deque()
+        try:
+            for b in batches:
+                feed = self._inputs(*b)
+                if not free:
+                    req = pending.popleft()
+                    req.wait()
+                    yield np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
+                    free.append(req)
+                req = free.popleft()
+                req.start_async(feed, share_inputs=False)
+                pending.append(req)
+            while pending:
+                req = pending.popleft()
+                req.wait()
+                yield np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        finally:
+            for req in pending:
+                req.wait()
