@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-DEFAULT_BATCH_TOKENS = 4096
+DEFAULT_BATCH_TOKENS = 2048  # fastest measured for OpenVINO on 2 cores (bench/ov_prototype.py)
 
 
 @dataclass

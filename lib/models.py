@@ -149,9 +149,14 @@ def choose_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-def choose_backend(backend: str, device: str) -> str:
+def choose_backend(backend: str, device: str, pooling: "Pooling | None" = None) -> str:
+    """auto: OpenVINO on CPU (the fastest CPU engine measured here), torch on CUDA."""
     if backend == "auto":
-        return "torch"  # OpenVINO becomes the CPU default once its backend lands (issue 5)
+        if device != "cpu" or (pooling is not None and pooling.mode == "mean_sqrt_len"):
+            return "torch"  # the OpenVINO graph fuses mean/cls/max pooling only
+        return "openvino"
+    if backend == "openvino" and pooling is not None and pooling.mode == "mean_sqrt_len":
+        raise InputError("--backend openvino does not support mean_sqrt_len pooling; use --backend torch")
     if backend == "openvino" and device != "cpu":
         raise InputError("--backend openvino runs on CPU only (use --device cpu, or --backend torch)")
     return backend
@@ -248,11 +253,38 @@ def make_encoder(path: Path, *, task: str = "embed", backend: str = "auto", devi
     """The encoder for the options: returns (encoder, settings dict for the manifest)."""
     device = choose_device(device)
     precision = choose_precision(precision, device)
-    backend = choose_backend(backend, device)
     pooling = read_pooling(path) if task == "embed" else None
+    backend = choose_backend(backend, device, pooling)
     settings = {"device": device, "precision": precision, "backend": backend}
     if pooling is not None:
         settings["pooling"] = {"mode": pooling.mode, "normalize": pooling.normalize, "source": pooling.source}
+    if backend == "openvino":
+        if trust_remote_code:
+            raise InputError("--trust-remote-code models run with --backend torch only")
+        encoder = OpenVINOBatchEncoder(path, task=task, pooling=pooling, precision=precision)
+        settings["openvino"] = encoder.describe()
+        return encoder, settings
     encoder = TorchEncoder(path, task=task, pooling=pooling, device=device, precision=precision,
                            trust_remote_code=trust_remote_code)
     return encoder, settings
+
+
+class OpenVINOBatchEncoder:
+    """The OpenVINO engine behind the same `encoder(batch) -> [rows, dim]` interface as TorchEncoder.
+    Pooling and normalisation are fused into the converted graph (cached per model content)."""
+
+    def __init__(self, path: Path, *, task: str, pooling: "Pooling | None", precision: str):
+        from .openvino_backend import OpenVINOEncoder
+
+        if precision == "fp16":
+            raise InputError("--precision fp16 is for CUDA; on CPU use bf16 or fp32")
+        self.engine = OpenVINOEncoder(path, task=task, pooling=pooling.mode if pooling else None,
+                                      normalize=bool(pooling and pooling.normalize), precision=precision)
+
+    def describe(self) -> dict:
+        info = self.engine.describe()
+        return {k: info[k] for k in ("openvino", "precision", "performance_hint", "num_threads")} | \
+            {"cache_hit": self.engine.cache_hit}
+
+    def __call__(self, batch: dict):
+        return self.engine.run(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))

