@@ -30,7 +30,6 @@ from hfbatch.runner import Job
 
 FORMAT_CHOICES = ["auto", "csv", "tsv", "json", "jsonl", "parquet", "text"]
 STREAMING_THRESHOLD = 256 << 20  # bytes of input (compressed files count 4x) above which --streaming is on
-IN_MEMORY_BLOCK = 1 << 30        # without --streaming a file is parsed in one piece up to this size
 
 
 # ---- option parsing -------------------------------------------------------------------------------------
@@ -176,11 +175,13 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
     import pyarrow as pa
 
     from hfbatch.expr import compile_filter
-    from hfbatch.io import sniff_schema
+    from hfbatch.io import check_readable, sniff_schema
 
+    if not by_file:
+        check_readable(first, fmt)
     raw = sniff_schema(first, "text" if by_file else fmt, json_field)
     if raw is None or not raw.names:
-        raise InputError(f"{first}: no row could be read to learn the columns from")
+        raise InputError(f"{first}: no row of the first block could be read as {fmt}; is it really {fmt}?")
     unknown = [old for old in rename if old not in raw.names]
     if unknown:
         raise InputError(f"--rename: no column {', '.join(map(repr, unknown))}; available: {', '.join(raw.names)}")
@@ -512,13 +513,12 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
                          filter_text, dedup, limit, by_file)
         units = plan_units(paths, names, fmts, by_file, streaming, shard_bytes)
         state = _resume_state(job, units, plan)
-        block_bytes = None if streaming else IN_MEMORY_BLOCK
         with log.Progress("ingest", None) as progress:
             for index in job.pending(len(units)):
                 unit = units[index]
                 tally = Tally()
                 first_row = _first_row(job, units, index)
-                tables = unit_tables(unit, plan, state, tally, first_row, json_field, block_bytes) \
+                tables = unit_tables(unit, plan, state, tally, first_row, json_field, _block_bytes(unit, streaming)) \
                     if plan.limit is None or state.kept < plan.limit else iter(())
                 rows = job.write_shard_stream(index, plan.schema, _progress(tables, progress))
                 job.finish_shard(index, rows, tally.rejects, **tally.record())
@@ -540,6 +540,15 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
         job.publish_dataset(len(units), features, extra=extra, max_shard_size=shard_size, prepare=prepare,
                             reuse_shards=True)
         return job.summary()
+
+
+def _block_bytes(unit: Unit, streaming: bool) -> int | None:
+    """With --streaming, fixed-size blocks (flat memory); without, an uncompressed file in one parse."""
+    from hfbatch.io import split_compression
+
+    if streaming or split_compression(unit.paths[0])[1]:
+        return None
+    return unit.paths[0].stat().st_size + 1
 
 
 def _progress(tables, progress) -> Iterator:

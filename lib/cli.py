@@ -26,6 +26,7 @@ JOBS = {
     "index": "hfbatch.jobs.index:index",
     "search": "hfbatch.jobs.search:search",
     "info": "hfbatch.jobs.info:info",
+    "export": "hfbatch.jobs.export:export",
 }
 
 

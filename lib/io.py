@@ -15,6 +15,7 @@ for JSON arrays and Parquet.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import io
@@ -108,18 +109,26 @@ def detect_format(path: Path, fmt: str = "auto", json_field: str | None = None) 
         raise InputError(f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; "
                          f"pass --format {'|'.join(FORMAT_NAMES)}")
     if FORMATS[suffix] == "json" and json_field is None:
-        with open_binary(path) as fh:
+        with reading(path, "json"), open_binary(path) as fh:
             first = fh.readline(1 << 20).strip()
-        if first.startswith(b"{") and _is_json_object(first):
+            more = fh.read(4096).strip()
+        obj = _json_object(first) if first.startswith(b"{") else None
+        # several one-line objects, or a single one that holds no list of records
+        if obj is not None and (more or not any(isinstance(v, list) for v in obj.values())):
             return "jsonl"
     return FORMATS[suffix]
 
 
-def _is_json_object(line: bytes) -> bool:
+def _json_object(line: bytes) -> dict | None:
     try:
-        return isinstance(json.loads(line), dict)
+        obj = json.loads(line)
     except ValueError:
-        return False
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _is_json_object(line: bytes) -> bool:
+    return _json_object(line) is not None
 
 
 def open_binary(path: Path):
@@ -137,13 +146,24 @@ def open_binary(path: Path):
     return open(path, "rb")
 
 
+@contextlib.contextmanager
+def reading(path: Path, fmt: str):
+    """Errors from the file itself (corrupt or truncated compression, I/O) as one clear InputError."""
+    try:
+        yield
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        comp = split_compression(path)[1]
+        raise InputError(f"{path}: cannot read it ({exc.__class__.__name__}: {exc}); is it really {fmt}"
+                         f"{' (' + comp + ')' if comp else ''}?")
+
+
 def check_readable(path: Path, fmt: str) -> None:
     """Refuse at once a file that cannot be `fmt`: empty, or binary where text is expected."""
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: the file is empty")
     if fmt == "parquet":
         return
-    with open_binary(path) as fh:
+    with reading(path, fmt), open_binary(path) as fh:
         head = fh.read(SNIFF_BYTES)
     if not head:
         raise InputError(f"{path}: the file is empty once decompressed")
@@ -307,7 +327,7 @@ def sniff_schema(path: Path, fmt: str, json_field: str | None = None) -> pa.Sche
         return settle(schema) if schema else None
     if fmt in ("csv", "tsv"):
         return _sniff_csv(path, fmt)
-    with open_binary(path) as fh:
+    with reading(path, fmt), open_binary(path) as fh:
         data = next(line_blocks(fh, min(BLOCK_BYTES, 4 << 20)), b"")
     if fmt == "jsonl":
         import pyarrow.json as pj
@@ -333,7 +353,7 @@ def _sniff_csv(path: Path, fmt: str) -> pa.Schema:
     import pyarrow.csv as pcsv
 
     try:
-        with open_binary(path) as fh:
+        with reading(path, fmt), open_binary(path) as fh:
             reader = pcsv.open_csv(fh, read_options=pcsv.ReadOptions(block_size=1 << 20),
                                    parse_options=_csv_parse_options(fmt, lambda row: "skip"),
                                    convert_options=pcsv.ConvertOptions(check_utf8=False))
@@ -351,7 +371,7 @@ def read_source(path: Path, fmt: str, schema: pa.Schema, *, source=None, start: 
     are one clear InputError."""
     source = source or path
     block_bytes = block_bytes or BLOCK_BYTES
-    try:
+    with reading(path, fmt):
         if fmt in ("jsonl", "text"):
             with open_binary(path) as fh:
                 if start:
@@ -370,9 +390,6 @@ def read_source(path: Path, fmt: str, schema: pa.Schema, *, source=None, start: 
             yield from read_json(path, source, schema, json_field)
         else:
             raise InputError(f"{path}: unknown format {fmt!r}")
-    except (OSError, EOFError, lzma.LZMAError) as exc:
-        raise InputError(f"{path}: cannot read it ({exc.__class__.__name__}: {exc}); is it really {fmt}"
-                         f"{' ' + split_compression(path)[1] if split_compression(path)[1] else ''}?")
 
 
 def read_jsonl(blocks: Iterator[bytes], source, schema: pa.Schema, first_row: int = 1) -> Iterator[Block]:
@@ -571,12 +588,13 @@ def _cast_columns(table: pa.Table, schema: pa.Schema, rows: np.ndarray, source) 
 def _parquet_file(path: Path):
     import pyarrow.parquet as pq
 
-    try:
+    with reading(path, "parquet"):
         if split_compression(path)[1]:  # a compressed Parquet file must be decompressed to seek in it
             with open_binary(path) as fh:
-                return pq.ParquetFile(pa.BufferReader(fh.read()))
-        return pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError, EOFError, lzma.LZMAError) as exc:
+                data = pa.BufferReader(fh.read())
+    try:
+        return pq.ParquetFile(data if split_compression(path)[1] else path)
+    except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: not a Parquet file ({exc})")
 
 
@@ -595,7 +613,7 @@ def _json_records(path: Path, json_field: str | None) -> list:
     """A JSON document's records: the array itself, or the list under `--field` (dotted) or `data`.
     The document is read whole (JSON has no record boundaries to stream by): use JSON Lines for big data."""
     try:
-        with open_binary(path) as fh:
+        with reading(path, "json"), open_binary(path) as fh:
             data = json.load(fh)
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 JSON ({exc})")
