@@ -271,12 +271,15 @@ def unit_tables(unit: Unit, plan: Plan, state: State, tally: Tally, first_row: i
             raise InputError(f"{unit.paths[0]}: no row of the first block could be read as {unit.fmt} (row "
                              f"{r['row']}: {r['reason']}); is it really {unit.fmt}?")
         first_block = first_block and block.table.num_rows == 0 and not block.rejects
-        tally.rejects += block.rejects
         tally.read += len(block.rejects)
         for r in block.rejects:
             tally.source(r["source"])["rejects"] += 1
             tally.source(r["source"])["read"] += 1
+        known = len(tally.rejects)
         table = conform(block.table, unit, plan, state, tally)
+        order = {name: i for i, name in enumerate(unit.names)}  # rejects in file order, whatever found them
+        tally.rejects[known:] = sorted(block.rejects + tally.rejects[known:],
+                                       key=lambda r: (order.get(r["source"], 0), r["row"]))
         if table.num_rows:
             yield table
         if plan.limit is not None and state.kept >= plan.limit:

@@ -128,6 +128,8 @@ class _Compiler:
         return [e.value for e in node.elts]
 
     def visit_Call(self, node):
+        if isinstance(node.func, ast.Attribute):
+            self.fail(node, f"methods are not supported: write {node.func.attr}(value), not value.{node.func.attr}()")
         name = node.func.id if isinstance(node.func, ast.Name) else None
         if name not in FUNCTIONS or node.keywords:
             self.fail(node, f"unknown function; available: {', '.join(FUNCTIONS)}")

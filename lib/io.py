@@ -318,7 +318,7 @@ def sniff_schema(path: Path, fmt: str, json_field: str | None = None) -> pa.Sche
     if fmt == "json":
         records = _json_records(path, json_field)[:1000]
         good = []
-        for record in records:
+        for record in (r for r in records if isinstance(r, dict)):
             try:
                 good.append(pa.Table.from_pylist([record]))
             except (pa.ArrowInvalid, pa.ArrowTypeError):
