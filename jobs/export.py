@@ -81,7 +81,7 @@ def export(dataset, output, fmt, columns):
         hfbatch export out/dataset -o corpus.jsonl.gz
         hfbatch export out/dataset -o corpus.parquet --columns id,text
     """
-    from hfbatch.errors import InputError
+    from hfbatch.errors import InputError, JobFailed
     from hfbatch.io import open_dataset
     from hfbatch.runner import OutputLock, fsync_dir
 
@@ -114,8 +114,10 @@ def export(dataset, output, fmt, columns):
                 os.fsync(raw.fileno())
             os.replace(tmp, path)
             fsync_dir(path.parent)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise JobFailed(f"{path}: cannot write it ({exc}); the previous file, if any, is unchanged")
             raise
     finally:
         lock.release()
