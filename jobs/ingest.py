@@ -16,6 +16,7 @@ import os
 import queue
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -516,19 +517,28 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
                          filter_text, dedup, limit, by_file)
         units = plan_units(paths, names, fmts, by_file, streaming, shard_bytes)
         state = _resume_state(job, units, plan)
-        with log.Progress("ingest", None) as progress:
+        # A shard's fsync and completion record run in a thread while the next shard is read; records
+        # are still written in order (each waits for the one before), so after a kill the finished
+        # shards are always the first ones.
+        with log.Progress("ingest", None) as progress, ThreadPoolExecutor(1) as recorder:
+            recording, end_row = None, 1
             for index in job.pending(len(units)):
                 unit = units[index]
                 tally = Tally()
-                first_row = _first_row(job, units, index)
+                first_row = 1 if unit.start == 0 else end_row if recording else _first_row(job, index)
                 tables = unit_tables(unit, plan, state, tally, first_row, json_field, _block_bytes(unit, streaming)) \
                     if plan.limit is None or state.kept < plan.limit else iter(())
                 rows = job.write_shard_stream(index, plan.schema, _progress(tables, progress))
-                job.finish_shard(index, rows, tally.rejects, **tally.record())
+                if recording:
+                    recording.result()
+                    if limit_kind == "count":  # a count is known to be exceeded early: stop now
+                        _check_rejects(job, units, limit_kind, reject_limit, max_rejects, final=False)
+                recording = recorder.submit(job.finish_shard, index, rows, tally.rejects, **tally.record())
+                end_row = tally.end_row
                 log.event("ingest", "unit_done", source=unit.names[0], shard=index, rows=rows,
                           rejects=len(tally.rejects))
-                if limit_kind == "count":  # a count is known to be exceeded early: stop now
-                    _check_rejects(job, units, limit_kind, reject_limit, max_rejects, final=False)
+            if recording:
+                recording.result()
 
         records = _check_rejects(job, units, limit_kind, reject_limit, max_rejects, final=True)
         features = datasets.Features.from_arrow_schema(plan.schema)
@@ -560,12 +570,9 @@ def _progress(tables, progress) -> Iterator:
         yield table
 
 
-def _first_row(job: Job, units: list[Unit], index: int) -> int:
-    """A byte range goes on counting lines where the previous range of its file stopped (units are done
-    in order, so that one has its record)."""
-    unit = units[index]
-    if unit.start == 0:
-        return 1
+def _first_row(job: Job, index: int) -> int:
+    """A byte range goes on counting lines where the previous range of its file stopped (on resume, from
+    that range's record: units are done in order, so it has one)."""
     record = json.loads(job.shard_file(index - 1, ".json").read_text())
     return record["position"]["end_row"]
 

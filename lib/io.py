@@ -52,7 +52,7 @@ class Block:
 
 def reject(source, row: int, kind: str, reason: str, raw) -> dict:
     """One line of rejects.jsonl: where the row was, why it was refused, and its first 200 characters."""
-    snippet = bytes(raw).decode("utf-8", errors="replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+    snippet = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
     return {"source": str(source), "row": int(row), "kind": kind, "reason": reason, "raw": snippet[:200]}
 
 
@@ -191,25 +191,19 @@ def split_ranges(path: Path, size: int) -> list[tuple[int, int]]:
 
 # ---- byte blocks ----------------------------------------------------------------------------------------
 
-def line_blocks(stream, block_bytes: int = BLOCK_BYTES, limit: int | None = None) -> Iterator[bytearray]:
+def line_blocks(stream, block_bytes: int = BLOCK_BYTES, limit: int | None = None) -> Iterator[bytes]:
     """Blocks of whole lines, each ending with b"\\n", about `block_bytes` each; at most `limit` bytes
-    (a byte range ends at a line start). Read in place and the last line completed with readline(), so the
-    bytes are copied once, from the page cache."""
+    (a byte range ends at a line start, so completing the last line with readline() stays inside it)."""
     left = limit
     while left is None or left > 0:
-        data = bytearray(block_bytes if left is None else min(block_bytes, left))
-        n = stream.readinto(data) or 0
-        if n < len(data):
-            del data[n:]
-        if data and data[-1] != 10:
-            data += stream.readline()  # (within a byte range too: it ends at a line start)
+        data = stream.read(block_bytes if left is None else min(block_bytes, left))
         if not data:
             return
+        if data[-1] != 10:
+            data += stream.readline() or b""
         if left is not None:
             left -= len(data)
-        if data[-1] != 10:  # the file's last line has no newline
-            data.append(10)
-        yield data
+        yield data if data[-1] == 10 else data + b"\n"  # (the file's last line may have no newline)
 
 
 def _line_ends(data, scratch: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -315,7 +315,8 @@ class Job:
 
     def write_shard_stream(self, index: int, schema, tables: Iterable) -> int:
         """Write shard `index`'s data from an iterable of Arrow tables or record batches, so a shard larger
-        than memory never sits in memory. It is not done until `finish_shard` records it. Returns rows."""
+        than memory never sits in memory. It is not done until `finish_shard` syncs and records it (which
+        may run in another thread, while the next shard is computed). Returns rows."""
         import pyarrow as pa
 
         data_path = self.shard_file(index)
@@ -326,8 +327,6 @@ class Job:
                 for table in tables:
                     writer.write(table)
                     rows += table.num_rows
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -335,7 +334,9 @@ class Job:
         return rows
 
     def finish_shard(self, index: int, rows: int, rejects: list[dict] | None = None, **counts) -> None:
-        """The completion record of a shard whose data is written (rejects first: the record is last)."""
+        """Make a written shard's data durable, then record it (rejects first: the record is last)."""
+        with open(self.shard_file(index), "rb") as fh:
+            os.fsync(fh.fileno())
         rejects_path = self.shard_file(index, ".rejects.jsonl")
         if rejects:
             write_bytes_atomic(rejects_path, "".join(json.dumps(r, default=str) + "\n" for r in rejects).encode())
