@@ -90,8 +90,8 @@ def main() -> int:
         print(f"corpus: {rows:,} rows, {big.stat().st_size / 1e6:.1f} MB of JSON Lines "
               f"({args.repeat} x {CORPUS.name}, fresh ids) in {work}")
 
-        ours_cmd = lambda out: [sys.executable, "-c", HFBATCH, "ingest", str(big), "-o", str(out), "--json"]  # noqa: E731
-        peer_cmd = lambda out: [sys.executable, "-c", PEER, str(big), str(work / "peer-cache"), str(out)]  # noqa: E731
+        ours_cmd = lambda out: [sys.executable, "-c", HFBATCH, "ingest", str(big), "-o", str(out), "--json"]
+        peer_cmd = lambda out: [sys.executable, "-c", PEER, str(big), str(work / "peer-cache"), str(out)]
         results = {"hfbatch": [], "datasets": []}
         for i in range(args.runs):
             sides = [("hfbatch", ours_cmd), ("datasets", peer_cmd)]

@@ -16,10 +16,10 @@ import os
 import queue
 import re
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import click
 import numpy as np
@@ -310,7 +310,7 @@ def prefetch(items: Iterator, depth: int = 1) -> Iterator:
                     break
             else:
                 put((done, None))
-        except BaseException as exc:  # handed to the consumer, raised there
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
             put((done, exc))
         finally:
             close = getattr(items, "close", None)

@@ -122,7 +122,7 @@ def test_json_file_holding_json_lines_is_detected(runner, tmp_path):
 
 
 def test_text_one_document_per_line_with_stable_ids(runner, tmp_path):
-    write(tmp_path / "notes.txt", "alpha doc\r\n\nbeta doc\n   \ngamma doc".encode())
+    write(tmp_path / "notes.txt", b"alpha doc\r\n\nbeta doc\n   \ngamma doc")
     invoke(runner, ["ingest", tmp_path / "notes.txt", "-o", tmp_path / "ds"])
     ds = load(tmp_path / "ds")
     # blank lines are separators, not documents; ids are FILE:LINE, so they do not move when one changes
