@@ -449,8 +449,10 @@ def _tally_drop(tally: Tally, before, after, key: str, by_file: bool, name: str)
               help="Keep only these columns (after --rename); `id` and the text column are always kept.")
 @click.option("--rename", "rename", multiple=True, metavar="OLD=NEW", help="Rename a column (repeatable).")
 @click.option("--filter", "filter_text", default=None, metavar="EXPR",
-              help='Keep rows where EXPR holds, e.g. \'len(text) >= 50 and section in ["games", "libs"]\' '
-                   "(parsed, never evaluated as Python; see hfbatch.expr).")
+              help='Keep rows where EXPR holds, e.g. \'len(text) >= 50 and section in ["games", "libs"]\'. '
+                   "Comparisons, and/or/not, in [...], is None, + - * /, numbers and quoted strings; functions "
+                   "len, lower, upper, strip, startswith, endswith, contains, matches (regex), col(\"odd name\"). "
+                   "Parsed, never evaluated as Python.")
 @click.option("--dedup", is_flag=True, help="Drop rows whose text is exactly that of an earlier row.")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Stop after N rows (kept ones).")
 @click.option("--sample", type=click.IntRange(min=0), default=None,
