@@ -211,3 +211,18 @@ def test_manifest_info_and_up_to_date(runner, tmp_path, docs):
     assert json.loads(again.stdout.splitlines()[-1])["status"] == "up_to_date"
     changed = invoke(runner, ["ingest", docs, bad, "-o", out, "--text-column", "body", "--dedup"], expect=2)
     assert "--force" in changed.output and "dedup" in changed.output
+
+
+def test_a_shard_too_big_for_shard_size_is_split_by_save_to_disk(runner, tmp_path):
+    # CSV is not cut into byte ranges (quoted values may hold newlines): its one shard is copied and split
+    import csv
+
+    rows = sample_rows()
+    src = tmp_path / "big.csv"
+    with src.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "text"])
+        writer.writerows([i, rows[i % 400]["text"]] for i in range(8000))
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds", "--streaming", "--shard-size", "1MB"])
+    ds = load(tmp_path / "ds")
+    assert ds["id"] == list(range(8000)) and len(list((tmp_path / "ds").glob("data-*.arrow"))) >= 3
