@@ -481,8 +481,6 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
         hfbatch ingest 'corpus/*.jsonl.gz' -o out/dataset --text-column text
         hfbatch ingest docs.csv -o out/ds --filter 'len(text) >= 50' --dedup --sample 1000
     """
-    import datasets
-
     from hfbatch.io import detect_format, expand_sources, split_compression
 
     limit_kind, reject_limit = parse_max_rejects(max_rejects)
@@ -543,6 +541,8 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
                 recording.result()
 
         records = _check_rejects(job, units, limit_kind, reject_limit, max_rejects, final=True)
+        import datasets
+
         features = datasets.Features.from_arrow_schema(plan.schema)
         extra = {"text_column": text_column, "sources": _per_source(records),
                  "schema": {f.name: str(f.type) for f in plan.schema},
