@@ -258,7 +258,7 @@ def unit_tables(unit: Unit, plan: Plan, state: State, tally: Tally, first_row: i
     from hfbatch.io import check_readable, read_documents, read_source
 
     if plan.by_file:
-        blocks = iter([read_documents(list(unit.paths), list(unit.names))])
+        blocks = read_documents(list(unit.paths), list(unit.names))
     else:
         if unit.start == 0:
             check_readable(unit.paths[0], unit.fmt)

@@ -462,10 +462,10 @@ def read_text(blocks: Iterator[bytes], source, first_row: int = 1) -> Iterator[B
         yield Block(pa.table({"text": texts, "__row": pa.array(numbers, pa.int64())}), rejects, row)
 
 
-def read_documents(paths: list[Path], names: list[str]) -> Block:
-    """One document per file (`--by file`): its whole text, named by the file; an undecodable or empty
-    file is a rejected row, not the end of the job."""
-    texts, sources, rejects = [], [], []
+def read_documents(paths: list[Path], names: list[str], block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
+    """One document per file (`--by file`): its whole text, named by the file, in blocks of about
+    `block_bytes`; an unreadable or undecodable file is a rejected row, not the end of the job."""
+    texts, sources, rejects, size = [], [], [], 0
     for path, name in zip(paths, names):
         try:
             with open_binary(path) as fh:
@@ -476,8 +476,17 @@ def read_documents(paths: list[Path], names: list[str]) -> Block:
         try:
             texts.append(raw.decode("utf-8"))
             sources.append(name)
+            size += len(raw)
         except UnicodeDecodeError as exc:
             rejects.append(reject(name, 1, "undecodable", f"undecodable bytes: {exc}", raw[:200]))
+        if size >= block_bytes:
+            yield _documents_block(texts, sources, rejects)
+            texts, sources, rejects, size = [], [], [], 0
+    if texts or rejects:
+        yield _documents_block(texts, sources, rejects)
+
+
+def _documents_block(texts: list[str], sources: list[str], rejects: list[dict]) -> Block:
     table = pa.table({"text": pa.array(texts, pa.string()), "__source": pa.array(sources, pa.string()),
                       "__row": pa.array([1] * len(texts), pa.int64())})
     return Block(table, rejects, 2)
