@@ -172,7 +172,6 @@ class Plan:
 
 def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns, rename, filter_text,
               dedup, limit, by_file) -> Plan:
-    import datasets
     import pyarrow as pa
 
     from hfbatch.expr import compile_filter
@@ -209,8 +208,7 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
     id_field = pa.field("id", pa.int64() if pa.types.is_integer(id_type) else pa.string())
     keep = [c for c in (columns or renamed.names) if c not in ("id", id_source)]
     keep += [text_column] if text_column not in keep else []  # the text is always kept
-    # with datasets' metadata, so the shards can be the output's data files as they are
-    schema = datasets.Features.from_arrow_schema(pa.schema([id_field] + [renamed.field(c) for c in keep])).arrow_schema
+    schema = pa.schema([id_field] + [renamed.field(c) for c in keep])
 
     expression, used = None, set()
     if filter_text:
@@ -502,15 +500,15 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
               "limit": limit, "sample": sample, "seed": seed if sample is not None else None,
               "streaming": streaming, "shard_size": shard_size}
 
-    # `datasets` takes a second to import: do it while the runner hashes the inputs (hashlib lets go of
-    # the GIL), and join before anything else imports.
+    # `datasets` takes a second of CPU to import and is only needed to publish: import it in a thread,
+    # alongside hashing and parsing (hashlib and pyarrow let go of the GIL). Everything this thread needs
+    # is imported first, so the two never wait on each other's import locks.
+    _import_readers(fmts)
     importer = threading.Thread(target=importlib.import_module, args=("datasets",))
     importer.start()
     with contextlib.ExitStack() as stack:
-        try:
-            job = stack.enter_context(Job("ingest", output, config=config, files=paths, force=force))
-        finally:
-            importer.join()
+        stack.callback(importer.join)
+        job = stack.enter_context(Job("ingest", output, config=config, files=paths, force=force))
         if job.up_to_date:
             return job.summary()
         plan = make_plan(paths[0], fmts[0], json_field, text_column, id_column, column_list, rename_map,
@@ -541,6 +539,7 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
                 recording.result()
 
         records = _check_rejects(job, units, limit_kind, reject_limit, max_rejects, final=True)
+        importer.join()
         import datasets
 
         features = datasets.Features.from_arrow_schema(plan.schema)
@@ -555,6 +554,16 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
         job.publish_dataset(len(units), features, extra=extra, max_shard_size=shard_size, prepare=prepare,
                             reuse_shards=True)
         return job.summary()
+
+
+def _import_readers(fmts: list[str]) -> None:
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.csv  # noqa: F401
+    import pyarrow.json  # noqa: F401
+
+    import hfbatch.expr  # noqa: F401
+    if "parquet" in fmts:
+        import pyarrow.parquet  # noqa: F401
 
 
 def _block_bytes(unit: Unit, streaming: bool) -> int | None:

@@ -378,7 +378,7 @@ class Job:
                         reuse_shards: bool = False) -> dict:
         """Join the finished shards (memory-mapped, in order) into one `save_to_disk` dataset;
         `prepare(dataset) -> dataset` may select rows first (a sample). With `reuse_shards` (for shards that
-        are the output's rows, in order, written with `features.arrow_schema`), the shards become the
+        are the output's rows, in order, in the schema of `features`), the shards become the
         output's data files without being copied again, when they are no larger than `max_shard_size`."""
         import datasets
 
