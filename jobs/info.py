@@ -7,36 +7,73 @@ from pathlib import Path
 
 import click
 
-SKIP = {"inputs", "versions", "config", "features", "sources"}
+SHOWN = {"job", "rows", "created_at", "elapsed_s", "inputs", "versions", "config", "features", "sources",
+         "counts", "schema", "rejects_by_kind", "output", "fingerprint", "hfbatch_version"}
+MAX_SOURCES = 20
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items())
 
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(path, as_json):
-    """Show the manifest of PATH (any hfbatch output): job, rows, inputs, options, versions.
+    """Show the manifest of PATH (any hfbatch output): job, rows, sources, rejects, schema, inputs,
+    options, versions.
 
     \b
     Example:
-        hfbatch info out/embeddings
+        hfbatch info out/dataset
+        hfbatch info out/embeddings --json | jq .rows
     """
-    from hfbatch.runner import require_complete
+    from hfbatch.runner import REJECTS, require_complete
 
     manifest = require_complete(Path(path), "output")
     if as_json:
         click.echo(json.dumps(manifest, indent=2, sort_keys=True))
         return
-    click.echo(f"{path}: hfbatch {manifest.get('job')} output, {manifest.get('rows')} rows, "
-               f"made {manifest.get('created_at')} in {manifest.get('elapsed_s')} s")
-    for key in sorted(k for k in manifest if k not in SKIP):
+    echo = click.echo
+    echo(f"{path}: hfbatch {manifest.get('job')} output, {manifest.get('rows')} rows, "
+         f"made {manifest.get('created_at')} in {manifest.get('elapsed_s')} s")
+    counts = manifest.get("counts") or {}
+    if counts:
+        echo(f"  counts: {_counts(counts)}")
+    kinds = manifest.get("rejects_by_kind") or {}
+    if kinds:
+        echo(f"  rejects: {_counts(dict(sorted(kinds.items(), key=lambda kv: -kv[1])))} "
+             f"(rows in {Path(path) / REJECTS})")
+    schema = manifest.get("schema")
+    if schema:
+        echo("  columns: " + ", ".join(f"{name} ({kind})" for name, kind in schema.items()))
+    for key in sorted(k for k in manifest if k not in SHOWN):
         value = manifest[key]
-        if key in ("job", "rows", "created_at", "elapsed_s"):
-            continue
-        click.echo(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
-    click.echo("  options: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.get("config", {}).items())))
+        echo(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    sources = manifest.get("sources") or {}
+    if sources:
+        echo(f"  sources ({len(sources)}):")
+        width = min(max(len(name) for name in sources), 48)
+        for name, c in list(sources.items())[:MAX_SOURCES]:
+            dropped = "".join(f", {c[k]} {k}" for k in ("filtered", "duplicates") if c.get(k))
+            echo(f"    {name:<{width}}  {c.get('rows', 0):>9} rows  {c.get('rejects', 0):>6} rejected"
+                 f"{dropped}  ({c.get('read', '?')} read)")
+        if len(sources) > MAX_SOURCES:
+            echo(f"    ... and {len(sources) - MAX_SOURCES} more (--json lists them all)")
+    echo("  options: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.get("config", {}).items())
+                                  if v not in (None, {}, [], False)))
     for item in manifest.get("inputs", []):
         ident = item.get("sha256") or item.get("manifest_sha256")
-        click.echo(f"  input: {item['path']} ({item['kind']}, {str(ident)[:16]})")
-    for name, counts in (manifest.get("sources") or {}).items():
-        click.echo(f"  source {name}: {counts['rows']} rows, {counts['rejects']} rejected")
-    click.echo("  versions: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items())))
+        size = f"{_size(item.get('size'))}, " if item.get("kind") == "file" else ""
+        echo(f"  input: {item['path']} ({item['kind']}, {size}sha256 {str(ident)[:16]})")
+    echo("  versions: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items())))

@@ -1,11 +1,28 @@
-"""hfbatch ingest: files of any common format -> one memory-mapped Arrow dataset with stable ids."""
+"""hfbatch ingest: files of any common format -> one memory-mapped Arrow dataset with stable ids.
+
+The input is cut into units of work, one resumable shard each (see runner.Job): a file, a byte range of a
+big uncompressed JSON Lines or text file, or a group of files with `--by file`. A unit is read as a stream
+of blocks (hfbatch.io); each block is conformed (rename, rejects, ids, filter, dedup, limit) and appended
+to its shard file as it comes, so memory stays flat whatever the input size. Publishing joins the shards
+memory-mapped and saves them with `save_to_disk`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import json
 import os
+import queue
+import re
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import numpy as np
 
 from hfbatch import log
 from hfbatch.cli import force_option, json_summary, output_option, text_column_option
@@ -13,7 +30,10 @@ from hfbatch.errors import InputError, JobFailed
 from hfbatch.runner import Job
 
 FORMAT_CHOICES = ["auto", "csv", "tsv", "json", "jsonl", "parquet", "text"]
+STREAMING_THRESHOLD = 256 << 20  # bytes of input (compressed files count 4x) above which --streaming is on
 
+
+# ---- option parsing -------------------------------------------------------------------------------------
 
 def parse_max_rejects(value: str) -> tuple[str, float]:
     """'100' (rows), '0.01' or '1%' (fraction of rows read)."""
@@ -24,163 +44,613 @@ def parse_max_rejects(value: str) -> tuple[str, float]:
         number = float(text)
     except ValueError:
         raise click.BadParameter(f"{value!r}: give a row count (100) or a fraction (0.01 or 1%)")
+    if number < 0:
+        raise click.BadParameter(f"{value!r}: must not be negative")
     return ("fraction", number) if number < 1 else ("count", number)
 
+
+def parse_size(value: str) -> int:
+    """'128MB', '1GB', '512KiB' -> bytes (the units of datasets' max_shard_size)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", value, re.IGNORECASE)
+    if not match:
+        raise click.BadParameter(f"{value!r}: give a size like 128MB or 1GB", param_hint="--shard-size")
+    unit = (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    size = int(float(match.group(1)) * scale)
+    if size < 10**6:
+        raise click.BadParameter(f"{value!r}: at least 1MB", param_hint="--shard-size")
+    return size
+
+
+def parse_rename(values: tuple[str, ...]) -> dict[str, str]:
+    mapping = {}
+    for value in values:
+        old, sep, new = value.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise click.BadParameter(f"{value!r}: write --rename old=new", param_hint="--rename")
+        mapping[old.strip()] = new.strip()
+    return mapping
+
+
+def parse_columns(values: tuple[str, ...]) -> list[str] | None:
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    return names or None
+
+
+# ---- units of work --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """What one shard reads: a file, bytes start..end of one, or (--by file) several files."""
+    paths: tuple[Path, ...]
+    names: tuple[str, ...]
+    fmt: str
+    start: int = 0
+    end: int | None = None
+
+
+def plan_units(paths, names, fmts, by_file: bool, streaming: bool, shard_bytes: int) -> list[Unit]:
+    from hfbatch.io import split_compression, split_ranges
+
+    units: list[Unit] = []
+    if by_file:  # many small documents: group them, up to shard_bytes or 10,000 files a shard
+        group, size = [], 0
+        for path, name in zip(paths, names):
+            if group and (size + path.stat().st_size > shard_bytes or len(group) >= 10_000):
+                units.append(Unit(tuple(p for p, _ in group), tuple(n for _, n in group), "text"))
+                group, size = [], 0
+            group.append((path, name))
+            size += path.stat().st_size
+        if group:
+            units.append(Unit(tuple(p for p, _ in group), tuple(n for _, n in group), "text"))
+        return units
+    for path, name, fmt in zip(paths, names, fmts):
+        splittable = streaming and fmt in ("jsonl", "text") and split_compression(path)[1] is None
+        if splittable and path.stat().st_size > shard_bytes:
+            units += [Unit((path,), (name,), fmt, start, end) for start, end in split_ranges(path, shard_bytes)]
+        else:
+            units.append(Unit((path,), (name,), fmt))
+    return units
+
+
+# ---- ids and de-duplication -----------------------------------------------------------------------------
+
+class SeenHashes:
+    """A set of 64-bit hashes kept as sorted numpy runs (merged as they grow, like an LSM tree): 8 bytes a
+    row, so checking 100 million ids or texts for repeats takes under 1 GB, and no Python loop."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def _seen(self, hashes: np.ndarray) -> np.ndarray:
+        seen = np.zeros(len(hashes), bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            seen |= run[at] == hashes
+        return seen
+
+    def add_new(self, hashes: np.ndarray) -> np.ndarray:
+        """Adds the hashes; True where one is new (not seen before, nor earlier in `hashes`)."""
+        order = np.argsort(hashes, kind="stable")  # stable: of equal hashes, the earliest row comes first
+        ordered = hashes[order]
+        first = np.ones(len(ordered), bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        first &= ~self._seen(ordered)
+        fresh = np.empty(len(hashes), bool)
+        fresh[order] = first
+        self.runs.append(ordered[first])
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            last = self.runs.pop()  # (a stable sort of two sorted runs is a linear merge)
+            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]), kind="stable")
+        return fresh
+
+
+def hash64(column) -> np.ndarray:
+    """Integers are their own hash (exact); strings use Python's 64-bit hash (salted per process, which is
+    fine: on resume the sets are rebuilt from the finished shards in the new process)."""
+    import pyarrow as pa
+
+    if pa.types.is_integer(column.type):
+        return column.to_numpy().astype(np.int64, copy=False).view(np.uint64)
+    return np.fromiter(map(hash, column.to_pylist()), np.int64, len(column)).view(np.uint64)
+
+
+# ---- the plan: every decision made before the first row is read -----------------------------------------
+
+@dataclass
+class Plan:
+    read_schema: object      # the columns to read, with their types, by their names in the sources
+    rename: dict
+    schema: object           # the output's: `id` first
+    text_column: str
+    id_source: str | None    # output column holding the ids, or None: SOURCE:ROW (SOURCE with --by file)
+    filter: object = None
+    dedup: bool = False
+    limit: int | None = None
+    by_file: bool = False
+
+
+def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns, rename, filter_text,
+              dedup, limit, by_file) -> Plan:
+    import pyarrow as pa
+
+    from hfbatch.expr import compile_filter
+    from hfbatch.io import check_readable, sniff_schema
+
+    if not by_file:
+        check_readable(first, fmt)
+    raw = sniff_schema(first, "text" if by_file else fmt, json_field)
+    if raw is None or not raw.names:
+        raise InputError(f"{first}: no row of the first block could be read as {fmt}; is it really {fmt}?")
+    unknown = [old for old in rename if old not in raw.names]
+    if unknown:
+        raise InputError(f"--rename: no column {', '.join(map(repr, unknown))}; available: {', '.join(raw.names)}")
+    renamed = pa.schema([f.with_name(rename.get(f.name, f.name)) for f in raw])
+    if len(set(renamed.names)) != len(renamed.names):
+        raise InputError(f"--rename gives two columns the same name: {', '.join(renamed.names)}")
+    available = ", ".join(renamed.names)
+    if text_column not in renamed.names:
+        raise InputError(f"{first}: no column {text_column!r}; available: {available} (choose one with --text-column)")
+    if not pa.types.is_string(renamed.field(text_column).type):
+        raise InputError(f"{first}: column {text_column!r} holds {renamed.field(text_column).type}, not text "
+                         f"(choose another with --text-column)")
+    if id_column is not None and id_column not in renamed.names:
+        raise InputError(f"{first}: no column {id_column!r} for --id-column; available: {available}")
+    if id_column not in (None, "id") and "id" in renamed.names:
+        raise InputError(f"--id-column {id_column}: the sources also have a column 'id'; "
+                         f"rename it (--rename id=other_name) or drop the option")
+    id_source = None if by_file else (id_column or ("id" if "id" in renamed.names else None))
+    missing = [c for c in columns or [] if c not in renamed.names]
+    if missing:
+        raise InputError(f"--columns: no column {', '.join(map(repr, missing))}; available: {available}")
+
+    id_type = renamed.field(id_source).type if id_source else pa.string()
+    id_field = pa.field("id", pa.int64() if pa.types.is_integer(id_type) else pa.string())
+    keep = [c for c in (columns or renamed.names) if c not in ("id", id_source)]
+    keep += [text_column] if text_column not in keep else []  # the text is always kept
+    schema = pa.schema([id_field] + [renamed.field(c) for c in keep])
+
+    expression, used = None, set()
+    if filter_text:
+        expression, used = compile_filter(filter_text, renamed)
+    needed = set(keep) | used | {text_column} | ({id_source} if id_source else set())
+    read_schema = pa.schema([f for f in raw if rename.get(f.name, f.name) in needed])
+    return Plan(read_schema, rename, schema, text_column, id_source, expression, dedup, limit, by_file)
+
+
+# ---- one unit -------------------------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    """What a unit did; becomes its shard's completion record."""
+    rows: int = 0
+    read: int = 0
+    filtered: int = 0
+    duplicates: int = 0
+    rejects: list = field(default_factory=list)
+    end_row: int = 1
+    sources: dict = field(default_factory=dict)
+
+    def source(self, name: str) -> dict:
+        return self.sources.setdefault(name, {"rows": 0, "rejects": 0, "read": 0, "filtered": 0, "duplicates": 0})
+
+    def record(self) -> dict:
+        kinds: dict[str, int] = {}
+        for r in self.rejects:
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        return {"rows_read": self.read, "filtered": self.filtered, "duplicates": self.duplicates,
+                "position": {"end_row": self.end_row}, "sources": self.sources, "reject_kinds": kinds}
+
+
+@dataclass
+class State:
+    """Carried across units: ids and texts seen (duplicates), rows kept so far (--limit)."""
+    ids: SeenHashes | None
+    texts: SeenHashes | None
+    kept: int = 0
+
+
+def unit_tables(unit: Unit, plan: Plan, state: State, tally: Tally, first_row: int, json_field,
+                block_bytes: int) -> Iterator:
+    """The unit's conformed tables, as they are read (what `write_shard_stream` writes)."""
+    from hfbatch.io import check_readable, read_documents, read_source
+
+    if plan.by_file:
+        blocks = read_documents(list(unit.paths), list(unit.names))
+    else:
+        if unit.start == 0:
+            check_readable(unit.paths[0], unit.fmt)
+        blocks = read_source(unit.paths[0], unit.fmt, plan.read_schema, source=unit.names[0], start=unit.start,
+                             end=unit.end, first_row=first_row, json_field=json_field, block_bytes=block_bytes)
+    first_block = unit.start == 0 and not plan.by_file
+    for block in prefetch(blocks):
+        tally.end_row = block.end_row
+        if first_block and block.rejects and block.table.num_rows == 0:
+            r = block.rejects[0]
+            raise InputError(f"{unit.paths[0]}: no row of the first block could be read as {unit.fmt} (row "
+                             f"{r['row']}: {r['reason']}); is it really {unit.fmt}?")
+        first_block = first_block and block.table.num_rows == 0 and not block.rejects
+        tally.read += len(block.rejects)
+        for r in block.rejects:
+            tally.source(r["source"])["rejects"] += 1
+            tally.source(r["source"])["read"] += 1
+        known = len(tally.rejects)
+        table = conform(block.table, unit, plan, state, tally)
+        order = {name: i for i, name in enumerate(unit.names)}  # rejects in file order, whatever found them
+        tally.rejects[known:] = sorted(block.rejects + tally.rejects[known:],
+                                       key=lambda r: (order.get(r["source"], 0), r["row"]))
+        if table.num_rows:
+            yield table
+        if plan.limit is not None and state.kept >= plan.limit:
+            return
+
+
+def prefetch(items: Iterator, depth: int = 1) -> Iterator:
+    """`items`, produced `depth` ahead by a thread: reading and parsing block k+1 (pyarrow and file reads
+    run outside the GIL) overlaps conforming and writing block k. Errors are raised here, in order."""
+    slots: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    break
+            else:
+                put((done, None))
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
+            put((done, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close:
+                close()
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = slots.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
+    """One block's good rows, in the output schema: rejects (text, ids), filter, dedup, limit."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from hfbatch.io import reject
+
+    n = table.num_rows
+    name = unit.names[0]
+    sources = table.column("__source") if plan.by_file else None
+    table = table.rename_columns([plan.rename.get(c, c) for c in table.column_names])
+    for source, count in _count_by(sources, name, n):
+        tally.source(source)["read"] += count
+    tally.read += n
+    if n == 0:
+        return plan.schema.empty_table()
+
+    bad = np.zeros(n, bool)
+    reasons: dict[int, tuple[str, str]] = {}
+
+    def mark(mask, kind, reason):
+        for i in np.flatnonzero(mask & ~bad):
+            reasons[i] = (kind, reason)
+        bad[:] |= mask
+
+    text = table.column(plan.text_column)
+    mark(np.asarray(pc.is_null(text)), "missing_text", f"missing text in column {plan.text_column!r}")
+    empty = pc.or_(pc.equal(pc.binary_length(text), 0), pc.utf8_is_space(text))  # (bytes: no scan)
+    mark(np.asarray(pc.fill_null(empty, False)), "empty_text", f"empty text in column {plan.text_column!r}")
+    if plan.id_source:
+        ids = table.column(plan.id_source).cast(plan.schema.field("id").type)
+        mark(np.asarray(pc.is_null(ids)), "missing_id", f"missing id in column {plan.id_source!r}")
+        candidates = np.flatnonzero(~bad)
+        fresh = state.ids.add_new(hash64(ids.take(pa.array(candidates))))
+        duplicate = np.zeros(n, bool)
+        duplicate[candidates[~fresh]] = True
+        mark(duplicate, "duplicate_id", "duplicate id")
+    if bad.any():
+        rows = table.column("__row").to_numpy()
+        for i, row in zip(np.flatnonzero(bad), table.filter(pa.array(bad)).drop_columns(["__row"]).to_pylist()):
+            source = sources[i].as_py() if sources is not None else name
+            kind, reason = reasons[i]
+            if kind == "duplicate_id":
+                reason = f"duplicate id {row.get(plan.id_source)!r}"
+            tally.rejects.append(reject(source, rows[i], kind, reason, json.dumps(row, default=str,
+                                                                                   ensure_ascii=False)))
+            tally.source(source)["rejects"] += 1
+        table = table.filter(pa.array(~bad))
+
+    if plan.filter is not None:
+        before = table
+        table = table.filter(plan.filter)
+        _tally_drop(tally, before, table, "filtered", plan.by_file, name)
+    if plan.dedup and table.num_rows:
+        before = table
+        table = table.filter(pa.array(state.texts.add_new(hash64(table.column(plan.text_column)))))
+        _tally_drop(tally, before, table, "duplicates", plan.by_file, name)
+    if plan.limit is not None and state.kept + table.num_rows > plan.limit:
+        table = table.slice(0, max(plan.limit - state.kept, 0))
+    state.kept += table.num_rows
+
+    out_sources = table.column("__source") if plan.by_file else None
+    for source, count in _count_by(out_sources, name, table.num_rows):
+        tally.source(source)["rows"] += count
+    tally.rows += table.num_rows
+    if plan.id_source:
+        ids = table.column(plan.id_source)
+    elif plan.by_file:
+        ids = table.column("__source")
+    else:  # SOURCE:ROW, stable across runs (unlike a counter, it does not move when a row before is bad)
+        ids = pc.binary_join_element_wise(name, table.column("__row").cast(pa.string()), ":")
+    columns = [ids.cast(plan.schema.field("id").type)]
+    for f in list(plan.schema)[1:]:
+        columns.append(table.column(f.name).cast(f.type) if f.name in table.column_names
+                       else pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=plan.schema)
+
+
+def _count_by(sources, name: str, n: int):
+    if sources is None:
+        return [(name, n)] if n else []
+    values, counts = np.unique(np.asarray(sources.to_pylist(), object), return_counts=True)
+    return list(zip(values.tolist(), counts.tolist()))
+
+
+def _tally_drop(tally: Tally, before, after, key: str, by_file: bool, name: str) -> None:
+    dropped = before.num_rows - after.num_rows
+    setattr(tally, key, getattr(tally, key) + dropped)
+    if dropped and by_file:
+        kept = {}
+        for source, count in _count_by(after.column("__source"), name, after.num_rows):
+            kept[source] = count
+        for source, count in _count_by(before.column("__source"), name, before.num_rows):
+            tally.source(source)[key] += count - kept.get(source, 0)
+    elif dropped:
+        tally.source(name)[key] += dropped
+
+
+# ---- the command ----------------------------------------------------------------------------------------
 
 @click.command()
 @click.argument("sources", nargs=-1, required=True)
 @output_option
 @click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="auto", show_default=True,
               help="Input format; auto reads it from the extension (.gz/.bz2/.xz/.zst allowed).")
+@click.option("--by", type=click.Choice(["line", "file"]), default="line", show_default=True,
+              help="Text: one document per line, or one per file (id = the file's name).")
+@click.option("--field", "json_field", default=None,
+              help="JSON: the key of the list of records (dotted for nested; default `data`).")
+@text_column_option
 @click.option("--id-column", default=None,
               help="Column holding a unique row id. Default: the column `id` if present, else "
-                   "SOURCE:ROW (file name and 1-based row/line number).")
-@text_column_option
-@click.option("--field", "json_field", default=None, help="JSON: the key of the list of records.")
+                   "SOURCE:ROW (file name and 1-based line/record number).")
+@click.option("--columns", "columns", multiple=True, metavar="A,B,...",
+              help="Keep only these columns (after --rename); `id` and the text column are always kept.")
+@click.option("--rename", "rename", multiple=True, metavar="OLD=NEW", help="Rename a column (repeatable).")
+@click.option("--filter", "filter_text", default=None, metavar="EXPR",
+              help='Keep rows where EXPR holds, e.g. \'len(text) >= 50 and section in ["games", "libs"]\'. '
+                   "Comparisons, and/or/not, in [...], is None, + - * /, numbers and quoted strings; functions "
+                   "len, lower, upper, strip, startswith, endswith, contains, matches (regex), col(\"odd name\"). "
+                   "Parsed, never evaluated as Python.")
+@click.option("--dedup", is_flag=True, help="Drop rows whose text is exactly that of an earlier row.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Stop after N rows (kept ones).")
+@click.option("--sample", type=click.IntRange(min=0), default=None,
+              help="Keep a random sample of N rows (in their original order; the same for the same --seed).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @click.option("--max-rejects", default="1%", show_default=True,
               help="Fail when more rows than this are rejected: a count (100) or a fraction (0.01, 1%).")
+@click.option("--streaming/--no-streaming", default=None,
+              help="Read in blocks and write shards as they fill, so memory does not grow with the input. "
+                   f"Default: on when the inputs exceed {STREAMING_THRESHOLD >> 20} MB.")
+@click.option("--shard-size", default="128MB", show_default=True,
+              help="Size of the output's shard files, and of the byte ranges a big file is cut into.")
 @force_option
 @json_summary("ingest")
-def ingest(sources, output, fmt, id_column, text_column, json_field, max_rejects, force):
+def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns, rename, filter_text, dedup,
+           limit, sample, seed, max_rejects, streaming, shard_size, force):
     """Read SOURCES (files, globs, directories) into an Arrow dataset at OUTPUT.
 
-    Rows that cannot be used (malformed lines, wrong field counts, undecodable bytes, missing or empty
-    text, duplicate ids) go to OUTPUT/rejects.jsonl with their source and row number.
+    CSV, TSV, JSON, JSON Lines, Parquet and plain text, each possibly gzip/bz2/xz/zstd-compressed. Rows that
+    cannot be used (malformed lines, wrong field counts, undecodable bytes, values of the wrong type,
+    missing or empty text, missing or duplicate ids) go to OUTPUT/rejects.jsonl with their source, row
+    number and reason; the job fails if there are more than --max-rejects of them.
 
     \b
     Example:
         hfbatch ingest 'corpus/*.jsonl.gz' -o out/dataset --text-column text
+        hfbatch ingest docs.csv -o out/ds --filter 'len(text) >= 50' --dedup --sample 1000
     """
-    from hfbatch.io import expand_sources, read_source
+    from hfbatch.io import detect_format, expand_sources, split_compression
 
-    limit_kind, limit = parse_max_rejects(max_rejects)
-    paths = expand_sources(list(sources))
+    limit_kind, reject_limit = parse_max_rejects(max_rejects)
+    shard_bytes = parse_size(shard_size)
+    rename_map = parse_rename(rename)
+    column_list = parse_columns(columns)
+    by_file = by == "file"
+    paths = expand_sources(list(sources), any_name=by_file or fmt != "auto")
     base = Path(os.path.commonpath([p.resolve().parent for p in paths]))
     names = [p.resolve().relative_to(base).as_posix() for p in paths]
-    config = {"format": fmt, "id_column": id_column, "text_column": text_column, "field": json_field,
-              "max_rejects": max_rejects}
+    fmts = ["text"] * len(paths) if by_file else [detect_format(p, fmt, json_field) for p in paths]
+    input_bytes = sum(p.stat().st_size * (4 if split_compression(p)[1] else 1) for p in paths)
+    if streaming is None:
+        streaming = input_bytes > STREAMING_THRESHOLD
+    # --max-rejects is not part of the config: it does not change the output, and raising it after a
+    # failed run should finish that run from its shards, not start over.
+    config = {"format": fmt, "by": by, "field": json_field, "text_column": text_column, "id_column": id_column,
+              "columns": column_list, "rename": rename_map, "filter": filter_text, "dedup": dedup,
+              "limit": limit, "sample": sample, "seed": seed if sample is not None else None,
+              "streaming": streaming, "shard_size": shard_size}
 
-    with Job("ingest", output, config=config, files=paths, force=force) as job:
-        if job.up_to_date:  # decided from manifests and file stats: no dataset library needed
+    # `datasets` takes a second of CPU to import and is only needed to publish: import it in a thread,
+    # alongside hashing and parsing (hashlib and pyarrow let go of the GIL). Everything this thread needs
+    # is imported first, so the two never wait on each other's import locks.
+    _import_readers(fmts)
+    importer = threading.Thread(target=importlib.import_module, args=("datasets",))
+    importer.start()
+    with contextlib.ExitStack() as stack:
+        stack.callback(importer.join)
+        job = stack.enter_context(Job("ingest", output, config=config, files=paths, force=force))
+        if job.up_to_date:
             return job.summary()
+        plan = make_plan(paths[0], fmts[0], json_field, text_column, id_column, column_list, rename_map,
+                         filter_text, dedup, limit, by_file)
+        units = plan_units(paths, names, fmts, by_file, streaming, shard_bytes)
+        state = _resume_state(job, units, plan)
+        # A shard's fsync and completion record run in a thread while the next shard is read; records
+        # are still written in order (each waits for the one before), so after a kill the finished
+        # shards are always the first ones.
+        with log.Progress("ingest", None) as progress, ThreadPoolExecutor(1) as recorder:
+            recording, end_row = None, 1
+            for index in job.pending(len(units)):
+                unit = units[index]
+                tally = Tally()
+                first_row = 1 if unit.start == 0 else end_row if recording else _first_row(job, index)
+                tables = unit_tables(unit, plan, state, tally, first_row, json_field, _block_bytes(unit, streaming)) \
+                    if plan.limit is None or state.kept < plan.limit else iter(())
+                rows = job.write_shard_stream(index, plan.schema, _progress(tables, progress))
+                if recording:
+                    recording.result()
+                    if limit_kind == "count":  # a count is known to be exceeded early: stop now
+                        _check_rejects(job, units, limit_kind, reject_limit, max_rejects, final=False)
+                recording = recorder.submit(job.finish_shard, index, rows, tally.rejects, **tally.record())
+                end_row = tally.end_row
+                log.event("ingest", "unit_done", source=unit.names[0], shard=index, rows=rows,
+                          rejects=len(tally.rejects))
+            if recording:
+                recording.result()
+
+        records = _check_rejects(job, units, limit_kind, reject_limit, max_rejects, final=True)
+        importer.join()
         import datasets
-        import pyarrow as pa
 
-        schema = _output_schema(read_source(paths[0], fmt, json_field), paths[0], id_column, text_column)
-        seen_ids = _ids_of_finished_shards(job, len(paths))
-        progress = log.Progress("ingest", None)
-        for index in job.pending(len(paths)):
-            path, name = paths[index], names[index]
-            table_parts, rejects, rows_read = [], [], 0
-            for block in read_source(path, fmt, json_field):
-                rejects += block.rejects
-                rows_read += block.table.num_rows + len(block.rejects)
-                if block.table.num_rows:
-                    kept, dropped = _conform(block.table, schema, path, name, id_column, text_column, seen_ids)
-                    table_parts.append(kept)
-                    rejects += dropped
-                progress.update(block.table.num_rows + len(block.rejects))
-            good = sum(t.num_rows for t in table_parts)
-            if good == 0 and rejects:
-                raise InputError(f"{path}: no row could be read (first problem, row {rejects[0]['row']}: "
-                                 f"{rejects[0]['reason']}); is it really {fmt if fmt != 'auto' else 'that format'}?")
-            table = pa.concat_tables(table_parts) if table_parts else schema.empty_table()
-            job.write_shard(index, table, rejects, rows_read=rows_read)
-            log.event("ingest", "source_done", source=name, rows=good, rejects=len(rejects))
-        progress.close()
-
-        records = job.shard_records(len(paths))
-        rows_read = sum(r["rows_read"] for r in records)
-        n_rejects = sum(r["rejects"] for r in records)
-        allowed = limit if limit_kind == "count" else limit * rows_read
-        if n_rejects > allowed:
-            raise JobFailed(f"{n_rejects} of {rows_read} rows were rejected, more than --max-rejects "
-                            f"{max_rejects}; the reasons are in {job.shard_dir}/*.rejects.jsonl "
-                            f"(raise --max-rejects to accept them)")
-        features = datasets.Features.from_arrow_schema(schema)
-        per_source = {names[i]: {"rows": r["rows"], "rejects": r["rejects"]} for i, r in enumerate(records)}
-        job.publish_dataset(len(paths), features, extra={"sources": per_source, "text_column": text_column})
+        features = datasets.Features.from_arrow_schema(plan.schema)
+        extra = {"text_column": text_column, "sources": _per_source(records),
+                 "schema": {f.name: str(f.type) for f in plan.schema},
+                 "rejects_by_kind": _sum_dicts(r.get("reject_kinds", {}) for r in records),
+                 "max_rejects": max_rejects, "input_bytes": input_bytes, "shards_read": len(units)}
+        prepare = None
+        if sample is not None:
+            extra["sampled_from"] = sum(r["rows"] for r in records)
+            prepare = _sampler(sample, seed)
+        job.publish_dataset(len(units), features, extra=extra, max_shard_size=shard_size, prepare=prepare,
+                            reuse_shards=True)
         return job.summary()
 
 
-def _output_schema(blocks, path, id_column, text_column):
-    """The output's columns: the first block's, plus `id` first (sources must agree on them)."""
+def _import_readers(fmts: list[str]) -> None:
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.csv  # noqa: F401
+    import pyarrow.json  # noqa: F401
+
+    import hfbatch.expr  # noqa: F401
+    if "parquet" in fmts:
+        import pyarrow.parquet  # noqa: F401
+
+
+def _block_bytes(unit: Unit, streaming: bool) -> int | None:
+    """With --streaming, fixed-size blocks (flat memory); without, an uncompressed file in one parse."""
+    from hfbatch.io import split_compression
+
+    if streaming or split_compression(unit.paths[0])[1]:
+        return None
+    return unit.paths[0].stat().st_size + 1
+
+
+def _progress(tables, progress) -> Iterator:
+    for table in tables:
+        progress.update(table.num_rows)
+        yield table
+
+
+def _first_row(job: Job, index: int) -> int:
+    """A byte range goes on counting lines where the previous range of its file stopped (on resume, from
+    that range's record: units are done in order, so it has one)."""
+    record = json.loads(job.shard_file(index - 1, ".json").read_text())
+    return record["position"]["end_row"]
+
+
+def _resume_state(job: Job, units: list[Unit], plan: Plan) -> State:
+    """Ids and texts of finished shards still count for duplicates, and their rows for --limit."""
     import pyarrow as pa
 
-    first = next((b.table for b in blocks if b.table.num_rows), None)
-    if first is None:
-        raise InputError(f"{path}: no row could be read")
-    columns = [c for c in first.column_names if c != "__row"]
-    if text_column not in columns:
-        raise InputError(f"{path}: no column {text_column!r}; available: {', '.join(columns)} "
-                         f"(choose one with --text-column)")
-    if id_column is not None and id_column not in columns:
-        raise InputError(f"{path}: no column {id_column!r} for --id-column; available: {', '.join(columns)}")
-    id_source = id_column or ("id" if "id" in columns else None)
-    id_type = first.schema.field(id_source).type if id_source else pa.string()
-    if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
-        id_type = pa.string()
-    fields = [pa.field("id", pa.int64() if pa.types.is_integer(id_type) else pa.string())]
-    fields += [first.schema.field(c) for c in columns if c != "id"]
-    fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in fields]
-    return pa.schema(fields)
+    state = State(SeenHashes() if plan.id_source else None, SeenHashes() if plan.dedup else None)
+    for index in range(len(units)):
+        if not job.is_done(index):
+            continue
+        with pa.memory_map(str(job.shard_file(index))) as source:
+            for batch in pa.ipc.open_stream(source):
+                if state.ids is not None:
+                    state.ids.add_new(hash64(batch.column("id")))
+                if state.texts is not None:
+                    state.texts.add_new(hash64(batch.column(plan.text_column)))
+                state.kept += batch.num_rows
+    return state
 
 
-def _conform(table, schema, path, name, id_column, text_column, seen_ids):
-    """Ids, text checks and the shared schema for one block: (kept rows, rejects)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    rows = table.column("__row").to_pylist()
-    if id_column or "id" in table.column_names:
-        ids = table.column(id_column or "id").to_pylist()
-    else:
-        ids = [f"{name}:{r}" for r in rows]
-    texts = table.column(text_column).to_pylist() if text_column in table.column_names else [None] * len(rows)
-    keep, rejects = [], []
-    for i, (row, row_id, text) in enumerate(zip(rows, ids, texts)):
-        reason = None
-        if row_id is None:
-            reason = f"missing id in column {id_column or 'id'!r}"
-        elif not isinstance(text, str):
-            reason = f"missing text in column {text_column!r}" if text is None else \
-                f"text column {text_column!r} is not a string"
-        elif not text.strip():
-            reason = f"empty text in column {text_column!r}"
-        elif row_id in seen_ids:
-            reason = f"duplicate id {row_id!r}"
-        if reason:
-            rejects.append({"source": str(path), "row": row, "reason": reason,
-                            "raw": str(table.slice(i, 1).to_pylist()[0])[:200]})
-        else:
-            seen_ids.add(row_id)
-            keep.append(i)
-    table = table.take(pa.array(keep, pa.int64()))
-    ids = [ids[i] for i in keep]
-    columns = []
-    for field in schema:
-        if field.name == "id":
-            try:
-                columns.append(pa.array(ids, field.type))
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                columns.append(pa.array([str(i) for i in ids], pa.string()))
-        elif field.name in table.column_names:
-            try:
-                columns.append(pc.cast(table.column(field.name), field.type))
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise InputError(f"{path}: column {field.name!r} does not match the type in the first source "
-                                 f"({field.type}): {exc}")
-        else:
-            columns.append(pa.nulls(len(keep), field.type))
-    return pa.Table.from_arrays(columns, schema=schema), rejects
+def _check_rejects(job: Job, units, kind: str, limit: float, option: str, final: bool) -> list[dict]:
+    n = len(units)
+    records = [json.loads(job.shard_file(i, ".json").read_text()) for i in range(n) if job.is_done(i)]
+    read = sum(r["rows_read"] for r in records)
+    rejected = sum(r["rejects"] for r in records)
+    allowed = limit if kind == "count" else limit * read
+    if rejected > allowed:
+        kinds = _sum_dicts(r.get("reject_kinds", {}) for r in records)
+        gathered = job.partial / "rejects.jsonl"
+        with open(gathered, "wb") as out:
+            for i in range(n):
+                part = job.shard_file(i, ".rejects.jsonl")
+                if part.exists():
+                    out.write(part.read_bytes())
+        first = json.loads(gathered.read_text().splitlines()[0])
+        raise JobFailed(f"{rejected} of {read}{'' if final else '+'} rows were rejected "
+                        f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))}), "
+                        f"more than --max-rejects {option}; first: {first['source']} row {first['row']}: "
+                        f"{first['reason']}; all of them are in {gathered} (raise --max-rejects to accept "
+                        f"them: the rows already read are kept)")
+    return records
 
 
-def _ids_of_finished_shards(job, n_shards) -> set:
-    """On resume, ids from finished sources still count for duplicate detection."""
-    import datasets
+def _sum_dicts(dicts) -> dict:
+    total: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
 
-    seen = set()
-    for i in range(n_shards):
-        if job.is_done(i):
-            seen.update(datasets.Dataset.from_file(str(job.shard_file(i)))["id"])
-    return seen
+
+def _per_source(records: list[dict]) -> dict:
+    sources: dict[str, dict] = {}
+    for record in records:
+        for name, counts in record.get("sources", {}).items():
+            into = sources.setdefault(name, {})
+            for k, v in counts.items():
+                into[k] = into.get(k, 0) + v
+    return sources
+
+
+def _sampler(n: int, seed: int):
+    def prepare(dataset):
+        if n >= len(dataset):
+            return dataset
+        rng = np.random.default_rng(seed)
+        return dataset.select(np.sort(rng.choice(len(dataset), size=n, replace=False)))
+    return prepare

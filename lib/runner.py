@@ -318,20 +318,40 @@ class Job:
 
     def write_shard(self, index: int, table, rejects: list[dict] | None = None, **counts) -> None:
         """Data first, then the completion record: a shard without its record is redone."""
+        rows = self.write_shard_stream(index, table.schema, [table])
+        self.finish_shard(index, rows, rejects, **counts)
+
+    def write_shard_stream(self, index: int, schema, tables: Iterable) -> int:
+        """Write shard `index`'s data from an iterable of Arrow tables or record batches, so a shard larger
+        than memory never sits in memory. It is not done until `finish_shard` syncs and records it (which
+        may run in another thread, while the next shard is computed). Returns rows."""
         import pyarrow as pa
 
         data_path = self.shard_file(index)
         tmp = data_path.with_name(f".{data_path.name}.tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        rows = 0
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                for table in tables:
+                    writer.write(table)
+                    rows += table.num_rows
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, data_path)
+        return rows
+
+    def finish_shard(self, index: int, rows: int, rejects: list[dict] | None = None, **counts) -> None:
+        """Make a written shard's data durable, then record it (rejects first: the record is last)."""
+        with open(self.shard_file(index), "rb") as fh:
+            os.fsync(fh.fileno())
+        rejects_path = self.shard_file(index, ".rejects.jsonl")
         if rejects:
-            write_bytes_atomic(self.shard_file(index, ".rejects.jsonl"),
-                               "".join(json.dumps(r, default=str) + "\n" for r in rejects).encode())
+            write_bytes_atomic(rejects_path, "".join(json.dumps(r, default=str) + "\n" for r in rejects).encode())
+        else:
+            rejects_path.unlink(missing_ok=True)  # left by an earlier, killed attempt at this shard
         write_json_atomic(self.shard_file(index, ".json"),
-                          {"shard": index, "rows": table.num_rows, "rejects": len(rejects or []), **counts})
+                          {"shard": index, "rows": rows, "rejects": len(rejects or []), **counts})
 
     def shard_records(self, n_shards: int) -> list[dict]:
         missing = self.pending(n_shards)
@@ -362,18 +382,32 @@ class Job:
         }
 
     def publish_dataset(self, n_shards: int, features, extra: dict | None = None,
-                        max_shard_size: str = "500MB", fill: Callable | None = None) -> dict:
+                        max_shard_size: str = "500MB", prepare: Callable | None = None,
+                        reuse_shards: bool = False, fill: Callable | None = None) -> dict:
         """Join the finished shards (memory-mapped, in order) into one `save_to_disk` dataset of the
-        `features` columns; `fill(tmp_dir, joined_shards)` may write side files from other shard columns."""
+        `features` columns. `prepare(dataset) -> dataset` may select rows first (a sample);
+        `fill(tmp_dir, joined_shards)` may write side files from shard-only columns. With `reuse_shards`
+        (for shards that are the output's rows, in order, in the schema of `features`), the shards become
+        the output's data files without being copied again, when they are no larger than `max_shard_size`."""
         import datasets
 
         records = self.shard_records(n_shards)
+        if reuse_shards and prepare is None and fill is None:
+            tmp = self._tmp_output()
+            rows = self._link_shards(records, features, tmp, max_shard_size)
+            if rows is not None:
+                counts = self._sum_counts(records)
+                counts["rejects"] = self._gather_rejects(n_shards, tmp)
+                extra = {"features": features.to_dict(), **(extra or {})}
+                return self._finish(tmp, self._manifest(rows, counts, extra))
         parts = [datasets.Dataset.from_file(str(self.shard_file(i))) for i in range(n_shards)
                  if records[i]["rows"] > 0]
         if parts:
             dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         else:
             dataset = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+        if prepare is not None:
+            dataset = prepare(dataset)
         tmp = self._tmp_output()
         tmp.mkdir(parents=True)
         if fill is not None:  # side files from shard-only columns, written before the atomic rename
@@ -382,14 +416,48 @@ class Job:
             dataset = dataset.select_columns(list(features))
         dataset.save_to_disk(str(tmp), max_shard_size=max_shard_size)
         n_rejects = self._gather_rejects(n_shards, tmp)
+        counts = self._sum_counts(records)
+        counts["rejects"] = n_rejects
+        manifest = self._manifest(len(dataset), counts, {"features": features.to_dict(), **(extra or {})})
+        return self._finish(tmp, manifest)
+
+    @staticmethod
+    def _sum_counts(records: list[dict]) -> dict:
         counts = {}
         for record in records:
             for key, value in record.items():
                 if key not in ("shard", "rows") and isinstance(value, (int, float)):
                     counts[key] = counts.get(key, 0) + value
-        counts["rejects"] = n_rejects
-        manifest = self._manifest(len(dataset), counts, {"features": features.to_dict(), **(extra or {})})
-        return self._finish(tmp, manifest)
+        return counts
+
+    def _link_shards(self, records: list[dict], features, tmp: Path, max_shard_size) -> int | None:
+        """save_to_disk's layout around the shards themselves (hard links: the .partial goes away after),
+        with datasets' own metadata files; the result is opened with load_from_disk and its row count
+        checked before it is used. None (nothing kept) where that cannot be done: the caller copies."""
+        import datasets
+        from datasets.utils.py_utils import convert_file_size_to_int
+
+        limit = convert_file_size_to_int(max_shard_size)
+        shards = [self.shard_file(r["shard"]) for r in records if r["rows"] > 0]
+        if not shards or any(p.stat().st_size > 2 * limit for p in shards):
+            return None
+        try:
+            datasets.Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(str(tmp))
+            state = json.loads((tmp / "state.json").read_text())
+            for old in state["_data_files"]:
+                (tmp / old["filename"]).unlink()
+            names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
+            for shard, name in zip(shards, names):
+                os.link(shard, tmp / name)
+            state.update(_data_files=[{"filename": n} for n in names], _fingerprint=self.fingerprint)
+            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+            rows = len(datasets.load_from_disk(str(tmp)))
+            if rows == sum(r["rows"] for r in records):
+                return rows
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # e.g. no hard links on this filesystem
+            log.event(self.name, "copying_shards", reason=f"{type(exc).__name__}: {exc}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
 
     def publish_files(self, fill: Callable[[Path], None], rows: int, extra: dict | None = None,
                       counts: dict | None = None) -> dict:

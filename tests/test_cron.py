@@ -72,8 +72,8 @@ def test_changed_input_or_option_is_refused_naming_it_then_force_recomputes(tmp_
     result = invoke(runner, ["ingest", src, "-o", tmp_path / "ds"], expect=2)
     assert f"input {src.resolve()} changed" in result.output and "--force" in result.output
     assert len(rows_of(tmp_path / "ds")["text"]) == 5  # untouched
-    result = invoke(runner, ["ingest", src, "-o", tmp_path / "ds", "--max-rejects", "5"], expect=2)
-    assert "option max_rejects: '1%' -> '5'" in result.output
+    result = invoke(runner, ["ingest", src, "-o", tmp_path / "ds", "--dedup"], expect=2)
+    assert "option dedup: False -> True" in result.output
     invoke(runner, ["ingest", src, "-o", tmp_path / "ds", "--force"])
     assert len(rows_of(tmp_path / "ds")["text"]) == 6
 

@@ -1,0 +1,125 @@
+"""hfbatch export: an hfbatch dataset -> one JSON Lines, CSV/TSV or Parquet file, written atomically.
+
+The file is written beside its destination under a temporary name, fsynced, then renamed over it: a
+reader (or a cron job killed half-way) sees the old file or the new one, never a part. The writing is
+datasets' own (`to_json`, `to_csv`, `to_parquet`), through a compressor when the name asks for one.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+from pathlib import Path
+
+import click
+
+from hfbatch.cli import json_summary
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
+           ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def export_format(path: Path, fmt: str) -> tuple[str, str | None]:
+    """(format, compression) from --format or the file name, e.g. out.jsonl.gz -> (jsonl, gzip)."""
+    from hfbatch.errors import InputError
+    from hfbatch.io import split_compression
+
+    base, compression = split_compression(path)
+    if fmt == "auto":
+        suffix = Path(base).suffix
+        if suffix not in FORMATS:
+            raise InputError(f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; "
+                             f"name it .jsonl, .csv, .tsv or .parquet (optionally .gz/.bz2/.xz/.zst) "
+                             f"or pass --format")
+        fmt = FORMATS[suffix]
+    if fmt == "parquet" and compression:
+        raise InputError(f"{path}: Parquet compresses its own columns; drop the {compression} extension")
+    return fmt, compression
+
+
+def _compressed(fh, compression: str | None):
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=fh, mode="wb")
+    if compression == "bz2":
+        return bz2.BZ2File(fh, "wb")
+    if compression == "xz":
+        return lzma.LZMAFile(fh, "wb")
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor().stream_writer(fh, closefd=False)
+    return None
+
+
+def write_dataset(dataset, fh, fmt: str) -> None:
+    if fmt == "jsonl":  # 15 digits: pandas' default of 10 would round floats
+        dataset.to_json(fh, lines=True, force_ascii=False, double_precision=15)
+    elif fmt in ("csv", "tsv"):
+        dataset.to_csv(fh, index=False, sep="\t" if fmt == "tsv" else ",")
+    else:
+        dataset.to_parquet(fh)
+
+
+@click.command()
+@click.argument("dataset", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="File to write (replaced atomically if it exists).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "csv", "tsv", "parquet"]), default="auto",
+              show_default=True, help="auto = from the extension (.jsonl/.json, .csv, .tsv, .parquet; "
+                                      ".gz/.bz2/.xz/.zst compress it).")
+@click.option("--columns", "columns", multiple=True, metavar="A,B,...", help="Export only these columns.")
+@json_summary("export")
+def export(dataset, output, fmt, columns):
+    """Write the hfbatch dataset DATASET to one file, OUTPUT: JSON Lines, CSV/TSV or Parquet.
+
+    Rows keep their order and ids, so `hfbatch ingest` of the exported file gives the same dataset.
+
+    \b
+    Example:
+        hfbatch export out/dataset -o corpus.jsonl.gz
+        hfbatch export out/dataset -o corpus.parquet --columns id,text
+    """
+    from hfbatch.errors import InputError, JobFailed
+    from hfbatch.io import open_dataset
+    from hfbatch.runner import OutputLock, fsync_dir
+
+    path = Path(output).resolve()
+    fmt, compression = export_format(path, fmt)
+    ds, _ = open_dataset(dataset)
+    wanted = [c.strip() for v in columns for c in v.split(",") if c.strip()]
+    missing = [c for c in wanted if c not in ds.column_names]
+    if missing:
+        raise InputError(f"{dataset}: no column {', '.join(map(repr, missing))}; available: "
+                         f"{', '.join(ds.column_names)}")
+    if wanted:
+        ds = ds.select_columns(wanted)
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent} does not exist")
+
+    lock = OutputLock(path)
+    lock.acquire()
+    try:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a killed export's; we hold the lock
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as raw:
+                stream = _compressed(raw, compression)
+                write_dataset(ds, stream or raw, fmt)
+                if stream is not None:
+                    stream.close()
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise JobFailed(f"{path}: cannot write it ({exc}); the previous file, if any, is unchanged")
+            raise
+    finally:
+        lock.release()
+    return {"output": str(path), "rows": len(ds), "format": fmt, "compression": compression,
+            "bytes": path.stat().st_size}
