@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import click
 
 from hfbatch import log
-from hfbatch.batching import DEFAULT_BATCH_TOKENS
+from hfbatch.batching import DEFAULT_BATCH_TOKENS, prefetch
 from hfbatch.cli import (device_options, force_option, json_summary, model_option, output_option,
                          text_column_option, trust_remote_code_option)
 from hfbatch.embedding import TextEmbedder, embeddings_features, embeddings_table
@@ -61,20 +59,13 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
         pending = job.pending(n_shards)
         progress = log.Progress("embed", sum(_shard_len(len(source), shard_rows, i) for i in pending))
 
-        def texts_of(i):
-            return source[i * shard_rows:(i + 1) * shard_rows][text_column]
+        def tokenize_shard(i):
+            return embedder.tokenize(source[i * shard_rows:(i + 1) * shard_rows][text_column])
 
-        # Tokenize the next shard in a thread while the model runs on this one (the fast tokenizer releases
-        # the GIL), so the model never waits for tokens.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(embedder.tokenize, texts_of(pending[0])) if pending else None
-            for n, i in enumerate(pending):
-                tokenized = future.result()
-                if n + 1 < len(pending):
-                    future = pool.submit(embedder.tokenize, texts_of(pending[n + 1]))
-                vectors = embedder.run(tokenized, on_batch=progress.update)
-                ids = source[i * shard_rows:(i + 1) * shard_rows]["id"]
-                job.write_shard(i, embeddings_table(ids, vectors, embedder.dim), truncated=tokenized.truncated)
+        for i, tokenized in prefetch(tokenize_shard, pending):  # the next shard tokenizes meanwhile
+            vectors = embedder.run(tokenized, on_batch=progress.update)
+            ids = source[i * shard_rows:(i + 1) * shard_rows]["id"]
+            job.write_shard(i, embeddings_table(ids, vectors, embedder.dim), truncated=tokenized.truncated)
         progress.close()
         job.publish_dataset(n_shards, embeddings_features(source.features["id"], embedder.dim), extra={
             "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
