@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import click
 
 from hfbatch import log
-from hfbatch.batching import DEFAULT_BATCH_TOKENS
+from hfbatch.batching import DEFAULT_BATCH_TOKENS, prefetch
 from hfbatch.cli import (device_options, force_option, json_summary, model_option, output_option,
                          text_column_option, trust_remote_code_option)
 from hfbatch.embedding import TextEmbedder, embeddings_features, embeddings_table
@@ -85,23 +83,16 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
                 [r for r, (row_id, h) in enumerate(zip(rows["id"], hashes)) if not previous.has(row_id, h)]
             return rows["id"], hashes, todo, embedder.tokenize([rows[text_column][r] for r in todo])
 
-        # Tokenize the next shard in a thread while the model runs on this one (the fast tokenizer releases
-        # the GIL), so the model never waits for tokens.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(work_of, pending[0]) if pending else None
-            for n, i in enumerate(pending):
-                ids, hashes, todo, tokenized = future.result()
-                if n + 1 < len(pending):
-                    future = pool.submit(work_of, pending[n + 1])
-                computed = embedder.run(tokenized, on_batch=progress.update)
-                if previous is None:
-                    vectors = computed
-                else:
-                    vectors = previous.vectors_for(ids)  # rows not found stay zero until filled below
-                    vectors[todo] = computed
-                    progress.update(len(ids) - len(todo))
-                job.write_shard(i, embeddings_table(ids, vectors, embedder.dim, hashes),
-                                truncated=tokenized.truncated, computed=len(todo), reused=len(ids) - len(todo))
+        for i, (ids, hashes, todo, tokenized) in prefetch(work_of, pending):  # next shard tokenizes meanwhile
+            computed = embedder.run(tokenized, on_batch=progress.update)
+            if previous is None:
+                vectors = computed
+            else:
+                vectors = previous.vectors_for(ids)  # reused rows; the computed ones are filled in below
+                vectors[todo] = computed
+                progress.update(len(ids) - len(todo))
+            job.write_shard(i, embeddings_table(ids, vectors, embedder.dim, hashes),
+                            truncated=tokenized.truncated, computed=len(todo), reused=len(ids) - len(todo))
         progress.close()
         features = embeddings_features(source.features["id"], embedder.dim)
         job.publish_dataset(n_shards, features, fill=write_hash_file, extra={

@@ -4,12 +4,15 @@ run the model, restore the input order. One copy of this serves embed, classify 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
 DEFAULT_BATCH_TOKENS = 2048  # fastest measured for OpenVINO on 2 cores (bench/ov_prototype.py)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -89,3 +92,18 @@ def run_batches(forward: Callable[[dict[str, np.ndarray]], np.ndarray], tokenize
         if on_batch is not None:
             on_batch(len(rows))
     return out
+
+
+def prefetch(work: Callable[[T], R], items: list[T]) -> Iterator[tuple[T, R]]:
+    """Yield `(item, work(item))` in order, computing the next item's work in a thread meanwhile.
+
+    Jobs tokenize the next shard this way while the model runs on the current one (the fast tokenizer
+    releases the GIL), so the model never waits for tokens.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(work, items[0]) if items else None
+        for n, item in enumerate(items):
+            result = future.result()
+            if n + 1 < len(items):
+                future = pool.submit(work, items[n + 1])
+            yield item, result

@@ -29,6 +29,9 @@ JOBS = {
     "run": "hfbatch.jobs.run:run",
     "merge": "hfbatch.jobs.merge:merge",
     "export": "hfbatch.jobs.export:export",
+    "classify": "hfbatch.jobs.classify:classify",
+    "train": "hfbatch.jobs.train:train",
+    "inspect": "hfbatch.jobs.inspect:inspect",
 }
 
 
@@ -53,7 +56,7 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="hfbatch")
 @click.option("-v", "--verbose", is_flag=True, help="Debug-level log lines on stderr.")
 def cli(verbose: bool) -> None:
-    """Batch NLP jobs on whole corpora: ingest, embed, index, search.
+    """Batch NLP jobs on whole corpora: ingest, embed, index, search, classify, train.
 
     Every job writes its output atomically with a manifest.json, resumes after being killed, and exits
     0 (ok), 1 (job failed), 2 (bad input or usage) or 75 (output locked by another run).

@@ -1,4 +1,4 @@
-"""Texts in, embeddings out: tokenizer + encoder + token-budget batching, shared by embed and search."""
+"""Texts in, vectors out: tokenizer + encoder + token-budget batching, shared by embed, search and classify."""
 
 from __future__ import annotations
 
@@ -6,26 +6,31 @@ from .batching import DEFAULT_BATCH_TOKENS
 
 
 class TextEmbedder:
-    """Tokenizer + encoder + token-budget batching: texts in, embeddings out (also used by search)."""
+    """Tokenizer + encoder + token-budget batching: texts in, embeddings out (also used by search).
 
-    def __init__(self, model_dir, *, backend="auto", device="auto", precision="auto", max_length=None,
-                 batch_tokens=DEFAULT_BATCH_TOKENS, trust_remote_code=False):
+    With task="classify" the same machinery returns the model's logits ([rows, num_labels]) instead.
+    """
+
+    def __init__(self, model_dir, *, task="embed", backend="auto", device="auto", precision="auto",
+                 max_length=None, batch_tokens=DEFAULT_BATCH_TOKENS, trust_remote_code=False):
         from .models import default_max_length, load_tokenizer, make_encoder
 
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
-        self.encoder, self.settings = make_encoder(model_dir, task="embed", backend=backend, device=device,
+        self.encoder, self.settings = make_encoder(model_dir, task=task, backend=backend, device=device,
                                                    precision=precision, trust_remote_code=trust_remote_code)
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        self.config = config
         self.max_length = max_length or default_max_length(model_dir, self.tokenizer, config)
         self.batch_tokens = batch_tokens
-        self.dim = config.hidden_size
+        self.dim = config.num_labels if task == "classify" else config.hidden_size
 
-    def tokenize(self, texts):
+    def tokenize(self, texts, pairs=None):
+        """Unpadded ids; `pairs` (second texts) make BERT-style pairs with their token_type_ids."""
         from .batching import tokenize
 
-        return tokenize(self.tokenizer, list(texts), self.max_length)
+        return tokenize(self.tokenizer, list(texts), self.max_length, None if pairs is None else list(pairs))
 
     def run(self, tokenized, on_batch=None):
         import numpy as np

@@ -8,6 +8,7 @@ the user passes --trust-remote-code.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -179,22 +180,23 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def load_torch_model(path: Path, auto_class: str = "AutoModel", device: str = "cpu", precision: str = "fp32",
-                     trust_remote_code: bool = False):
-    """transformers' from_pretrained on the local directory, in eval mode, on the device, in the precision."""
+                     trust_remote_code: bool = False, **kwargs):
+    """transformers' from_pretrained on the local directory, in eval mode, on the device, in the precision.
+    `kwargs` go to from_pretrained (train passes the new head's num_labels/id2label this way)."""
     import torch
     import transformers
 
     cls = getattr(transformers, auto_class)
     try:
         model = cls.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[precision]),
-                                    trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+                                    trust_remote_code=trust_remote_code, attn_implementation="sdpa", **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise InputError(f"{path} needs its own Python code to load; pass --trust-remote-code if you "
                              f"trust it")
         try:  # some architectures have no SDPA path: fall back to eager attention
             model = cls.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[precision]),
-                                        trust_remote_code=trust_remote_code)
+                                        trust_remote_code=trust_remote_code, **kwargs)
         except (OSError, ValueError) as exc2:
             raise InputError(f"cannot load the model from {path}: {exc2}")
     except OSError as exc:
@@ -216,7 +218,9 @@ class TorchEncoder:
         self.task, self.pooling, self.device = task, pooling, device
         auto_class = "AutoModelForSequenceClassification" if task == "classify" else "AutoModel"
         self.model = load_torch_model(path, auto_class, device, precision, trust_remote_code)
-        self.accepts_token_types = "token_type_ids" in self.model.forward.__code__.co_varnames
+        # The signature, not forward.__code__: transformers wraps forward in decorators whose code takes
+        # (*args, **kwargs), which silently dropped the token_type_ids of sentence pairs.
+        self.accepts_token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
         if device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
 

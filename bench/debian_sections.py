@@ -1,0 +1,91 @@
+"""Debian-section data for the classification demo and benchmark, from the shared corpus.
+
+    prepare: the rows of the N largest sections, at most TRAIN per section for training and HELDOUT per
+             section never trained on, as train.jsonl and heldout.jsonl (for `hfbatch ingest`).
+    score:   accuracy of an `hfbatch classify` output against the held-out dataset's `section` column.
+
+    python bench/debian_sections.py prepare -o out/debian --train-per-section 800 --heldout-per-section 250
+    python bench/debian_sections.py score out/debian-heldout out/debian-labels
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "debian-descriptions.jsonl.gz"
+
+
+def read_corpus(path: Path = CORPUS) -> list[dict]:
+    if not path.exists():
+        raise SystemExit(f"the shared corpus is not at {path}")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def prepare(out: Path, sections: int, train_per_section: int, heldout_per_section: int, seed: int) -> None:
+    rows = read_corpus()
+    largest = [name for name, _ in Counter(r["section"] for r in rows).most_common(sections)]
+    by_section = defaultdict(list)
+    for row in rows:
+        if row["section"] in largest:
+            by_section[row["section"]].append(row)
+    rng = random.Random(seed)
+    train, heldout = [], []
+    for name in largest:  # held-out rows first, so a bigger training sample never eats into them
+        group = by_section[name]
+        rng.shuffle(group)
+        heldout += group[:heldout_per_section]
+        train += group[heldout_per_section:heldout_per_section + train_per_section]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("heldout", heldout)):
+        part.sort(key=lambda r: r["id"])
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    print(f"sections: {', '.join(largest)}")
+    print(f"{out}/train.jsonl: {len(train)} rows; {out}/heldout.jsonl: {len(heldout)} rows")
+
+
+def score(heldout: Path, labels: Path) -> float:
+    import datasets
+
+    source = datasets.load_from_disk(str(heldout))
+    gold = dict(zip(source["id"], source["section"]))
+    predicted = datasets.load_from_disk(str(labels))
+    hits, per_section = 0, defaultdict(lambda: [0, 0])
+    for row_id, label in zip(predicted["id"], predicted["label"]):
+        ok = gold[row_id] == label
+        hits += ok
+        per_section[gold[row_id]][0] += ok
+        per_section[gold[row_id]][1] += 1
+    accuracy = hits / len(predicted)
+    for name, (ok, n) in sorted(per_section.items()):
+        print(f"  {name:<10} {ok / n:.3f}  ({n} rows)")
+    print(f"held-out accuracy: {accuracy:.4f} ({hits}/{len(predicted)})")
+    return accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--sections", type=int, default=8)
+    p.add_argument("--train-per-section", type=int, default=800)
+    p.add_argument("--heldout-per-section", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    s = commands.add_parser("score")
+    s.add_argument("heldout", type=Path)
+    s.add_argument("labels", type=Path)
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.output, args.sections, args.train_per_section, args.heldout_per_section, args.seed)
+    else:
+        score(args.heldout, args.labels)
+
+
+if __name__ == "__main__":
+    main()

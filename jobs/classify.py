@@ -1,0 +1,149 @@
+"""hfbatch classify: a dataset's text -> `id`, `label`, `score` (and the top K), with a classification model."""
+
+from __future__ import annotations
+
+import click
+
+from hfbatch import log
+from hfbatch.batching import DEFAULT_BATCH_TOKENS, prefetch
+from hfbatch.cli import (device_options, force_option, json_summary, output_option, text_column_option,
+                         trust_remote_code_option)
+from hfbatch.errors import InputError
+from hfbatch.runner import Job
+
+
+@click.command()
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@output_option
+@click.option("--model", "model", required=True, metavar="DIR",
+              help="Local sequence-classification model directory (e.g. made by `hfbatch train`).")
+@text_column_option
+@click.option("--text-pair-column", default=None,
+              help="Column holding the second text of sentence pairs (NLI, paraphrase, reranking).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Also write the K best labels and their scores (list columns top_labels, top_scores).")
+@click.option("--multi-label", is_flag=True,
+              help="Independent sigmoid scores per label instead of a softmax (the default when the model's "
+                   "config says problem_type=multi_label_classification).")
+@device_options
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="Tokens per text (default: the model's own limit); longer texts are cut and counted.")
+@click.option("--batch-tokens", type=click.IntRange(min=16), default=DEFAULT_BATCH_TOKENS, show_default=True,
+              help="Tokens per batch, padding included (rows are sorted by length first).")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Rows per resumable shard: a killed run redoes at most one shard.")
+@trust_remote_code_option
+@force_option
+@json_summary("classify")
+def classify(dataset, output, model, text_column, text_pair_column, top_k, multi_label, device, precision,
+             backend, max_length, batch_tokens, shard_rows, trust_remote_code, force):
+    """Classify the TEXT_COLUMN of DATASET (an `hfbatch ingest` output) into OUTPUT.
+
+    OUTPUT has columns `id`, `label` (from the model's id2label) and `score` (softmax probability, or
+    sigmoid with --multi-label), in DATASET's row order; with --top-k also `top_labels` and `top_scores`.
+
+    \b
+    Example:
+        hfbatch classify out/dataset -o out/labels --model out/section-model --top-k 3
+    """
+    from hfbatch.models import model_fingerprint, resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    head = read_head(model_dir)
+    multi_label = multi_label or head["problem_type"] == "multi_label_classification"
+    config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
+              "text_column": text_column, "text_pair_column": text_pair_column, "top_k": top_k,
+              "multi_label": multi_label, "device": device, "precision": precision, "backend": backend,
+              "max_length": max_length, "shard_rows": shard_rows}
+
+    with Job("classify", output, config=config, datasets=[dataset], force=force) as job:
+        if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
+            return job.summary()
+        from hfbatch.embedding import TextEmbedder
+        from hfbatch.io import open_dataset, require_column
+
+        source, _ = open_dataset(dataset)
+        require_column(source, text_column, dataset)
+        if text_pair_column:
+            require_column(source, text_pair_column, dataset, option="--text-pair-column")
+        n_shards = max(1, -(-len(source) // shard_rows))
+        classifier = TextEmbedder(model_dir, task="classify", backend=backend, device=device,
+                                  precision=precision, max_length=max_length, batch_tokens=batch_tokens,
+                                  trust_remote_code=trust_remote_code)
+        labels = [classifier.config.id2label[i] for i in range(classifier.dim)]
+        k = min(top_k, len(labels)) if top_k else None
+        pending = job.pending(n_shards)
+        progress = log.Progress("classify", sum(min(shard_rows, len(source) - i * shard_rows) for i in pending))
+
+        def tokenize_shard(i):
+            rows = source[i * shard_rows:(i + 1) * shard_rows]
+            return rows["id"], classifier.tokenize(rows[text_column], rows[text_pair_column]
+                                                   if text_pair_column else None)
+
+        for i, (ids, tokenized) in prefetch(tokenize_shard, pending):  # the next shard tokenizes meanwhile
+            scores = probabilities(classifier.run(tokenized, on_batch=progress.update), multi_label)
+            job.write_shard(i, labels_table(ids, scores, labels, k), truncated=tokenized.truncated)
+        progress.close()
+        job.publish_dataset(n_shards, labels_features(source.features["id"], k), extra={
+            "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
+            "text_pair_column": text_pair_column, "model": str(model_dir), "labels": labels,
+            "scores": "sigmoid" if multi_label or len(labels) == 1 else "softmax",
+            "max_length": classifier.max_length, **classifier.settings})
+        truncated = job.manifest["counts"].get("truncated", 0)
+        if truncated:
+            log.warn("classify", "truncated", rows=truncated, max_length=classifier.max_length,
+                     hint="raise --max-length if the model allows it")
+        return job.summary()
+
+
+def read_head(model_dir) -> dict:
+    """The classification head the config declares; refuses a bare encoder, whose head would be random."""
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise InputError(f"{model_dir} has no sequence-classification head (architectures: "
+                         f"{', '.join(architectures) or 'none'}); fine-tune one with `hfbatch train` or give "
+                         f"a *ForSequenceClassification model")
+    return {"problem_type": config.get("problem_type")}
+
+
+def probabilities(logits, multi_label: bool):
+    """What transformers' text-classification pipeline reports: softmax over labels, sigmoid per label for
+    multi-label models and for single-logit (regression-style) heads. Computed in float64, stored float32."""
+    import numpy as np
+
+    x = logits.astype(np.float64)
+    if multi_label or x.shape[1] == 1:
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    x = np.exp(x - x.max(axis=1, keepdims=True))
+    return (x / x.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def labels_features(id_feature, k: int | None):
+    import datasets
+
+    features = {"id": id_feature, "label": datasets.Value("string"), "score": datasets.Value("float32")}
+    if k:
+        features["top_labels"] = datasets.Sequence(datasets.Value("string"), length=k)
+        features["top_scores"] = datasets.Sequence(datasets.Value("float32"), length=k)
+    return datasets.Features(features)
+
+
+def labels_table(ids, scores, labels: list[str], k: int | None):
+    import numpy as np
+    import pyarrow as pa
+
+    # A stable sort on the negated scores keeps the lower label id first on ties, as argmax does.
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k or 1]
+    names = np.asarray(labels, dtype=object)
+    best = order[:, 0]
+    columns = {"id": pa.array(ids), "label": pa.array(names[best].tolist(), pa.string()),
+               "score": pa.array(scores[np.arange(len(best)), best], pa.float32())}
+    if k:
+        top = np.take_along_axis(scores, order, axis=1)
+        columns["top_labels"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(names[order].reshape(-1).tolist(), pa.string()), k)
+        columns["top_scores"] = pa.FixedSizeListArray.from_arrays(pa.array(top.reshape(-1), pa.float32()), k)
+    return pa.table(columns)

@@ -1,0 +1,281 @@
+"""Fine-tuning a sequence classifier with transformers.Trainer: a stratified split, accuracy and macro-F1,
+checkpoints that survive kill -9, and the model card that goes with the published model.
+
+The job (jobs/train.py) owns the lock, the work directory and publication; this module owns the training.
+It imports transformers (and so torch): the job imports it only once it knows there is work to do.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import TrainerCallback
+
+from . import log
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, eval rows): `fraction` of each label's rows, at least one, go to eval; every label keeps
+    at least one training row. Deterministic for a seed; both index arrays sorted."""
+    rng = np.random.default_rng(seed)
+    train, evals = [], []
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        n_eval = min(max(1, round(len(rows) * fraction)), len(rows) - 1)
+        evals.append(rows[:n_eval])
+        train.append(rows[n_eval:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(evals))
+
+
+def per_label_scores(predictions: np.ndarray, labels: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support per label id (0 where a label is never predicted or present)."""
+    confusion = np.zeros((n_labels, n_labels), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    hits = np.diag(confusion).astype(np.float64)
+    predicted, support = confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(hits), where=total > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray, n_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (the unweighted mean over the labels present in `labels`)."""
+    scores = per_label_scores(predictions, labels, n_labels)
+    present = scores["support"] > 0
+    return {"accuracy": float((predictions == labels).mean()),
+            "macro_f1": float(scores["f1"][present].mean())}
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint a killed run left complete. Trainer writes trainer_state.json last, so a
+    checkpoint without a readable one was cut mid-save: it is removed (the caller holds the output lock)."""
+    if not directory.exists():
+        return None
+    checkpoints = sorted((p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):]
+                          .isdigit()), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), reverse=True)
+    for checkpoint in checkpoints:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return checkpoint
+        except (OSError, ValueError):
+            log.warn("train", "discarding_incomplete_checkpoint", checkpoint=checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+@dataclass
+class Settings:
+    epochs: float
+    lr: float
+    batch_size: int
+    seed: int
+    max_length: int
+    device: str
+    precision: str  # "fp32" or "bf16" (mixed precision: bf16 autocast over fp32 weights)
+    save_steps: int
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    extra: dict = field(default_factory=dict)
+
+
+def fine_tune(model, tokenizer, train_set, eval_set, work_dir: Path, settings: Settings):
+    """Train with transformers.Trainer; returns (the Trainer, holding the best model by eval macro-F1,
+    the step it resumed from, 0 for a fresh start).
+
+    Evaluates and saves at every epoch end (the candidates for the best model) and saves every
+    `save_steps` steps in between, so a killed run loses at most `save_steps` steps; it resumes from the
+    newest complete checkpoint in `work_dir`.
+    """
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    n_labels = model.config.num_labels
+
+    def compute_metrics(prediction):
+        return classification_metrics(np.argmax(prediction.predictions, axis=-1), prediction.label_ids, n_labels)
+
+    args = TrainingArguments(
+        output_dir=str(work_dir), num_train_epochs=settings.epochs, learning_rate=settings.lr,
+        per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=2 * settings.batch_size,
+        optim="adamw_torch", lr_scheduler_type="linear", warmup_steps=settings.warmup,
+        weight_decay=settings.weight_decay, seed=settings.seed, data_seed=settings.seed,
+        eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+        metric_for_best_model="macro_f1", greater_is_better=True,
+        save_total_limit=2,  # the best and the newest: enough to resume and to finish
+        # Batches of similar lengths: dynamic padding then pads little, which is most of CPU training time.
+        train_sampling_strategy="group_by_length",
+        use_cpu=settings.device == "cpu", bf16=settings.precision == "bf16",
+        logging_strategy="epoch", report_to="none", disable_tqdm=True,  # train loss = the epoch mean
+        dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=compute_metrics, callbacks=[_Events(settings.save_steps)])
+    trainer.remove_callback(PrinterCallback)  # it prints dicts on stdout, where --json goes
+    checkpoint = last_complete_checkpoint(work_dir)
+    if checkpoint is not None:
+        log.event("train", "resuming", checkpoint=checkpoint.name)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return trainer, int(checkpoint.name[len(CHECKPOINT_PREFIX):]) if checkpoint else 0
+
+
+class _Events(TrainerCallback):
+    """Our log lines and progress instead of Trainer's prints, and the between-epoch saves."""
+
+    def __init__(self, save_steps: int):
+        self.save_steps = save_steps
+        self.progress = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = log.Progress("train", state.max_steps, unit="steps")
+        self.progress.update(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(1)
+        if self.save_steps and state.global_step % self.save_steps == 0:
+            control.should_save = True  # a resume point; only epoch-end checkpoints compete for "best"
+        return control
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics = metrics or {}
+        log.event("train", "evaluated", epoch=round(state.epoch or 0, 2), step=state.global_step,
+                  accuracy=round(metrics.get("eval_accuracy", float("nan")), 4),
+                  macro_f1=round(metrics.get("eval_macro_f1", float("nan")), 4),
+                  eval_loss=round(metrics.get("eval_loss", float("nan")), 4))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.close()
+
+
+def epoch_history(log_history: list[dict]) -> list[dict]:
+    """One row per evaluation: epoch, step, the epoch's mean training loss (logged just before the
+    evaluation) and the eval metrics."""
+    rows, train_loss = [], None
+    for entry in log_history:
+        if "loss" in entry:
+            train_loss = entry["loss"]
+        if "eval_accuracy" in entry:
+            rows.append({"epoch": round(entry["epoch"], 2), "step": entry["step"], "train_loss": train_loss,
+                         "eval_loss": entry.get("eval_loss"), "accuracy": entry["eval_accuracy"],
+                         "macro_f1": entry["eval_macro_f1"]})
+    return rows
+
+
+# ---- the model card ------------------------------------------------------------------------------------
+
+def model_card(*, name: str, base_model: str, architecture: str, parameters: int, text_column: str,
+               label_column: str, source: dict, labels: list[str], train_counts: list[int],
+               eval_counts: list[int], unlabelled: int, truncated: int, settings: Settings, metrics: dict) -> str:
+    """README.md for the model directory: what it is, what it is for and not, how it was made and how well
+    it does, in the Hugging Face model-card layout (YAML metadata, then sections)."""
+    best = metrics["eval"]
+    n_train, n_eval = sum(train_counts), sum(eval_counts)
+    label_list = ", ".join(f"`{label}`" for label in labels)
+    distribution = "\n".join(f"| {label} | {t} | {e} | {100 * (t + e) / (n_train + n_eval):.1f}% |"
+                             for label, t, e in zip(labels, train_counts, eval_counts))
+    history = "\n".join(
+        f"| {row['epoch']:g} | {row['step']} | {_num(row['train_loss'])} | {_num(row['eval_loss'])} "
+        f"| {row['accuracy']:.4f} | {row['macro_f1']:.4f} |" for row in metrics["history"])
+    per_label = "\n".join(
+        f"| {label} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
+        for label, s in metrics["per_label"].items())
+    weakest = min(metrics["per_label"].items(), key=lambda item: item[1]["f1"])
+    precision_note = ("bf16 mixed precision (autocast; the weights stay and are saved in fp32)"
+                      if settings.precision == "bf16" else "fp32")
+    return f"""---
+library_name: transformers
+pipeline_tag: text-classification
+base_model: {base_model}
+tags:
+- text-classification
+- hfbatch
+metrics:
+- accuracy
+- f1
+---
+
+# {name}
+
+A {architecture} text classifier ({parameters / 1e6:.1f}M parameters) fine-tuned from `{base_model}` by
+`hfbatch train`. It reads the `{text_column}` of a row and predicts its `{label_column}`, one of
+{len(labels)} labels: {label_list}.
+
+On a held-out {n_eval}-row split of its training data it reaches **accuracy {best['accuracy']:.4f}** and
+**macro-F1 {best['macro_f1']:.4f}** (best epoch: {metrics['best_epoch']:g}).
+
+## Intended uses
+
+- Labelling texts like the training data with one of the {len(labels)} labels above, in bulk:
+  `hfbatch classify DATASET -o OUT --model {name}` (add `--top-k 3` for the runners-up), or
+  `transformers.pipeline("text-classification", model="{name}")`.
+- A starting point for further fine-tuning on more or newer data of the same kind.
+
+## Limitations
+
+- Every input gets one of the {len(labels)} labels: there is no "none of these". Texts about something
+  else are still forced into the closest label, often with a high score.
+- Scores are softmax probabilities of an uncalibrated model: use them to rank, not as true probabilities.
+- Inputs are cut at {settings.max_length} tokens ({truncated} of the {n_train + n_eval} training rows were);
+  what a long text says after that is not seen.
+- It learned from {n_train} rows of one source. The evaluation below is on rows of the same source,
+  so expect lower quality on text from elsewhere, and on labels that were rare in training.
+  The weakest label on the held-out split is `{weakest[0]}` (F1 {weakest[1]['f1']:.3f}).
+- It inherits the language coverage and the biases of `{base_model}` and of its training data.
+
+## Training data
+
+- Source: `{source['path']}` (an hfbatch dataset; manifest sha256 `{source.get('manifest_sha256', '?')}`),
+  text column `{text_column}`, label column `{label_column}`.
+- Rows: {n_train} for training, {n_eval} held out for evaluation (a stratified split: each label keeps
+  its share), {unlabelled} left out for having no label.
+
+| label | train | eval | share |
+|---|---|---|---|
+{distribution}
+
+## Training procedure
+
+Fine-tuned with `transformers.Trainer`: a new classification head on `{base_model}`, all weights trained.
+
+| hyper-parameter | value |
+|---|---|
+| epochs | {settings.epochs:g} |
+| learning rate | {settings.lr:g}, linear decay after {settings.warmup:.0%} warm-up |
+| optimizer | AdamW (weight decay {settings.weight_decay:g}) |
+| batch size | {settings.batch_size} (length-grouped batches, dynamic padding with DataCollatorWithPadding) |
+| max length | {settings.max_length} tokens |
+| precision | {precision_note} |
+| device | {settings.device} |
+| seed | {settings.seed} (also of the train/eval split) |
+| model selection | evaluated every epoch; the checkpoint with the best eval macro-F1 is kept |
+
+Training took {metrics['train_seconds'] / 60:.1f} minutes{f" (resumed from step {metrics['resumed_from_step']})" if metrics['resumed_from_step'] else ""}.
+
+## Evaluation results
+
+On the held-out split ({n_eval} rows), after each epoch:
+
+| epoch | step | train loss | eval loss | accuracy | macro-F1 |
+|---|---|---|---|---|---|
+{history}
+
+Per label, for the published (best) model:
+
+| label | precision | recall | F1 | support |
+|---|---|---|---|---|
+{per_label}
+
+`metrics.json` holds these figures; `manifest.json` the exact inputs, options and package versions.
+"""
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
