@@ -28,6 +28,7 @@ JOBS = {
     "info": "hfbatch.jobs.info:info",
     "run": "hfbatch.jobs.run:run",
     "merge": "hfbatch.jobs.merge:merge",
+    "evaluate": "hfbatch.jobs.evaluate:evaluate",
 }
 
 
