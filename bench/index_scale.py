@@ -316,9 +316,9 @@ def main() -> None:
               ("QPS / IndexFlatIP", idx_qps / flat_qps, 20, idx_qps / flat_qps >= 20)]
     print()
     print(f"{'':26}{'IndexFlatIP':>14}{b['factory']:>36}")
-    print(f"{'QPS (batch of %d)' % len(heldout):26}{flat_qps:>14,.0f}{idx_qps:>36,.0f}")
+    print(f"{f'QPS (batch of {len(heldout)})':26}{flat_qps:>14,.0f}{idx_qps:>36,.0f}")
     print(f"{'queries per CPU-second':26}{cpu['flat']:>14,.0f}{cpu['index']:>36,.0f}")
-    print(f"{'recall@%d' % k:26}{1.0:>14.4f}{recall:>36.4f}")
+    print(f"{f'recall@{k}':26}{1.0:>14.4f}{recall:>36.4f}")
     print(f"QPS ratio {idx_qps / flat_qps:.1f}x wall-clock, {cpu['index'] / cpu['flat']:.1f}x per CPU-second; "
           f"`hfbatch index` took {process_s:.1f} s in all")
     print()

@@ -176,7 +176,7 @@ class Searcher:
         self.allowed_count = None
         if filters:
             self.allowed = allowed_positions(self.rows, filters)
-            self.allowed_count = int(len(self.allowed))
+            self.allowed_count = len(self.allowed)
             log.event("search", "filter", filters=json.dumps(filters), rows=self.allowed_count)
         model_dir = resolve_model_dir(model or manifest["model"])
         settings = manifest.get("embedding_settings") or {}
@@ -206,13 +206,13 @@ class Searcher:
         if self.manifest.get("embeddings") and Path(self.manifest["embeddings"]).exists():
             from hfbatch.index import ArrowVectors
 
-            reader = lambda: ArrowVectors(self.manifest["embeddings"])  # noqa: E731 (opened only if needed)
+            reader = lambda: ArrowVectors(self.manifest["embeddings"])  # opened only if needed
         return filtered_search(self.index, vectors, k, self.allowed, exact_reader=reader)
 
 
 # ---- filtering --------------------------------------------------------------------------------------------
 
-def allowed_positions(rows: "RowLookup", filters: dict[str, list[str]]):
+def allowed_positions(rows: RowLookup, filters: dict[str, list[str]]):
     """Index positions whose source-dataset row matches every filter column (one of its values)."""
     import numpy as np
     import pyarrow as pa

@@ -11,7 +11,7 @@ Averages are over queries with at least one relevant id (others are undefined an
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def recall_at_k(ranked: Sequence, relevant: Iterable, k: int) -> float:

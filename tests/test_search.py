@@ -175,7 +175,7 @@ def test_filtered_search_finds_k_allowed_rows_even_when_they_are_rare(vectors, f
         apply_search_params(index, dict([knob]))
     allowed = np.arange(5, 4000, 97, dtype=np.int64)            # 42 scattered rows, ~1%
     queries = vectors[:20] + 0.1
-    D, I = filtered_search(index, queries, 10, allowed, exact_reader=lambda: (lambda a, b: vectors[a:b]))
+    _, I = filtered_search(index, queries, 10, allowed, exact_reader=lambda: (lambda a, b: vectors[a:b]))
     assert (I >= 0).all() and np.isin(I, allowed).all()
     exact = np.argsort(-(queries @ vectors[allowed].T), axis=1)[:, :10]
     recall = np.mean([len(set(a) & set(allowed[e])) / 10 for a, e in zip(I, exact)])
