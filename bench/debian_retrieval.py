@@ -99,7 +99,8 @@ def main() -> None:
     for name in ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10"):
         print(f"  {name:<11}{result[name]:.4f}")
     print(json.dumps({"n_docs": len(docs), "n_queries": len(groups), "keep_first_sentence": args.keep_first_sentence,
-                      "seconds": times, **{k: v for k, v in result.items() if k not in ("job", "status")}}))
+                      "step_seconds": times,
+                      **{k: v for k, v in result.items() if k not in ("job", "status", "seconds")}}))
 
 
 if __name__ == "__main__":
