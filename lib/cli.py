@@ -32,6 +32,7 @@ JOBS = {
     "classify": "hfbatch.jobs.classify:classify",
     "train": "hfbatch.jobs.train:train",
     "inspect": "hfbatch.jobs.inspect:inspect",
+    "evaluate": "hfbatch.jobs.evaluate:evaluate",
 }
 
 

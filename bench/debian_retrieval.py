@@ -1,0 +1,107 @@
+"""Retrieval quality on Debian package descriptions, through the real hfbatch commands.
+
+    python bench/debian_retrieval.py                      # 5,000 random packages, bundled MiniLM
+    python bench/debian_retrieval.py --n 2000 --keep-first-sentence
+
+Each sampled package's description is split into its first sentence and the rest. The first sentence is
+the query; the document indexed for the package is the rest of its description (with
+--keep-first-sentence, the whole description: an easier, near-duplicate task). Packages whose
+descriptions share the same first sentence (0ad-data, 0ad-data-common, ...) cannot be told apart by it,
+so such a sentence is asked once and all of them count as relevant.
+
+Then: hfbatch ingest -> embed -> index -> evaluate --json, each as its own process, timed. The corpus
+(/work/shared/corpora/debian-descriptions.jsonl.gz) is read, never copied into the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+CORPUS = "/work/shared/corpora/debian-descriptions.jsonl.gz"
+SENTENCE = re.compile(r"^(.+?[.!?])(?:\s+|$)(.*)$", re.DOTALL)
+
+
+def split_first_sentence(text: str) -> tuple[str, str]:
+    flat = " ".join(text.split())
+    m = SENTENCE.match(flat)
+    if not m:
+        return flat, ""
+    return m.group(1), m.group(2)
+
+
+def hfbatch(*args) -> tuple[str, float]:
+    exe = shutil.which("hfbatch", path=os.path.dirname(sys.executable)) or "hfbatch"
+    t = time.perf_counter()
+    proc = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, check=False)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"hfbatch {args[0]} failed (exit {proc.returncode})")
+    return proc.stdout, time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=CORPUS)
+    p.add_argument("--n", type=int, default=5000, help="packages sampled (at random, --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="/tmp/hfbatch-debian")
+    p.add_argument("--keep-first-sentence", action="store_true",
+                   help="index whole descriptions (the query is then part of its document)")
+    p.add_argument("--model", default=None, help="hfbatch embed --model (default: the bundled MiniLM)")
+    p.add_argument("--embed-args", default="", help="extra arguments for hfbatch embed, e.g. '--device cuda'")
+    args = p.parse_args()
+
+    with gzip.open(args.corpus, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    docs, groups = [], {}
+    for row in rows:
+        first, rest = split_first_sentence(row.get("text") or "")
+        body = " ".join((row.get("text") or "").split()) if args.keep_first_sentence else rest
+        if len(first) >= 15 and len(body) >= 20:
+            docs.append({"id": row["id"], "package": row["package"], "section": row.get("section"),
+                         "text": body, "first": first})
+    random.Random(args.seed).shuffle(docs)
+    docs = sorted(docs[:args.n], key=lambda d: d["id"])
+    for d in docs:
+        groups.setdefault(d["first"], []).append(d["id"])
+
+    os.makedirs(args.workdir, exist_ok=True)
+    docs_path = os.path.join(args.workdir, "docs.jsonl")
+    queries_path = os.path.join(args.workdir, "queries.jsonl")
+    with open(docs_path, "w") as f:
+        for d in docs:
+            f.write(json.dumps({k: d[k] for k in ("id", "package", "section", "text")}) + "\n")
+    with open(queries_path, "w") as f:
+        for first, ids in groups.items():
+            f.write(json.dumps({"query": first, "relevant": ids}) + "\n")
+    print(f"{len(docs):,} documents ({'whole descriptions' if args.keep_first_sentence else 'descriptions without their first sentence'}), "
+          f"{len(groups):,} distinct first-sentence queries "
+          f"({sum(len(v) > 1 for v in groups.values())} shared by several packages)", flush=True)
+
+    w = args.workdir
+    model = ["--model", args.model] if args.model else []
+    times = {}
+    _, times["ingest"] = hfbatch("ingest", docs_path, "-o", f"{w}/ds", "--force")
+    _, times["embed"] = hfbatch("embed", f"{w}/ds", "-o", f"{w}/emb", "--force", *model, *args.embed_args.split())
+    _, times["index"] = hfbatch("index", f"{w}/emb", "-o", f"{w}/idx", "--force")
+    out, times["evaluate"] = hfbatch("evaluate", f"{w}/idx", "--queries", queries_path, "--json")
+    result = json.loads(out)
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+          + f"  (embed: {len(docs) / times['embed']:.0f} docs/s incl. model load)")
+    for name in ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10"):
+        print(f"  {name:<11}{result[name]:.4f}")
+    print(json.dumps({"n_docs": len(docs), "n_queries": len(groups), "keep_first_sentence": args.keep_first_sentence,
+                      "step_seconds": times,
+                      **{k: v for k, v in result.items() if k not in ("job", "status", "seconds")}}))
+
+
+if __name__ == "__main__":
+    main()
