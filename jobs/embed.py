@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from hfbatch import log
-from hfbatch.batching import DEFAULT_BATCH_TOKENS, prefetch
-from hfbatch.cli import (device_options, force_option, json_summary, model_option, output_option,
-                         text_column_option, trust_remote_code_option)
+from hfbatch.batching import prefetch
+from hfbatch.cli import (batching_options, device_options, force_option, json_summary, model_option,
+                         output_option, text_column_option, trust_remote_code_option)
 from hfbatch.embedding import TextEmbedder, embeddings_features, embeddings_table
 from hfbatch.runner import Job
 
@@ -18,12 +18,7 @@ from hfbatch.runner import Job
 @model_option
 @text_column_option
 @device_options
-@click.option("--max-length", type=click.IntRange(min=1), default=None,
-              help="Tokens per text (default: the model's own limit); longer texts are cut and counted.")
-@click.option("--batch-tokens", type=click.IntRange(min=16), default=DEFAULT_BATCH_TOKENS, show_default=True,
-              help="Tokens per batch, padding included (rows are sorted by length first).")
-@click.option("--shard-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Rows per resumable shard: a killed run redoes at most one shard.")
+@batching_options
 @trust_remote_code_option
 @force_option
 @click.option("--incremental", is_flag=True,

@@ -132,6 +132,21 @@ def device_options(f):
     return f
 
 
+def batching_options(f):
+    """Options of every job that runs a model over a dataset (embed, classify)."""
+    from .batching import DEFAULT_BATCH_TOKENS
+
+    f = click.option("--shard-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
+                     help="Rows per resumable shard: a killed run redoes at most one shard.")(f)
+    f = click.option("--batch-tokens", type=click.IntRange(min=16), default=DEFAULT_BATCH_TOKENS,
+                     show_default=True, help="Tokens per batch, padding included (rows are sorted by length "
+                                             "first).")(f)
+    f = click.option("--max-length", type=click.IntRange(min=1), default=None,
+                     help="Tokens per text (default: the model's own limit); longer texts are cut and "
+                          "counted.")(f)
+    return f
+
+
 def text_column_option(f):
     return click.option("--text-column", default="text", show_default=True, help="Column holding the text.")(f)
 
