@@ -4,8 +4,8 @@
 
 Generates the corpus (the shared Debian descriptions repeated REPEAT times, with fresh ids) as JSON Lines in
 a temporary directory, then runs each side RUNS times as a subprocess, alternating, and reads each run's
-peak RSS from the kernel (os.wait4's rusage of that child). The machine is shared, so only the two sides of
-the same session are compared, on their best run each. Then:
+peak RSS from the kernel (os.wait4's rusage of that child). The machine is shared and noisy, so only the
+two sides of the same session are compared, on their median run (best runs and CPU seconds shown too). Then:
   - opens the ingested dataset in a fresh process and iterates every row (peak RSS must stay < 500 MB),
   - ingests the real corpus, exports it to JSON Lines and checks it gives the source rows back, in order.
 Exit status 0 when every check holds: peak RSS < 1 GB, rows/s >= the peer's, iterate RSS < 500 MB, round trip.
@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,13 +112,16 @@ def main() -> int:
             shutil.rmtree(work / "out-datasets", ignore_errors=True)
         shutil.rmtree(work / "peer-cache", ignore_errors=True)
 
-        best = {name: max(runs, key=lambda r: r["rows_s"]) for name, runs in results.items()}
+        median = {name: statistics.median(r["rows_s"] for r in runs) for name, runs in results.items()}
+        best = {name: max(r["rows_s"] for r in runs) for name, runs in results.items()}
+        cpu = {name: statistics.median(r["cpu"] for r in runs) for name, runs in results.items()}
         peak = {name: max(r["rss_mb"] for r in runs) for name, runs in results.items()}
-        ratio = best["hfbatch"]["rows_s"] / best["datasets"]["rows_s"]
-        cpu_ratio = min(r["cpu"] for r in results["datasets"]) / min(r["cpu"] for r in results["hfbatch"])
-        print(f"best of {args.runs}: hfbatch {best['hfbatch']['rows_s']:,.0f} rows/s, "
-              f"datasets {best['datasets']['rows_s']:,.0f} rows/s, ratio {ratio:.2f}x "
-              f"(CPU seconds ratio {cpu_ratio:.2f}x)")
+        ratio = median["hfbatch"] / median["datasets"]
+        paired = [a["rows_s"] / b["rows_s"] for a, b in zip(results["hfbatch"], results["datasets"])]
+        print(f"median of {args.runs}: hfbatch {median['hfbatch']:,.0f} rows/s, datasets {median['datasets']:,.0f} "
+              f"rows/s, ratio {ratio:.2f}x  (best: {best['hfbatch']:,.0f} vs {best['datasets']:,.0f}, "
+              f"{best['hfbatch'] / best['datasets']:.2f}x; CPU seconds {cpu['hfbatch']:.2f} vs {cpu['datasets']:.2f}, "
+              f"{cpu['datasets'] / cpu['hfbatch']:.2f}x; per-round ratios {' '.join(f'{x:.2f}' for x in paired)})")
         print(f"peak RSS: hfbatch {peak['hfbatch']:.0f} MB (limit {RSS_LIMIT_MB}), datasets {peak['datasets']:.0f} MB")
 
         it = measured([sys.executable, "-c", ITERATE, str(work / "out-hfbatch")], env)
