@@ -27,8 +27,9 @@ def read_corpus(path: Path = CORPUS) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def prepare(out: Path, sections: int, train_per_section: int, heldout_per_section: int, seed: int) -> None:
-    rows = read_corpus()
+def split_sections(rows: list[dict], sections: int, train_per_section: int, heldout_per_section: int,
+                   seed: int = 0) -> tuple[list[str], list[dict], list[dict]]:
+    """(the N largest sections, training rows, held-out rows), both sorted by id."""
     largest = [name for name, _ in Counter(r["section"] for r in rows).most_common(sections)]
     by_section = defaultdict(list)
     for row in rows:
@@ -41,9 +42,13 @@ def prepare(out: Path, sections: int, train_per_section: int, heldout_per_sectio
         rng.shuffle(group)
         heldout += group[:heldout_per_section]
         train += group[heldout_per_section:heldout_per_section + train_per_section]
+    return largest, sorted(train, key=lambda r: r["id"]), sorted(heldout, key=lambda r: r["id"])
+
+
+def prepare(out: Path, sections: int, train_per_section: int, heldout_per_section: int, seed: int) -> None:
+    largest, train, heldout = split_sections(read_corpus(), sections, train_per_section, heldout_per_section, seed)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train), ("heldout", heldout)):
-        part.sort(key=lambda r: r["id"])
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
     print(f"sections: {', '.join(largest)}")
     print(f"{out}/train.jsonl: {len(train)} rows; {out}/heldout.jsonl: {len(heldout)} rows")

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -370,6 +371,9 @@ class Job:
             "job": self.name,
             "hfbatch_version": __version__,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # unique per publish: downstream jobs key their inputs on the manifest's hash, and two rebuilds
+            # within the same second must still read as a change
+            "build_id": uuid.uuid4().hex,
             "elapsed_s": round(time.monotonic() - self.started, 3),
             "output": str(self.output),
             "rows": rows,

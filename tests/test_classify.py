@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SAMPLE, invoke, sample_rows, write_jsonl
+from conftest import invoke, sample_rows, write_jsonl
 
 N_LABELS = 3
+N_ROWS = 150  # of the sample corpus: enough for every label to win somewhere, quick for the pipeline
 
 
 def load(path):
@@ -31,9 +32,9 @@ def classifier(tmp_path_factory):
 def sample_ds(tmp_path_factory):
     from click.testing import CliRunner
 
-    out = tmp_path_factory.mktemp("classify") / "ds"
-    invoke(CliRunner(), ["ingest", SAMPLE, "-o", out])
-    return out
+    work = tmp_path_factory.mktemp("classify")
+    invoke(CliRunner(), ["ingest", write_jsonl(work / "rows.jsonl", sample_rows(N_ROWS)), "-o", work / "ds"])
+    return work / "ds"
 
 
 def pipeline_scores(model_dir, inputs, **kwargs):
@@ -60,13 +61,12 @@ def top_label_names(model_dir, scores):
 
 def test_fp32_equals_the_pipeline_label_score_and_top_k(runner, tmp_path, classifier, sample_ds):
     invoke(runner, ["classify", sample_ds, "-o", tmp_path / "labels", "--model", classifier, "--precision", "fp32",
-                    "--backend", "torch", "--top-k", "2", "--batch-tokens", "700", "--shard-rows", "150"])
+                    "--backend", "torch", "--top-k", "2", "--batch-tokens", "700", "--shard-rows", "60"])
     ours = load(tmp_path / "labels")
     assert ours.column_names == ["id", "label", "score", "top_labels", "top_scores"]
-    texts = [r["text"] for r in sample_rows()]
-    theirs = pipeline_scores(classifier, texts)
+    theirs = pipeline_scores(classifier, [r["text"] for r in sample_rows(N_ROWS)])
     expected = top_label_names(classifier, theirs)
-    assert list(ours["id"]) == [r["id"] for r in sample_rows()]  # input order, across shards
+    assert list(ours["id"]) == [r["id"] for r in sample_rows(N_ROWS)]  # input order, across shards
     assert list(ours["label"]) == expected  # the same top label on every row
     assert len(set(expected)) == N_LABELS  # and the rows really disagree: not one label everywhere
     np.testing.assert_allclose(ours["score"], theirs.max(axis=1), atol=1e-4)
@@ -101,7 +101,7 @@ def test_multi_label_scores_are_sigmoids_like_the_pipeline(runner, tmp_path, tin
     invoke(runner, ["classify", sample_ds, "-o", tmp_path / "labels", "--model", model, "--precision", "fp32",
                     "--top-k", "3"])
     ours = load(tmp_path / "labels")
-    theirs = pipeline_scores(model, [r["text"] for r in sample_rows()], function_to_apply="sigmoid")
+    theirs = pipeline_scores(model, [r["text"] for r in sample_rows(N_ROWS)], function_to_apply="sigmoid")
     np.testing.assert_allclose(np.asarray(ours["top_scores"]), -np.sort(-theirs, axis=1), atol=1e-4)
     assert np.asarray(ours["top_scores"]).sum(axis=1).max() > 1.01  # not a softmax
     assert json.loads((tmp_path / "labels" / "manifest.json").read_text())["scores"] == "sigmoid"
@@ -110,7 +110,7 @@ def test_multi_label_scores_are_sigmoids_like_the_pipeline(runner, tmp_path, tin
 def test_rerun_is_up_to_date_and_top_k_is_capped_at_the_label_count(runner, tmp_path, classifier, sample_ds):
     args = ["classify", sample_ds, "-o", tmp_path / "labels", "--model", classifier, "--top-k", "10", "--json"]
     first = json.loads(invoke(runner, args).stdout.splitlines()[-1])
-    assert first["status"] == "ok" and first["rows"] == 400
+    assert first["status"] == "ok" and first["rows"] == N_ROWS
     assert load(tmp_path / "labels").features["top_labels"].length == N_LABELS
     again = json.loads(invoke(runner, args).stdout.splitlines()[-1])
     assert again["status"] == "up_to_date"

