@@ -9,6 +9,7 @@ from hfbatch.batching import prefetch
 from hfbatch.cli import (batching_options, device_options, force_option, json_summary, model_option,
                          output_option, text_column_option, trust_remote_code_option)
 from hfbatch.embedding import TextEmbedder, embeddings_features, embeddings_table
+from hfbatch.hashing import HASH_FILE, SCHEME, read_hash_file, text_hashes, write_hash_file
 from hfbatch.runner import Job
 
 
@@ -58,7 +59,8 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
             return job.summary()
         source, _ = open_dataset(dataset)
         require_column(source, text_column, dataset)
-        start, stop = slice_bounds(len(source), num_shards, shard_index)
+        total_rows = len(source)
+        start, stop = slice_bounds(total_rows, num_shards, shard_index)
         if num_shards > 1:
             source = source.select(range(start, stop))
         n_shards = max(1, -(-len(source) // shard_rows))
@@ -69,11 +71,14 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
         progress = log.Progress("embed", sum(_shard_len(len(source), shard_rows, i) for i in pending))
 
         previous = PreviousVectors(job.output) if job.previous else None
+        scheme = previous.scheme if previous else SCHEME  # compare hashes of the same kind
+        given = given_hashes(dataset, text_column, scheme, total_rows, start, stop)
 
         def work_of(i):
             """(ids, hashes, rows to compute, their tokens) of shard i; the rest is reused from `previous`."""
             rows = source[i * shard_rows:(i + 1) * shard_rows]
-            hashes = text_hashes(rows[text_column])
+            hashes = given[i * shard_rows:(i + 1) * shard_rows] if given is not None \
+                else text_hashes(rows[text_column], scheme)
             todo = list(range(len(hashes))) if previous is None else \
                 [r for r, (row_id, h) in enumerate(zip(rows["id"], hashes)) if not previous.has(row_id, h)]
             return rows["id"], hashes, todo, embedder.tokenize([rows[text_column][r] for r in todo])
@@ -90,7 +95,7 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
                             truncated=tokenized.truncated, computed=len(todo), reused=len(ids) - len(todo))
         progress.close()
         features = embeddings_features(source.features["id"], embedder.dim)
-        job.publish_dataset(n_shards, features, fill=write_hash_file, extra={
+        job.publish_dataset(n_shards, features, fill=_write_hashes(scheme), extra={
             "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
             "model": str(model_dir), "dim": embedder.dim, "max_length": embedder.max_length,
             "slice": {"index": shard_index, "count": num_shards, "start": start, "stop": stop},
@@ -111,25 +116,24 @@ def _shard_len(total, shard_rows, i):
     return max(0, min(shard_rows, total - i * shard_rows))
 
 
-HASH_FILE = "content_hashes.parquet"
+def given_hashes(dataset, text_column, scheme, total, start, stop):
+    """The content hashes of rows start..stop that `ingest` stored with DATASET, when they are of this
+    scheme and column (then no text is hashed here); else None."""
+    stored = read_hash_file(dataset, with_ids=False)
+    if stored is None or stored.scheme != scheme or stored.text_column != text_column:
+        return None
+    if len(stored.hashes) != total:
+        return None
+    return stored.hashes[start:stop]
 
 
-def text_hashes(texts):
-    """64-bit content hash per text: how --incremental knows a row's text did not change."""
-    import hashlib
-
-    return [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True)
-            for t in texts]
-
-
-def write_hash_file(tmp, joined):
-    """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a
-    Parquet side file for the next --incremental run."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = joined.data.table
-    pq.write_table(pa.table({"id": table.column("id"), "text_hash": table.column("text_hash")}), tmp / HASH_FILE)
+def _write_hashes(scheme):
+    def fill(tmp, joined):
+        """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a
+        Parquet side file for the next --incremental run."""
+        table = joined.data.table
+        write_hash_file(tmp, table.column("id"), table.column("text_hash").to_numpy(), scheme=scheme)
+    return fill
 
 
 class PreviousVectors:
@@ -138,15 +142,16 @@ class PreviousVectors:
     def __init__(self, path):
         import datasets
         import numpy as np
-        import pyarrow.parquet as pq
 
         from hfbatch.errors import InputError
 
-        if not (path / HASH_FILE).exists():
+        stored = read_hash_file(path)
+        if stored is None:
             raise InputError(f"{path} has no {HASH_FILE} (made by an older hfbatch): --incremental needs it; "
                              f"recompute once with --force")
-        hashes = pq.read_table(path / HASH_FILE).to_pydict()
-        self.rows = {row_id: (row, h) for row, (row_id, h) in enumerate(zip(hashes["id"], hashes["text_hash"]))}
+        self.scheme = stored.scheme
+        self.rows = {row_id: (row, h) for row, (row_id, h) in
+                     enumerate(zip(stored.ids.to_pylist(), stored.hashes.tolist()))}
         column = datasets.load_from_disk(str(path)).data.table.column("embedding")
         self.dim = column.type.list_size
         self.vectors = np.asarray(column.combine_chunks().flatten().to_numpy(zero_copy_only=False),

@@ -27,6 +27,7 @@ import numpy as np
 from hfbatch import log
 from hfbatch.cli import force_option, json_summary, output_option, text_column_option
 from hfbatch.errors import InputError, JobFailed
+from hfbatch.hashing import HASH_FILE
 from hfbatch.runner import Job
 
 FORMAT_CHOICES = ["auto", "csv", "tsv", "json", "jsonl", "parquet", "text"]
@@ -128,6 +129,9 @@ class SeenHashes:
             at = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
             seen |= run[at] == hashes
         return seen
+
+    def any_seen(self, hashes: np.ndarray) -> bool:
+        return bool(self._seen(hashes).any())
 
     def add_new(self, hashes: np.ndarray) -> np.ndarray:
         """Adds the hashes; True where one is new (not seen before, nor earlier in `hashes`)."""
@@ -428,6 +432,188 @@ def _tally_drop(tally: Tally, before, after, key: str, by_file: bool, name: str)
         tally.source(name)[key] += dropped
 
 
+# ---- --incremental: units of unchanged files are carried over from the output being updated -------------
+
+GLOBAL_OPTIONS = {"dedup": "--dedup", "limit": "--limit", "sample": "--sample"}
+
+
+@dataclass
+class Carry:
+    """A unit's rows taken from the previous output instead of parsing its files again."""
+    tables: list            # zero-copy slices of the previous output's memory-mapped data
+    hashes: np.ndarray      # their content hashes
+    rejects: list
+    record: dict            # its shard record: counts, per-source counts, position
+
+
+class PreviousOutput:
+    """The output an `ingest --incremental` run updates: its rows (memory-mapped), content hashes and
+    rejects, and what each of its units read (the manifest's `units`), so that a unit whose files did
+    not change can be carried over: same rows, ids, hashes, rejects and counts as parsing it again."""
+
+    def __init__(self, path: Path, manifest: dict, unchanged: set[str]):
+        from hfbatch.hashing import read_hash_file
+
+        self.unchanged = unchanged
+        self.table = _memory_mapped_rows(path)
+        self.hashes = read_hash_file(path, with_ids=False).hashes
+        self.rejects = _rejects_by_source(path)
+        self.units: dict[tuple, tuple[int, dict]] = {}   # (sources, start, end) -> (first output row, record)
+        self.files: dict[str, tuple[int, dict]] = {}     # whole-file source -> (first output row, its counts)
+        row = 0
+        for record in manifest["units"]:
+            unit = record["unit"]
+            self.units[(tuple(unit["sources"]), unit["start"], unit["end"])] = (row, record)
+            if unit["start"] == 0 and unit["end"] is None:
+                at = row
+                for name in unit["sources"]:
+                    counts = record["sources"].get(name, _no_counts())
+                    self.files[name] = (at, counts)
+                    at += counts["rows"]
+            row += record["rows"]
+
+    def carry(self, unit: Unit) -> Carry | None:
+        """The unit's rows from the previous output, or None where it must be parsed: a file changed,
+        or the unit is cut differently, or it rejected a duplicate id (whose first occurrence may be gone)."""
+        if not all(name in self.unchanged for name in unit.names):
+            return None
+        same = self.units.get((unit.names, unit.start, unit.end))
+        if same is not None:
+            first, record = same
+            ranges = [(first, record["rows"])]
+            rejects = self._rejects(unit.names, record["unit"]["first_row"], record["position"]["end_row"])
+            record = {k: v for k, v in record.items() if k not in ("shard", "rows", "rejects", "unit")}
+        elif unit.start == 0 and unit.end is None and all(name in self.files for name in unit.names):
+            ranges = [(self.files[name][0], self.files[name][1]["rows"]) for name in unit.names]
+            rejects = self._rejects(unit.names)  # (--by file regrouped its files: put them back together)
+            record = _record_of({name: self.files[name][1] for name in unit.names}, rejects)
+        else:
+            return None
+        if "duplicate_id" in record["reject_kinds"]:
+            return None
+        tables = [self.table.slice(first, rows) for first, rows in ranges if rows]
+        hashes = np.concatenate([self.hashes[first:first + rows] for first, rows in ranges] + [np.zeros(0, np.int64)])
+        return Carry(tables, hashes, rejects, record)
+
+    def _rejects(self, names, first_row: int = 1, end_row: int | None = None) -> list[dict]:
+        return [r for name in names for r in self.rejects.get(name, [])
+                if end_row is None or first_row <= r["row"] < end_row]
+
+
+def open_previous(job: Job, plan: Plan, names: list[str], base: Path, options: dict) -> PreviousOutput | None:
+    """The output to update, or None (with the reason logged) where only a full rebuild gives the rows a
+    from-scratch run would: options that choose rows across files, an output from an older hfbatch, or
+    column types that changed with the first file."""
+    manifest = job.previous
+    given = [GLOBAL_OPTIONS[k] for k, v in options.items() if v not in (None, False)]
+    reason = None
+    if given:
+        reason = f"{', '.join(given)} choose rows across all files, so every file is read again"
+    elif "units" not in manifest or not (job.output / HASH_FILE).exists():
+        reason = f"{job.output} was made by an older hfbatch (no units or {HASH_FILE} to carry rows over from)"
+    elif manifest.get("read_schema") != _schema_dict(plan.read_schema) \
+            or manifest.get("schema") != _schema_dict(plan.schema):
+        reason = "the columns or their types, read from the first file, changed"
+    elif manifest.get("source_base") != str(base):
+        reason = f"the sources' common directory changed to {base} (source names, and ids made from them, change)"
+    if reason:
+        log.event("ingest", "full_rebuild", reason=reason)
+        return None
+    old = {i["path"]: i.get("sha256") for i in manifest.get("inputs", [])}
+    unchanged = {name for name, new in zip(names, job.inputs) if old.get(new["path"]) == new["sha256"]}
+    return PreviousOutput(job.output, manifest, unchanged)
+
+
+def admit_carried(carry: Carry, plan: Plan, state: State) -> bool:
+    """Counts a carried unit's ids as seen, as parsing it would; False where one of them is now the
+    duplicate of an id read before it (a changed or new file took it): then the unit must be parsed."""
+    if state.ids is not None and carry.tables:
+        import pyarrow as pa
+
+        ids = hash64(pa.chunked_array([c for t in carry.tables for c in t.column("id").chunks],
+                                      plan.schema.field("id").type))
+        if state.ids.any_seen(ids):
+            return False
+        state.ids.add_new(ids)
+    state.kept += sum(t.num_rows for t in carry.tables)
+    return True
+
+
+def _memory_mapped_rows(path: Path):
+    """A saved dataset's rows as one Arrow table over its memory-mapped data files (nothing is read)."""
+    import pyarrow as pa
+
+    state = json.loads((path / "state.json").read_text())
+    tables = [pa.ipc.open_stream(pa.memory_map(str(path / f["filename"]))).read_all()
+              for f in state["_data_files"]]
+    return pa.concat_tables(t.replace_schema_metadata(None) for t in tables)
+
+
+def _rejects_by_source(path: Path) -> dict[str, list[dict]]:
+    by_source: dict[str, list[dict]] = {}
+    rejects = path / "rejects.jsonl"
+    if rejects.exists():
+        with open(rejects, encoding="utf-8") as fh:
+            for line in fh:
+                r = json.loads(line)
+                by_source.setdefault(r["source"], []).append(r)
+    return by_source
+
+
+def _no_counts() -> dict:
+    return {"rows": 0, "rejects": 0, "read": 0, "filtered": 0, "duplicates": 0}
+
+
+def _record_of(sources: dict[str, dict], rejects: list[dict]) -> dict:
+    """The shard record of a unit made of whole files, from their per-source counts."""
+    kinds: dict[str, int] = {}
+    for r in rejects:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    totals = _sum_dicts(sources.values())
+    return {"rows_read": totals.get("read", 0), "filtered": totals.get("filtered", 0),
+            "duplicates": totals.get("duplicates", 0), "position": {"end_row": 1}, "sources": sources,
+            "reject_kinds": kinds}
+
+
+def _schema_dict(schema) -> dict:
+    return {f.name: str(f.type) for f in schema}
+
+
+def _hashed(tables, text_column: str, into: list) -> Iterator:
+    """`tables`, collecting the content hash of each row's text into `into` on the way."""
+    from hfbatch.hashing import text_hashes
+
+    for table in tables:
+        into.append(text_hashes(table.column(text_column)))
+        yield table
+
+
+def _finish_shard(job: Job, index: int, rows: int, hashes: np.ndarray, rejects: list, record: dict) -> None:
+    """The shard's content hashes, then its data synced and its record: a recorded shard has its hashes."""
+    with open(job.shard_file(index, ".hashes.npy"), "wb") as fh:
+        np.save(fh, hashes)
+        fh.flush()
+        os.fsync(fh.fileno())
+    job.finish_shard(index, rows, rejects, **record)
+
+
+def _content_hash_writer(job: Job, n_units: int, plan: Plan, keep: np.ndarray | None):
+    """Writes OUTPUT/content_hashes.parquet (id, text hash per row, of the rows `keep` when sampled)."""
+    def write(tmp: Path) -> None:
+        import pyarrow as pa
+
+        from hfbatch.hashing import write_hash_file
+
+        ids = pa.chunked_array([chunk for i in range(n_units) for chunk in
+                                pa.ipc.open_stream(pa.memory_map(str(job.shard_file(i)))).read_all()
+                                .column("id").chunks], plan.schema.field("id").type)
+        hashes = np.concatenate([np.load(job.shard_file(i, ".hashes.npy")) for i in range(n_units)])
+        if keep is not None:
+            ids, hashes = ids.take(pa.array(keep)), hashes[keep]
+        write_hash_file(tmp, ids, hashes, text_column=plan.text_column)
+    return write
+
+
 # ---- the command ----------------------------------------------------------------------------------------
 
 @click.command()
@@ -464,9 +650,13 @@ def _tally_drop(tally: Tally, before, after, key: str, by_file: bool, name: str)
 @click.option("--shard-size", default="128MB", show_default=True,
               help="Size of the output's shard files, and of the byte ranges a big file is cut into.")
 @force_option
+@click.option("--incremental", is_flag=True,
+              help="OUTPUT exists from other versions of SOURCES: carry the rows of unchanged files over "
+                   "(not parsed again), parse new and changed files, drop files no longer given. The "
+                   "result is that of a full run; with --dedup, --limit or --sample it is one.")
 @json_summary("ingest")
 def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns, rename, filter_text, dedup,
-           limit, sample, seed, max_rejects, streaming, shard_size, force):
+           limit, sample, seed, max_rejects, streaming, shard_size, force, incremental):
     """Read SOURCES (files, globs, directories) into an Arrow dataset at OUTPUT.
 
     CSV, TSV, JSON, JSON Lines, Parquet and plain text, each possibly gzip/bz2/xz/zstd-compressed. Rows that
@@ -508,13 +698,16 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
     importer.start()
     with contextlib.ExitStack() as stack:
         stack.callback(importer.join)
-        job = stack.enter_context(Job("ingest", output, config=config, files=paths, force=force))
+        job = stack.enter_context(Job("ingest", output, config=config, files=paths, force=force,
+                                      incremental=incremental))
         if job.up_to_date:
             return job.summary()
         plan = make_plan(paths[0], fmts[0], json_field, text_column, id_column, column_list, rename_map,
                          filter_text, dedup, limit, by_file)
         units = plan_units(paths, names, fmts, by_file, streaming, shard_bytes)
         state = _resume_state(job, units, plan)
+        previous = open_previous(job, plan, names, base, {"dedup": dedup, "limit": limit, "sample": sample}) \
+            if job.previous else None
         # A shard's fsync and completion record run in a thread while the next shard is read; records
         # are still written in order (each waits for the one before), so after a kill the finished
         # shards are always the first ones.
@@ -522,19 +715,31 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
             recording, end_row = None, 1
             for index in job.pending(len(units)):
                 unit = units[index]
-                tally = Tally()
                 first_row = 1 if unit.start == 0 else end_row if recording else _first_row(job, index)
-                tables = unit_tables(unit, plan, state, tally, first_row, json_field, _block_bytes(unit, streaming)) \
-                    if plan.limit is None or state.kept < plan.limit else iter(())
-                rows = job.write_shard_stream(index, plan.schema, _progress(tables, progress))
+                carry = previous.carry(unit) if previous else None
+                if carry is not None and admit_carried(carry, plan, state):
+                    rows = job.write_shard_stream(index, plan.schema, _progress(
+                        [pa_table(t, plan.schema) for t in carry.tables], progress))
+                    hashes, rejects, record = carry.hashes, carry.rejects, carry.record
+                else:
+                    carry, tally, parts = None, Tally(), []
+                    tables = unit_tables(unit, plan, state, tally, first_row, json_field,
+                                         _block_bytes(unit, streaming)) \
+                        if plan.limit is None or state.kept < plan.limit else iter(())
+                    rows = job.write_shard_stream(index, plan.schema,
+                                                  _hashed(_progress(tables, progress), plan.text_column, parts))
+                    hashes = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+                    rejects, record = tally.rejects, tally.record()
+                record["unit"] = {"sources": list(unit.names), "start": unit.start, "end": unit.end,
+                                  "first_row": first_row, "carried": carry is not None}
                 if recording:
                     recording.result()
                     if limit_kind == "count":  # a count is known to be exceeded early: stop now
                         _check_rejects(job, units, limit_kind, reject_limit, max_rejects, final=False)
-                recording = recorder.submit(job.finish_shard, index, rows, tally.rejects, **tally.record())
-                end_row = tally.end_row
+                recording = recorder.submit(_finish_shard, job, index, rows, hashes, rejects, record)
+                end_row = record["position"]["end_row"]
                 log.event("ingest", "unit_done", source=unit.names[0], shard=index, rows=rows,
-                          rejects=len(tally.rejects))
+                          rejects=len(rejects), carried=carry is not None)
             if recording:
                 recording.result()
 
@@ -543,17 +748,23 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
         import datasets
 
         features = datasets.Features.from_arrow_schema(plan.schema)
+        work = _work_done(records)
+        log.event("ingest", "rows_carried_and_parsed", **work)
         extra = {"text_column": text_column, "sources": _per_source(records),
-                 "schema": {f.name: str(f.type) for f in plan.schema},
+                 "schema": _schema_dict(plan.schema), "read_schema": _schema_dict(plan.read_schema),
                  "rejects_by_kind": _sum_dicts(r.get("reject_kinds", {}) for r in records),
-                 "max_rejects": max_rejects, "input_bytes": input_bytes, "shards_read": len(units)}
-        prepare = None
+                 "max_rejects": max_rejects, "input_bytes": input_bytes, "shards_read": len(units),
+                 # what --incremental needs to carry units over: each unit's record, and what names are of
+                 "units": [{k: v for k, v in r.items() if k != "shard"} for r in records],
+                 "source_base": str(base), "work": work}
+        prepare, keep = None, None
         if sample is not None:
             extra["sampled_from"] = sum(r["rows"] for r in records)
-            prepare = _sampler(sample, seed)
+            keep = _sample_indices(extra["sampled_from"], sample, seed)
+            prepare = (lambda dataset: dataset.select(keep)) if keep is not None else None
         job.publish_dataset(len(units), features, extra=extra, max_shard_size=shard_size, prepare=prepare,
-                            reuse_shards=True)
-        return job.summary()
+                            reuse_shards=True, side_files=_content_hash_writer(job, len(units), plan, keep))
+        return {**job.summary(), **work}
 
 
 def _import_readers(fmts: list[str]) -> None:
@@ -647,10 +858,26 @@ def _per_source(records: list[dict]) -> dict:
     return sources
 
 
-def _sampler(n: int, seed: int):
-    def prepare(dataset):
-        if n >= len(dataset):
-            return dataset
-        rng = np.random.default_rng(seed)
-        return dataset.select(np.sort(rng.choice(len(dataset), size=n, replace=False)))
-    return prepare
+def _sample_indices(total: int, n: int, seed: int) -> np.ndarray | None:
+    """The rows --sample keeps, in their order; None when it keeps them all."""
+    if n >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+
+
+def _work_done(records: list[dict]) -> dict:
+    """Rows and files carried over from the previous output vs parsed, for the log and the summary."""
+    work = {"carried_rows": 0, "parsed_rows": 0}
+    files: dict[str, set] = {"carried": set(), "parsed": set()}
+    for r in records:
+        how = "carried" if r["unit"]["carried"] else "parsed"
+        work[f"{how}_rows"] += r["rows"]
+        files[how].update(r["unit"]["sources"])
+    return {**work, "carried_files": len(files["carried"]), "parsed_files": len(files["parsed"])}
+
+
+def pa_table(table, schema):
+    """A carried slice in this run's schema (the same types, checked; metadata dropped)."""
+    import pyarrow as pa
+
+    return pa.Table.from_arrays(table.columns, schema=schema)

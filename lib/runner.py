@@ -387,10 +387,12 @@ class Job:
 
     def publish_dataset(self, n_shards: int, features, extra: dict | None = None,
                         max_shard_size: str = "500MB", prepare: Callable | None = None,
-                        reuse_shards: bool = False, fill: Callable | None = None) -> dict:
+                        reuse_shards: bool = False, fill: Callable | None = None,
+                        side_files: Callable[[Path], None] | None = None) -> dict:
         """Join the finished shards (memory-mapped, in order) into one `save_to_disk` dataset of the
         `features` columns. `prepare(dataset) -> dataset` may select rows first (a sample);
-        `fill(tmp_dir, joined_shards)` may write side files from shard-only columns. With `reuse_shards`
+        `fill(tmp_dir, joined_shards)` may write side files from shard-only columns; `side_files(tmp_dir)`
+        writes side files from elsewhere (it keeps the shards reusable). With `reuse_shards`
         (for shards that are the output's rows, in order, in the schema of `features`), the shards become
         the output's data files without being copied again, when they are no larger than `max_shard_size`."""
         import datasets
@@ -402,6 +404,8 @@ class Job:
             if rows is not None:
                 counts = self._sum_counts(records)
                 counts["rejects"] = self._gather_rejects(n_shards, tmp)
+                if side_files is not None:
+                    side_files(tmp)
                 extra = {"features": features.to_dict(), **(extra or {})}
                 return self._finish(tmp, self._manifest(rows, counts, extra))
         parts = [datasets.Dataset.from_file(str(self.shard_file(i))) for i in range(n_shards)
@@ -419,6 +423,8 @@ class Job:
         if set(dataset.column_names) != set(features):
             dataset = dataset.select_columns(list(features))
         dataset.save_to_disk(str(tmp), max_shard_size=max_shard_size)
+        if side_files is not None:
+            side_files(tmp)
         n_rejects = self._gather_rejects(n_shards, tmp)
         counts = self._sum_counts(records)
         counts["rejects"] = n_rejects
