@@ -444,6 +444,7 @@ class Carry:
     hashes: np.ndarray      # their content hashes
     rejects: list
     record: dict            # its shard record: counts, per-source counts, position
+    data_file: Path | None = None  # a previous data file holding exactly these rows: hard-linked, not copied
 
 
 class PreviousOutput:
@@ -455,7 +456,7 @@ class PreviousOutput:
         from hfbatch.hashing import read_hash_file
 
         self.unchanged = unchanged
-        self.table = _memory_mapped_rows(path)
+        self.table, self.data_files = _memory_mapped_rows(path)
         self.hashes = read_hash_file(path, with_ids=False).hashes
         self.rejects = _rejects_by_source(path)
         self.units: dict[tuple, tuple[int, dict]] = {}   # (sources, start, end) -> (first output row, record)
@@ -493,7 +494,8 @@ class PreviousOutput:
             return None
         tables = [self.table.slice(first, rows) for first, rows in ranges if rows]
         hashes = np.concatenate([self.hashes[first:first + rows] for first, rows in ranges] + [np.zeros(0, np.int64)])
-        return Carry(tables, hashes, rejects, record)
+        data_file = self.data_files.get(ranges[0]) if len(ranges) == 1 else None
+        return Carry(tables, hashes, rejects, record, data_file)
 
     def _rejects(self, names, first_row: int = 1, end_row: int | None = None) -> list[dict]:
         return [r for name in names for r in self.rejects.get(name, [])
@@ -539,14 +541,34 @@ def admit_carried(carry: Carry, plan: Plan, state: State) -> bool:
     return True
 
 
+def write_carried(job: Job, index: int, carry: Carry, plan: Plan) -> int:
+    """A carried unit's shard: the previous data file itself where it holds exactly the unit's rows (a
+    hard link: nothing is copied, and the output's files are never changed in place), else a copy of
+    its memory-mapped slices."""
+    if carry.data_file is not None:
+        shard = job.shard_file(index)
+        shard.unlink(missing_ok=True)  # (left by a killed attempt at this shard)
+        try:
+            os.link(carry.data_file, shard)
+            return sum(t.num_rows for t in carry.tables)
+        except OSError:  # no hard links here (another filesystem): copy
+            pass
+    return job.write_shard_stream(index, plan.schema, [pa_table(t, plan.schema) for t in carry.tables])
+
+
 def _memory_mapped_rows(path: Path):
-    """A saved dataset's rows as one Arrow table over its memory-mapped data files (nothing is read)."""
+    """A saved dataset's rows as one Arrow table over its memory-mapped data files (nothing is read), and
+    its data files by the rows they hold: {(first row, rows): file}."""
     import pyarrow as pa
 
     state = json.loads((path / "state.json").read_text())
-    tables = [pa.ipc.open_stream(pa.memory_map(str(path / f["filename"]))).read_all()
-              for f in state["_data_files"]]
-    return pa.concat_tables(t.replace_schema_metadata(None) for t in tables)
+    files = [path / f["filename"] for f in state["_data_files"]]
+    tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
+    by_rows, first = {}, 0
+    for file, table in zip(files, tables):
+        by_rows[(first, table.num_rows)] = file
+        first += table.num_rows
+    return pa.concat_tables(t.replace_schema_metadata(None) for t in tables), by_rows
 
 
 def _rejects_by_source(path: Path) -> dict[str, list[dict]]:
@@ -718,8 +740,8 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
                 first_row = 1 if unit.start == 0 else end_row if recording else _first_row(job, index)
                 carry = previous.carry(unit) if previous else None
                 if carry is not None and admit_carried(carry, plan, state):
-                    rows = job.write_shard_stream(index, plan.schema, _progress(
-                        [pa_table(t, plan.schema) for t in carry.tables], progress))
+                    rows = write_carried(job, index, carry, plan)
+                    progress.update(rows)
                     hashes, rejects, record = carry.hashes, carry.rejects, carry.record
                 else:
                     carry, tally, parts = None, Tally(), []

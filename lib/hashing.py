@@ -82,7 +82,8 @@ def read_hash_file(directory: Path, with_ids: bool = True) -> HashFile | None:
     path = Path(directory) / HASH_FILE
     if not path.exists():
         return None
-    table = pq.read_table(path, columns=["id", "text_hash"] if with_ids else ["text_hash"])
+    # (ParquetFile, not read_table: that imports pyarrow.dataset, seconds on a loaded machine)
+    table = pq.ParquetFile(path).read(columns=["id", "text_hash"] if with_ids else ["text_hash"])
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return HashFile(table.column("id") if with_ids else None,
                     table.column("text_hash").to_numpy().astype(np.int64, copy=False),

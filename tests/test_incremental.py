@@ -72,3 +72,24 @@ def test_slices_embedded_apart_merge_into_the_full_result(tmp_path, tiny_model, 
     bad = invoke(runner, ["merge", tmp_path / "part0", tmp_path / "odd", tmp_path / "part2", "-o", tmp_path / "m2"],
                  expect=2)
     assert "differ in their options precision" in bad.output
+
+
+def test_incremental_reads_the_blake2b_hashes_of_older_embed_outputs(tmp_path, tiny_model, runner):
+    import pyarrow.parquet as pq
+
+    from hfbatch.hashing import LEGACY_SCHEME, text_hashes
+
+    rows = sample_rows(30)
+    src = write_jsonl(tmp_path / "docs.jsonl", rows)
+    embed = ["--model", tiny_model, "--precision", "fp32"]
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds"])
+    invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", *embed])
+    hash_file = tmp_path / "emb" / "content_hashes.parquet"  # as hfbatch 0.1.0 wrote it: blake2b, no scheme
+    old = pq.read_table(hash_file)
+    pq.write_table(old.set_column(1, "text_hash", [text_hashes([r["text"] for r in rows], LEGACY_SCHEME)])
+                   .replace_schema_metadata(None), hash_file)
+    rows[3]["text"] += " (updated)"
+    write_jsonl(src, rows)
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds", "--incremental"])
+    result = invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", *embed, "--incremental", "--json"])
+    assert json.loads(result.stdout)["computed"] == 1

@@ -4,7 +4,6 @@ ones dropped; the result is always exactly that of a from-scratch ingest of the 
 import json
 
 import pytest
-
 from conftest import invoke, sample_rows, write_jsonl
 
 
