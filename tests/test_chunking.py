@@ -207,3 +207,120 @@ def test_a_killed_chunked_run_resumes_from_its_finished_shards(built, runner, ti
     invoke(runner, args)
     assert load(out)["id"] == load(built / "chunks")["id"]
     assert manifest(out)["counts"]["chunks"] == manifest(built / "chunks")["counts"]["chunks"]
+
+
+# ---- index, search, evaluate over chunks ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def span_queries(built, tokenizer):
+    """(doc_id, chunk, span text) of later chunks whose span text re-tokenizes to exactly the chunk's window,
+    so the query's vector is the chunk's: that chunk must be its document's best."""
+    texts = {r["id"]: r["text"] for r in sample_rows()}
+    picked = []
+    for r in load(built / "chunks").select_columns(["doc_id", "chunk", "char_start", "char_end"]):
+        if r["chunk"] < 1 or len(picked) >= 12 or any(p[0] == r["doc_id"] for p in picked):
+            continue
+        text = texts[r["doc_id"]]
+        span = text[r["char_start"]:r["char_end"]]
+        if content_tokens(tokenizer, text, r["char_start"], r["char_end"]) and \
+                r["char_start"] > 0 and text[r["char_start"] - 1].isspace():  # starts at a word boundary
+            picked.append((r["doc_id"], r["chunk"], span))
+    assert len(picked) == 12
+    return picked
+
+
+def hits_of(result):
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_the_index_manifest_knows_it_holds_chunks(built):
+    m = manifest(built / "index")
+    assert m["chunking"] == {"chunk_tokens": N, "chunk_overlap": M} and m["count"] == manifest(built / "chunks")["rows"]
+
+
+def test_search_returns_distinct_documents_at_their_best_chunk(built, runner, tiny_model, span_queries):
+    from hfbatch.embedding import TextEmbedder
+
+    doc_id, chunk, span = span_queries[0]
+    hits = hits_of(invoke(runner, ["search", built / "index", span, "-k", 10, "--show-span"]))
+    assert len(hits) == 10 and len({h["id"] for h in hits}) == 10
+    texts = {r["id"]: r["text"] for r in sample_rows()}
+    assert hits[0]["id"] == doc_id and hits[0]["chunk"] == chunk and hits[0]["span_text"] == span
+    assert hits[0]["score"] > 0.9999
+    for h in hits:
+        assert h["text"] == texts[h["id"]] and h["span_text"] == h["text"][h["span"][0]:h["span"][1]]
+
+    # the same ranking by brute force: every chunk scored, each document keeps its best
+    chunks = load(built / "chunks")
+    vectors = np.array(chunks["embedding"], dtype=np.float32)
+    query = TextEmbedder(tiny_model, precision="fp32")([span])[0]
+    best = {}
+    for row, score in enumerate(vectors @ query):
+        d = chunks[row]["doc_id"]
+        if d not in best or score > best[d][0]:
+            best[d] = (score, chunks[row]["chunk"])
+    expected = sorted(best.items(), key=lambda item: -item[1][0])[:10]
+    assert [(h["id"], h["chunk"]) for h in hits] == [(d, c) for d, (_, c) in expected]
+    assert np.allclose([h["score"] for h in hits], [s for _, (s, _) in expected], atol=1e-4)
+
+
+def test_search_fetches_more_chunks_until_k_documents(built, runner, span_queries):
+    """k=150 documents of ~5 chunks each are not all among the first 4*k chunks: the search widens."""
+    hits = hits_of(invoke(runner, ["search", built / "index", span_queries[1][2], "-k", 150]))
+    assert len(hits) == 150 and len({h["id"] for h in hits}) == 150
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    everything = hits_of(invoke(runner, ["search", built / "index", span_queries[1][2], "-k", 1000]))
+    assert len(everything) == 400 and len({h["id"] for h in everything}) == 400
+
+
+def test_text_format_shows_the_matching_span(built, runner, span_queries):
+    doc_id, chunk, span = span_queries[2]
+    out = invoke(runner, ["search", built / "index", span, "-k", 2, "--format", "text"]).stdout
+    first = out.strip().splitlines()[1]
+    assert f"[{doc_id}]  #{chunk} [" in first and " ".join(span.split())[:60] in first
+
+
+def test_search_filter_and_output_dataset_over_chunks(built, runner, span_queries, tmp_path):
+    sections = {r["id"]: r["section"] for r in sample_rows()}
+    hits = hits_of(invoke(runner, ["search", built / "index", span_queries[3][2], "-k", 8,
+                                   "--filter", "section=games"]))
+    assert len(hits) == 8 and {sections[h["id"]] for h in hits} == {"games"} and len({h["id"] for h in hits}) == 8
+    invoke(runner, ["search", built / "index", span_queries[3][2], "-k", 5, "-o", tmp_path / "hits",
+                    "--show-span"])
+    table = load(tmp_path / "hits")
+    assert table.column_names == ["query_index", "query", "rank", "id", "score", "text", "chunk", "char_start",
+                                  "char_end", "span_text"]
+    assert table[0]["id"] == span_queries[3][0] and table[0]["span_text"] == span_queries[3][2]
+
+
+def test_evaluate_over_chunks_counts_documents(built, runner, span_queries, tmp_path):
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"query": span, "relevant": [doc_id]}
+                                                 for doc_id, _, span in span_queries])
+    result = json.loads(invoke(runner, ["evaluate", built / "index", "--queries", queries, "-k", 10, "--json"])
+                        .stdout.strip().splitlines()[-1])
+    assert result["queries"] == 12 and result["unknown_relevant"] == 0
+    assert result["recall@1"] == 1.0 and result["mrr@10"] == 1.0
+
+
+def test_best_chunk_per_document_widens_while_too_few_documents():
+    from hfbatch.jobs.search import best_chunk_per_document
+
+    doc_codes = np.repeat(np.arange(5), 10)  # 5 documents of 10 chunks; the best chunks all in document 0 ...
+    order = np.argsort(np.arange(50) % 10 * 5 + np.arange(50) // 10)  # ... then every document's chunk 1, ...
+    fetched = []
+
+    def search_rows(vectors, n):
+        fetched.append(n)
+        return np.tile(-np.arange(n, dtype=np.float32), (len(vectors), 1)), np.tile(order[:n], (len(vectors), 1))
+
+    scores, positions = best_chunk_per_document(search_rows, np.zeros((2, 4), np.float32), 3, doc_codes, 50)
+    assert fetched == [12]  # 4 chunks per document wanted: enough here
+    assert positions.tolist() == [[0, 10, 20]] * 2 and scores[0].tolist() == [0.0, -1.0, -2.0]
+
+    order = np.arange(50)  # now the 10 chunks of document 0 come first, then document 1's, ...
+    fetched.clear()
+    scores, positions = best_chunk_per_document(search_rows, np.zeros((1, 4), np.float32), 3, doc_codes, 50)
+    assert fetched == [12, 48] and positions.tolist() == [[0, 10, 20]]
+    fetched.clear()
+    _, positions = best_chunk_per_document(search_rows, np.zeros((1, 4), np.float32), 9, doc_codes, 50)
+    assert fetched == [20, 50] and positions.tolist() == [[0, 10, 20, 30, 40]]  # k capped at 5 documents
