@@ -324,3 +324,14 @@ def test_best_chunk_per_document_widens_while_too_few_documents():
     fetched.clear()
     _, positions = best_chunk_per_document(search_rows, np.zeros((1, 4), np.float32), 9, doc_codes, 50)
     assert fetched == [20, 50] and positions.tolist() == [[0, 10, 20, 30, 40]]  # k capped at 5 documents
+
+
+def test_chunked_slices_merge_into_the_whole(built, runner, tiny_model, tmp_path):
+    args = ["--model", tiny_model, "--precision", "fp32", "--chunk-tokens", N, "--chunk-overlap", M,
+            "--num-shards", 2]
+    for i in (0, 1):
+        invoke(runner, ["embed", built / "dataset", "-o", tmp_path / f"part{i}", *args, "--shard-index", i])
+    invoke(runner, ["merge", tmp_path / "part0", tmp_path / "part1", "-o", tmp_path / "merged"])
+    merged, whole = load(tmp_path / "merged"), load(built / "chunks")
+    assert merged["id"] == whole["id"] and merged["char_end"] == whole["char_end"]
+    assert manifest(tmp_path / "merged")["chunking"] == {"chunk_tokens": N, "chunk_overlap": M}
