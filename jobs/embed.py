@@ -160,7 +160,8 @@ def embed_chunks(job, source, embedder, text_column, shard_rows, n_shards, chunk
                         split_documents=split)
         progress.update(len(ids))
     progress.close()
-    manifest = job.publish_dataset(n_shards, features, extra={**extra, "chunking": chunking})
+    # the shards are the output rows in its schema: they become its data files without another copy
+    manifest = job.publish_dataset(n_shards, features, extra={**extra, "chunking": chunking}, reuse_shards=True)
     counts = manifest["counts"]
     log.event("embed", "chunked", documents=counts.get("documents", 0), chunks=counts.get("chunks", 0),
               split_documents=counts.get("split_documents", 0))

@@ -298,7 +298,7 @@ def test_evaluate_over_chunks_counts_documents(built, runner, span_queries, tmp_
                                                  for doc_id, _, span in span_queries])
     result = json.loads(invoke(runner, ["evaluate", built / "index", "--queries", queries, "-k", 10, "--json"])
                         .stdout.strip().splitlines()[-1])
-    assert result["queries"] == 12 and result["unknown_relevant"] == 0
+    assert result["queries"] == 12 and result["unknown_relevant"] == 0 and result["chunked"] is True
     assert result["recall@1"] == 1.0 and result["mrr@10"] == 1.0
 
 
