@@ -276,7 +276,7 @@ def test_search_fetches_more_chunks_until_k_documents(built, runner, span_querie
 def test_text_format_shows_the_matching_span(built, runner, span_queries):
     doc_id, chunk, span = span_queries[2]
     out = invoke(runner, ["search", built / "index", span, "-k", 2, "--format", "text"]).stdout
-    first = out.strip().splitlines()[1]
+    first = next(line for line in out.splitlines() if line.startswith("   1. "))  # the query may span lines
     assert f"[{doc_id}]  #{chunk} [" in first and " ".join(span.split())[:60] in first
 
 
