@@ -13,6 +13,18 @@ so such a sentence is asked once and all of them count as relevant.
 
 Then: hfbatch ingest -> embed -> index -> evaluate --json, each as its own process, timed. The corpus
 (/work/shared/corpora/debian-descriptions.jsonl.gz) is read, never copied into the repository.
+
+Measured (bundled MiniLM, max 256 tokens, seed 0, flat index; only 1.7% of descriptions exceed 256
+tokens, 14% exceed 128):
+    5,000 docs without the first sentence   recall@10  MRR@10   index rows
+      no chunking                           0.6744     0.5412   5,000
+      --chunk-tokens 128 --chunk-overlap 32 0.6733     0.5406   5,716
+      --chunk-tokens 64 --chunk-overlap 16  0.6635     0.5307   8,107
+    2,000 docs, --keep-first-sentence
+      no chunking                           0.9980     0.9944   2,000
+      --chunk-tokens 64 --chunk-overlap 16  0.9980     0.9930   3,752
+Chunking does not help here: these descriptions are short enough for the model, and a window sees less
+of the package than the whole description does.
 """
 from __future__ import annotations
 
