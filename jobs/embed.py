@@ -29,29 +29,42 @@ from hfbatch.runner import Job
               help="Split the rows into this many slices (one per machine or cron host) ...")
 @click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="... and embed only this slice; `hfbatch merge` joins the slices' outputs.")
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Split each text into windows of at most N tokens (on token boundaries) and embed every "
+                   "window as its own row: long texts are covered whole instead of truncated.")
+@click.option("--chunk-overlap", type=click.IntRange(min=0), default=None, metavar="M",
+              help="Tokens shared by consecutive windows (below N; default 0).")
 @json_summary("embed")
 def embed(dataset, output, model, text_column, device, precision, backend, max_length, batch_tokens,
-          shard_rows, trust_remote_code, force, incremental, num_shards, shard_index):
+          shard_rows, trust_remote_code, force, incremental, num_shards, shard_index, chunk_tokens, chunk_overlap):
     """Embed the TEXT_COLUMN of DATASET (an `hfbatch ingest` output) into OUTPUT.
 
     OUTPUT has columns `id` and `embedding` (float32, L2-normalised when the model's
     sentence-transformers config says so), in DATASET's row order.
 
+    With --chunk-tokens, OUTPUT has one row per window instead: `id` ("<doc id>#<chunk>"), `doc_id`,
+    `chunk`, `char_start`, `char_end` (the window's span of the text) and `embedding`; `hfbatch search`
+    then returns documents (their best window).
+
     \b
     Example:
         hfbatch embed out/dataset -o out/embeddings --precision fp32
+        hfbatch embed out/dataset -o out/chunks --chunk-tokens 128 --chunk-overlap 32
     """
     from hfbatch.io import open_dataset, require_column
     from hfbatch.models import model_fingerprint, resolve_model_dir
 
     if shard_index >= num_shards:
         raise click.BadParameter(f"{shard_index} is not below --num-shards {num_shards}", param_hint="--shard-index")
+    chunking = chunking_config(chunk_tokens, chunk_overlap, incremental)
     model_dir = resolve_model_dir(model)
     config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
               "text_column": text_column, "device": device, "precision": precision, "backend": backend,
               "max_length": max_length, "shard_rows": shard_rows}
     if num_shards > 1:
         config.update(num_shards=num_shards, shard_index=shard_index)
+    if chunking:
+        config.update(chunking)  # only when chunking: unchunked outputs keep their old config
     # batch_tokens changes speed, not results: it is left out of the config so it can be tuned on resume.
 
     with Job("embed", output, config=config, datasets=[dataset], force=force, incremental=incremental) as job:
@@ -64,9 +77,20 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
         if num_shards > 1:
             source = source.select(range(start, stop))
         n_shards = max(1, -(-len(source) // shard_rows))
+        if chunking:  # refuse a window the model cannot take before loading its weights
+            from hfbatch.chunking import check_chunk_options, model_content_limit
+
+            check_chunk_options(chunk_tokens, chunking["chunk_overlap"],
+                                model_content_limit(model_dir, max_length, trust_remote_code))
         embedder = TextEmbedder(model_dir, backend=backend, device=device, precision=precision,
                                 max_length=max_length, batch_tokens=batch_tokens,
                                 trust_remote_code=trust_remote_code)
+        extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
+                 "model": str(model_dir), "dim": embedder.dim, "max_length": embedder.max_length,
+                 "slice": {"index": shard_index, "count": num_shards, "start": start, "stop": stop},
+                 **embedder.settings}
+        if chunking:
+            return embed_chunks(job, source, embedder, text_column, shard_rows, n_shards, chunking, extra)
         pending = job.pending(n_shards)
         progress = log.Progress("embed", sum(_shard_len(len(source), shard_rows, i) for i in pending))
 
@@ -95,16 +119,58 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
                             truncated=tokenized.truncated, computed=len(todo), reused=len(ids) - len(todo))
         progress.close()
         features = embeddings_features(source.features["id"], embedder.dim)
-        job.publish_dataset(n_shards, features, fill=_write_hashes(scheme), extra={
-            "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
-            "model": str(model_dir), "dim": embedder.dim, "max_length": embedder.max_length,
-            "slice": {"index": shard_index, "count": num_shards, "start": start, "stop": stop},
-            **embedder.settings})
+        job.publish_dataset(n_shards, features, fill=_write_hashes(scheme), extra=extra)
         truncated = job.manifest["counts"].get("truncated", 0)
         if truncated:
             log.warn("embed", "truncated", rows=truncated, max_length=embedder.max_length,
                      hint="raise --max-length if the model allows it")
         return job.summary()
+
+
+def chunking_config(chunk_tokens, chunk_overlap, incremental) -> dict:
+    """The chunk options as config entries ({} without --chunk-tokens); combinations that make no sense are
+    refused here, before anything is loaded."""
+    from hfbatch.chunking import check_chunk_options
+    from hfbatch.errors import InputError
+
+    if chunk_tokens is None:
+        if chunk_overlap is not None:
+            raise InputError("--chunk-overlap needs --chunk-tokens")
+        return {}
+    if incremental:
+        raise InputError("--incremental cannot update a chunked output (--chunk-tokens); "
+                         "recompute it with --force instead")
+    chunk_overlap = chunk_overlap or 0
+    check_chunk_options(chunk_tokens, chunk_overlap)
+    return {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap}
+
+
+def embed_chunks(job, source, embedder, text_column, shard_rows, n_shards, chunking, extra):
+    """The --chunk-tokens path: each shard of documents becomes a shard of window rows (see hfbatch.chunking)."""
+    from hfbatch.chunking import chunk_features, chunk_texts, chunks_table
+
+    features = chunk_features(source.features["id"], embedder.dim)
+    pending = job.pending(n_shards)
+    progress = log.Progress("embed", sum(_shard_len(len(source), shard_rows, i) for i in pending))
+
+    def work_of(i):
+        rows = source[i * shard_rows:(i + 1) * shard_rows]
+        return rows["id"], chunk_texts(embedder.tokenizer, rows[text_column], chunking["chunk_tokens"],
+                                       chunking["chunk_overlap"])
+
+    for i, (ids, chunks) in prefetch(work_of, pending):  # the next shard is cut into windows meanwhile
+        vectors = embedder.run(chunks.tokenized)
+        split = sum(c == 1 for c in chunks.chunk)  # documents with a second window
+        job.write_shard(i, chunks_table(ids, chunks, vectors, features), documents=len(ids), chunks=len(chunks),
+                        split_documents=split)
+        progress.update(len(ids))
+    progress.close()
+    # the shards are the output rows in its schema: they become its data files without another copy
+    manifest = job.publish_dataset(n_shards, features, extra={**extra, "chunking": chunking}, reuse_shards=True)
+    counts = manifest["counts"]
+    log.event("embed", "chunked", documents=counts.get("documents", 0), chunks=counts.get("chunks", 0),
+              split_documents=counts.get("split_documents", 0))
+    return job.summary()
 
 
 def slice_bounds(total, num_shards, shard_index):

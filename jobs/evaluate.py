@@ -27,7 +27,8 @@ def evaluate(index_dir, queries_file, k, nprobe, ef, model, trust_remote_code):
     """Measure recall@1/10/100, MRR@10 and nDCG@10 (binary relevance) of INDEX_DIR on --queries.
 
     All queries are embedded and searched in one batch with the index's tuned search parameters. Ids are
-    compared as text, so 15 and "15" match. Prints a table, or with --json one JSON object.
+    compared as text, so 15 and "15" match. Over an index of chunks (`embed --chunk-tokens`), documents are
+    ranked by their best chunk and relevance is by document id. Prints a table, or with --json one JSON object.
 
     \b
     Example:
@@ -62,10 +63,12 @@ def evaluate(index_dir, queries_file, k, nprobe, ef, model, trust_remote_code):
     chosen = {name: spec for name, spec in metrics.STANDARD.items() if spec[1] <= k}
     scores = metrics.evaluate(zip(ranked, relevant), chosen)
     result = {"index": str(Path(index_dir)), "k": k, "unknown_relevant": unknown,
+              "chunked": searcher.rows.chunked,  # ids ranked are documents, each at its best chunk
               "embed_and_search_s": round(search_s, 3),
               **{name: round(value, 4) if isinstance(value, float) else value for name, value in scores.items()}}
     if not click.get_current_context().params.get("as_json"):
-        click.echo(f"{index_dir}: {scores['queries']} queries, k={k}")
+        chunks = " (documents ranked by their best chunk)" if searcher.rows.chunked else ""
+        click.echo(f"{index_dir}: {scores['queries']} queries, k={k}{chunks}")
         for name in chosen:
             click.echo(f"  {name:<11}{scores[name]:.4f}")
     return result

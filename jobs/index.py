@@ -111,6 +111,7 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
             "build_s": round(build_s, 3), "train_size": plan.train_size, "dim": dim, "count": n,
             "embeddings": str(job.inputs[0]["path"]), "source_dataset": emb_manifest.get("source_dataset"),
             "text_column": emb_manifest.get("text_column"), "model": emb_manifest.get("model"),
+            "chunking": emb_manifest.get("chunking"),  # set: rows are windows of documents (embed --chunk-tokens)
             "embedding_settings": {k: emb_manifest.get(k)
                                    for k in ("precision", "backend", "device", "pooling", "max_length")}})
         log.event("index", "quality", recall_at_10=f"{search['recall']:.4f}", qps=f"{search['qps']:.0f}",

@@ -12,7 +12,7 @@ from hfbatch.runner import Job, require_complete
 
 PER_SLICE = {"shard_index"}
 COPIED = ("source_dataset", "text_column", "model", "dim", "max_length", "device", "precision", "backend",
-          "pooling")
+          "pooling", "chunking")
 
 
 @click.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
@@ -13,6 +14,7 @@ from hfbatch.cli import force_option, model_option, trust_remote_code_option
 from hfbatch.errors import InputError
 
 MAX_WIDEN_ROUNDS = 8      # filtered search: how often nprobe / efSearch / k_factor are doubled for short lists
+CHUNKS_PER_DOCUMENT = 4   # chunked index: chunks fetched per document wanted, times 4 again while too few documents
 
 
 def parse_filter(ctx, param, values):
@@ -43,17 +45,23 @@ def parse_filter(ctx, param, values):
                    "published atomically, instead of printing them.")
 @click.option("--format", "out_format", type=click.Choice(["jsonl", "text"]), default="jsonl", show_default=True,
               help="jsonl: one object per hit (for tools); text: a ranked list for people.")
+@click.option("--show-span", is_flag=True,
+              help="Index over chunks (embed --chunk-tokens): add the best chunk's text (`span_text`) to each "
+                   "hit. The text format always shows it.")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="Override the tuned nprobe (IVF).")
 @click.option("--ef", type=click.IntRange(min=1), default=None, help="Override the tuned efSearch (HNSW).")
 @model_option
 @trust_remote_code_option
 @force_option
-def search(index_dir, queries, queries_file, k, filters, output, out_format, nprobe, ef, model, trust_remote_code,
-           force):
+def search(index_dir, queries, queries_file, k, filters, output, out_format, show_span, nprobe, ef, model,
+           trust_remote_code, force):
     """Search INDEX_DIR (an `hfbatch index` output) for QUERIES.
 
     Prints one JSON object per hit: {"query", "rank", "id", "score", "text"}, or with -o writes them as a
     dataset. The queries are embedded with the index's own model unless --model is given.
+
+    Over an index of chunks (`hfbatch embed --chunk-tokens`), hits are documents: `id` is the document's id,
+    `score` its best chunk's, and `chunk` and `span` ([start, end) in characters of `text`) say which chunk.
 
     \b
     Example:
@@ -67,13 +75,15 @@ def search(index_dir, queries, queries_file, k, filters, output, out_format, npr
         searcher = Searcher(index_dir, model=model, trust_remote_code=trust_remote_code, nprobe=nprobe, ef=ef,
                             filters=filters)
         scores, positions = searcher.search(texts, k)
-        print_hits(searcher, texts, scores, positions, out_format)
+        print_hits(searcher, texts, scores, positions, out_format, show_span)
         return
 
     from hfbatch.runner import Job
 
     config = {"queries": list(queries), "k": k, "filters": filters, "nprobe": nprobe, "ef": ef,
               "model": model}
+    if show_span:
+        config["show_span"] = True
     with Job("search", output, config=config, files=[queries_file] if queries_file else [],
              datasets=[index_dir], force=force) as job:
         if job.up_to_date:
@@ -81,43 +91,62 @@ def search(index_dir, queries, queries_file, k, filters, output, out_format, npr
         searcher = Searcher(index_dir, model=model, trust_remote_code=trust_remote_code, nprobe=nprobe, ef=ef,
                             filters=filters)
         scores, positions = searcher.search(texts, k)
-        table, features = hits_table(searcher, texts, scores, positions)
+        table, features = hits_table(searcher, texts, scores, positions, show_span)
         job.write_shard(0, table, queries=len(texts))
         job.publish_dataset(1, features, extra={"k": k, "filters": filters, "index": str(Path(index_dir).resolve()),
                                                 "filtered_rows": searcher.allowed_count})
 
 
-def print_hits(searcher, texts, scores, positions, out_format):
+def print_hits(searcher, texts, scores, positions, out_format, show_span=False):
+    chunked = searcher.rows.chunked
     for query, row_scores, row_positions in zip(texts, scores, positions):
         if out_format == "text":
             click.echo(f"\n{query}")
         for rank, (score, position) in enumerate(valid_hits(row_scores, row_positions), start=1):
             row_id, text = searcher.rows.get(position)
+            span = searcher.rows.span(position) if chunked else None
             if out_format == "text":
-                snippet = " ".join((text or "").split())
-                click.echo(f"  {rank:>2}. {score:.3f}  [{row_id}]  {snippet[:100]}")
-            else:
-                click.echo(json.dumps({"query": query, "rank": rank, "id": row_id, "score": round(score, 6),
-                                       "text": text}, ensure_ascii=False))
+                where = f"  #{span.chunk} [{span.start}:{span.end}]" if span else ""
+                snippet = " ".join((span.text_of(text) if span else text or "").split())
+                click.echo(f"  {rank:>2}. {score:.3f}  [{row_id}]{where}  {snippet[:100]}")
+                continue
+            hit = {"query": query, "rank": rank, "id": row_id, "score": round(score, 6), "text": text}
+            if span:
+                hit.update(chunk=span.chunk, span=[span.start, span.end])
+                if show_span:
+                    hit["span_text"] = span.text_of(text)
+            click.echo(json.dumps(hit, ensure_ascii=False))
 
 
 def valid_hits(row_scores, row_positions):
     return [(float(s), int(p)) for s, p in zip(row_scores, row_positions) if p >= 0]
 
 
-def hits_table(searcher, texts, scores, positions):
+def hits_table(searcher, texts, scores, positions, show_span=False):
+    """The hits as an Arrow table; over chunks also `chunk`, `char_start`, `char_end` (and `span_text`)."""
     import datasets
     import pyarrow as pa
 
-    columns = {name: [] for name in ("query_index", "query", "rank", "id", "score", "text")}
+    chunked = searcher.rows.chunked
+    schema = {"query_index": datasets.Value("int32"), "query": datasets.Value("string"),
+              "rank": datasets.Value("int32"), "id": searcher.rows.id_feature,
+              "score": datasets.Value("float32"), "text": datasets.Value("string")}
+    if chunked:
+        schema.update(chunk=datasets.Value("int32"), char_start=datasets.Value("int32"),
+                      char_end=datasets.Value("int32"))
+        if show_span:
+            schema["span_text"] = datasets.Value("string")
+    columns = {name: [] for name in schema}
     for qi, (query, row_scores, row_positions) in enumerate(zip(texts, scores, positions)):
         for rank, (score, position) in enumerate(valid_hits(row_scores, row_positions), start=1):
             row_id, text = searcher.rows.get(position)
-            for name, value in zip(columns, (qi, query, rank, row_id, score, text)):
+            values = [qi, query, rank, row_id, score, text]
+            if chunked:
+                span = searcher.rows.span(position)
+                values += [span.chunk, span.start, span.end] + ([span.text_of(text)] if show_span else [])
+            for name, value in zip(columns, values):
                 columns[name].append(value)
-    features = datasets.Features({"query_index": datasets.Value("int32"), "query": datasets.Value("string"),
-                                  "rank": datasets.Value("int32"), "id": searcher.rows.id_feature,
-                                  "score": datasets.Value("float32"), "text": datasets.Value("string")})
+    features = datasets.Features(schema)
     return pa.table(columns, schema=features.arrow_schema), features
 
 
@@ -195,10 +224,18 @@ class Searcher:
         return np.ascontiguousarray(self.embedder(list(texts)), dtype=np.float32)
 
     def search(self, texts, k):
-        """(scores, positions) [len(texts), k'] for all texts in one batched search; position -1 = no hit."""
+        """(scores, positions) [len(texts), k'] for all texts in one batched search; position -1 = no hit.
+        Over a chunked index, the k best documents, each at the position of its best chunk."""
         return self.search_vectors(self.embed(texts), k)
 
     def search_vectors(self, vectors, k):
+        if self.rows.chunked:
+            limit = self.index.ntotal if self.allowed is None else len(self.allowed)
+            return best_chunk_per_document(self.search_rows, vectors, k, self.rows.doc_codes(), limit)
+        return self.search_rows(vectors, k)
+
+    def search_rows(self, vectors, k):
+        """The k best index rows (chunks, over a chunked index)."""
         k = min(k, self.index.ntotal)
         if self.allowed is None:
             return self.index.search(vectors, k)
@@ -208,6 +245,54 @@ class Searcher:
 
             reader = lambda: ArrowVectors(self.manifest["embeddings"])  # opened only if needed
         return filtered_search(self.index, vectors, k, self.allowed, exact_reader=reader)
+
+
+# ---- documents from chunks --------------------------------------------------------------------------------
+
+def best_chunk_per_document(search_rows, vectors, k, doc_codes, limit):
+    """The k best documents of an index over chunks: `search_rows(vectors, n)` fetches the n best chunks
+    (CHUNKS_PER_DOCUMENT × k to start with), each document keeps its best chunk, and queries whose chunks
+    came from fewer than k documents are searched again with 4× as many, until `limit` (all the rows that
+    can be found). `doc_codes[position]` numbers the document of each row.
+
+    Returns (scores, positions) [queries, min(k, documents)], best first, positions at the best chunks.
+    """
+    import numpy as np
+
+    k = min(k, int(doc_codes.max()) + 1 if len(doc_codes) else 0)
+    scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
+    positions = np.full((len(vectors), k), -1, dtype=np.int64)
+    todo = np.arange(len(vectors))
+    fetch = min(limit, k * CHUNKS_PER_DOCUMENT)
+    while len(todo) and k:
+        chunk_scores, chunk_positions = search_rows(np.ascontiguousarray(vectors[todo]), fetch)
+        short = []
+        for query, row_scores, row_positions in zip(todo, chunk_scores, chunk_positions):
+            found = first_hit_per_document(row_scores, row_positions, doc_codes, k)
+            scores[query, :len(found)] = [s for s, _ in found]
+            positions[query, :len(found)] = [p for _, p in found]
+            if len(found) < k and (row_positions >= 0).sum() >= fetch:  # more chunks exist: fetch further
+                short.append(query)
+        if fetch >= limit:
+            break
+        todo = np.array(short, dtype=np.int64)
+        fetch = min(limit, fetch * 4)
+    return scores, positions
+
+
+def first_hit_per_document(row_scores, row_positions, doc_codes, k):
+    """[(score, position)] of the first (best: hits come best first) chunk of each document, up to k."""
+    seen, found = set(), []
+    for score, position in zip(row_scores, row_positions):
+        if position < 0:
+            continue
+        doc = doc_codes[position]
+        if doc not in seen:
+            seen.add(doc)
+            found.append((float(score), int(position)))
+            if len(found) == k:
+                break
+    return found
 
 
 # ---- filtering --------------------------------------------------------------------------------------------
@@ -237,6 +322,10 @@ def allowed_positions(rows: RowLookup, filters: dict[str, list[str]]):
         match = np.asarray(match.to_numpy(zero_copy_only=False), dtype=bool)
         mask = match if mask is None else mask & match
     source_rows = np.flatnonzero(mask)
+    if rows.chunked:  # every chunk of a matching document
+        ids = source.data.column("id").take(pa.array(source_rows))
+        return np.flatnonzero(pc.is_in(rows.embeddings.data.column("doc_id"), value_set=ids)
+                              .to_numpy(zero_copy_only=False)).astype(np.int64)
     if rows.same_order():
         return source_rows.astype(np.int64)
     position_of = rows.position_by_id()
@@ -331,15 +420,31 @@ def exact_subset(read_chunk, n, allowed, queries, k, chunk_rows=65_536):
     return heap.D, heap.I
 
 
+class Span(NamedTuple):
+    """Which chunk of its document an index row is, and the characters [start, end) of the text it covers."""
+
+    chunk: int
+    start: int
+    end: int
+
+    def text_of(self, text):
+        return None if text is None else text[self.start:self.end]
+
+
 class RowLookup:
     """Index position -> (id, text). Embeddings keep the dataset's row order, so a position is a row of both;
-    checked per hit, with an id map as the fallback if the two ever disagree."""
+    checked per hit, with an id map as the fallback if the two ever disagree.
+
+    Over chunks (embeddings with a `doc_id` column), a position is one chunk: the id and text given are its
+    document's, and `span` says which part of the text the chunk is."""
 
     def __init__(self, manifest):
         from hfbatch.io import open_dataset
 
         self.embeddings, _ = open_dataset(manifest["embeddings"], "embeddings")
-        self.id_feature = self.embeddings.features["id"]
+        self.chunked = "doc_id" in self.embeddings.column_names
+        self.id_column = "doc_id" if self.chunked else "id"
+        self.id_feature = self.embeddings.features[self.id_column]
         self.text_column = manifest.get("text_column") or "text"
         self.source = None
         self.source_path = manifest.get("source_dataset")
@@ -348,17 +453,37 @@ class RowLookup:
         self._by_id = None
         self._ids = None
         self._same = None
+        self._doc_codes = None
 
     def ids(self, positions):
-        """Ids of many positions at once (evaluate): one column read instead of a row read per hit."""
+        """Ids of many positions at once (evaluate): one column read instead of a row read per hit.
+        Over chunks, the documents' ids."""
         if self._ids is None:
-            self._ids = self.embeddings.data.column("id").to_pylist()
+            self._ids = self.embeddings.data.column(self.id_column).to_pylist()
         return [self._ids[p] if p >= 0 else None for p in positions]
 
+    def doc_codes(self):
+        """Over chunks: int64 [rows], the same number for the chunks of one document."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        if self._doc_codes is None:
+            encoded = pc.dictionary_encode(self.embeddings.data.column("doc_id")).combine_chunks()
+            self._doc_codes = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+        return self._doc_codes
+
+    def span(self, position) -> Span:
+        return Span(*(self._value(name, position) for name in ("chunk", "char_start", "char_end")))
+
+    def _value(self, column, position):
+        """One cell, without reading the row's embedding."""
+        return self.embeddings.data.column(column)[position].as_py()
+
     def same_order(self) -> bool:
-        """The source dataset's rows are the embeddings' rows, in order (the usual case)."""
+        """The source dataset's rows are the embeddings' rows, in order (the usual case; never over chunks)."""
         if self._same is None:
-            self._same = self.source is not None and len(self.source) == len(self.embeddings) and \
+            self._same = self.source is not None and not self.chunked and \
+                len(self.source) == len(self.embeddings) and \
                 "id" in self.source.column_names and \
                 self.source.data.column("id").equals(self.embeddings.data.column("id"))
         return self._same
@@ -367,10 +492,10 @@ class RowLookup:
         return {value: i for i, value in enumerate(self.embeddings.data.column("id").to_pylist())}
 
     def get(self, position):
-        row_id = self.embeddings[position]["id"]
+        row_id = self._value(self.id_column, position)
         if self.source is None:
             return row_id, None
-        row = self.source[position] if position < len(self.source) else None
+        row = self.source[position] if position < len(self.source) and not self.chunked else None
         if row is None or row["id"] != row_id:
             if self._by_id is None:
                 self._by_id = {value: i for i, value in enumerate(self.source["id"])}
