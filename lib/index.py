@@ -376,8 +376,12 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, gt: np.ndarray,
     Recall rises with nprobe / efSearch and with the re-ranking factor
     (k_factor_rf), and re-ranking a longer shortlist costs little next to
     scanning more lists. So, with a handful of searches:
-      1. with the largest re-ranking factor, raise nprobe / efSearch from the
-         bottom until the target is reached (or recall stops improving);
+      1. with the largest re-ranking factor, raise nprobe / efSearch until the
+         target is reached (or recall stops improving). For an IVF index the
+         climb starts where it can first succeed: a true neighbour can only be
+         found if its list is probed, so the nprobe at which the probed lists
+         hold target_recall of the true neighbours (known from the coarse
+         quantizer alone, without a search) is a floor;
       2. at that nprobe, lower the factor while the target still holds.
     Of the settings that reach the target, the one with the highest QPS wins;
     if none does, the most accurate one seen. Returns the parameters plus
@@ -398,8 +402,11 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, gt: np.ndarray,
             log(f"  {params} recall@{k}={tried[-1]['recall']:.4f} qps={qps:,.0f}")
         return tried[-1]["recall"] >= target_recall
 
+    values = grid[name] if name else [None]
+    if name == "nprobe":
+        values = values[_nprobe_floor(index, queries, gt, target_recall, values):]
     value, prev = None, None
-    for value in grid[name] if name else [None]:                  # 1. the smallest value that reaches it
+    for value in values:                                          # 1. the smallest value that reaches it
         if measure(factors[-1], value):
             break
         if prev is not None and tried[-1]["recall"] - prev < 0.001:
@@ -407,7 +414,7 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, gt: np.ndarray,
         prev = tried[-1]["recall"]
     if tried[-1]["recall"] >= target_recall:
         for factor in reversed(factors[:-1]):                     # 2. a shorter shortlist, while it holds
-            if not measure(factor, value, repeat=2):
+            if not measure(factor, value):
                 break
     ok = [t for t in tried if t["recall"] >= target_recall]
     best = max(ok, key=lambda t: t["qps"]) if ok else max(tried, key=lambda t: (t["recall"], t["qps"]))
@@ -415,6 +422,38 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, gt: np.ndarray,
     apply_search_params(index, params)
     I, qps = timed_search(index, queries, k, repeat=3)            # a fresh figure for the winner alone
     return {**params, "recall": recall_at_k(I, gt, k), "qps": qps}
+
+
+def _nprobe_floor(index: faiss.Index, queries: np.ndarray, gt: np.ndarray, target_recall: float,
+                  values: list[int]) -> int:
+    """Position in `values` of the smallest nprobe whose probed lists contain target_recall of the true
+    neighbours `gt` (ids are rows): no search with fewer probes can reach the target. 0 where the coarse
+    quantizer cannot be asked directly (e.g. behind a PCA transform)."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
+        idx = faiss.downcast_index(idx.base_index)
+    if not isinstance(idx, faiss.IndexIVF):
+        return 0
+    list_of = _list_of_ids(idx)
+    if (gt < 0).any() or gt.max() >= len(list_of):                   # fewer than k rows, or foreign ids
+        return 0
+    _, probed = idx.quantizer.search(_f32(queries), idx.nlist)         # every list, nearest first
+    rank = np.empty_like(probed)
+    np.put_along_axis(rank, probed, np.arange(idx.nlist)[None, :], axis=1)
+    needed = np.take_along_axis(rank, list_of[gt], axis=1)             # probes needed per true neighbour
+    reach = [np.mean(needed < p) for p in values]
+    return next((i for i, r in enumerate(reach) if r >= target_recall), len(values) - 1)
+
+
+def _list_of_ids(ivf: faiss.IndexIVF) -> np.ndarray:
+    """list_of[id]: the inverted list holding id (-1: none)."""
+    lists = ivf.invlists
+    sizes = [lists.list_size(i) for i in range(ivf.nlist)]
+    ids = np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), s).copy() if s else np.empty(0, np.int64)
+                          for i, s in enumerate(sizes)])
+    list_of = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
+    list_of[ids] = np.repeat(np.arange(ivf.nlist), sizes)
+    return list_of
 
 
 # ----------------------------------------------------------------------------
