@@ -356,16 +356,18 @@ def timed_search(index: faiss.Index, queries: np.ndarray, k: int, repeat: int = 
 def accurate_params(index: faiss.Index) -> dict:
     """Settings near the accurate end of each knob, still quick for a few hundred queries."""
     grid = search_param_grid(index)
-    wanted = {"k_factor_rf": 16, "efSearch": 256, "nprobe": max(16, _nlist_of(index) // 8)}
+    ivf = _coarse_ivf(index)
+    wanted = {"k_factor_rf": 16, "efSearch": 256, "nprobe": max(16, ivf.nlist // 8 if ivf else 0)}
     return {name: max([v for v in grid[name] if v <= wanted[name]], default=grid[name][0]) for name in grid}
 
 
-def _nlist_of(index: faiss.Index) -> int:
+def _coarse_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF index itself or under a Refine: its quantizer sees the queries as they are (None otherwise,
+    e.g. behind a PCA transform)."""
     idx = faiss.downcast_index(index)
     if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
-        idx = idx.base_index
-    ivf = faiss.try_extract_index_ivf(idx)
-    return ivf.nlist if ivf is not None else 0
+        idx = faiss.downcast_index(idx.base_index)
+    return idx if isinstance(idx, faiss.IndexIVF) else None
 
 
 def tune_search_params(index: faiss.Index, queries: np.ndarray, gt: np.ndarray,
@@ -429,10 +431,8 @@ def _nprobe_floor(index: faiss.Index, queries: np.ndarray, gt: np.ndarray, targe
     """Position in `values` of the smallest nprobe whose probed lists contain target_recall of the true
     neighbours `gt` (ids are rows): no search with fewer probes can reach the target. 0 where the coarse
     quantizer cannot be asked directly (e.g. behind a PCA transform)."""
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
-        idx = faiss.downcast_index(idx.base_index)
-    if not isinstance(idx, faiss.IndexIVF):
+    idx = _coarse_ivf(index)
+    if idx is None:
         return 0
     list_of = _list_of_ids(idx)
     if (gt < 0).any() or gt.max() >= len(list_of):                   # fewer than k rows, or foreign ids
