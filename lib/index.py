@@ -207,12 +207,15 @@ def read_sample(read_chunk: ReadChunk, n: int, size: int, blocks: int = TRAIN_BL
 
 def build_index(plan: IndexPlan, n: int, dim: int, read_chunk: ReadChunk,
                 progress: Callable[[int], None] | None = None,
-                chunk_rows: int = CHUNK_ROWS) -> faiss.Index:
+                chunk_rows: int = CHUNK_ROWS,
+                on_chunk: Callable[[int, np.ndarray], None] | None = None) -> faiss.Index:
     """Train on a sample, then add all n rows chunk by chunk.
 
     Peak memory is the index itself plus one chunk plus the training sample:
     the vectors are never all in memory at once (except in a Flat index, which
-    is the vectors).
+    is the vectors). `progress(rows added so far)`; `on_chunk(start, rows)` sees
+    every chunk once, so callers can derive things (row hashes) without a
+    second read of the data.
     """
     use_all_cores()
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -222,7 +225,10 @@ def build_index(plan: IndexPlan, n: int, dim: int, read_chunk: ReadChunk,
         del sample
     for start in range(0, n, chunk_rows):
         stop = min(n, start + chunk_rows)
-        index.add(_f32(read_chunk(start, stop)))
+        chunk = _f32(read_chunk(start, stop))
+        index.add(chunk)
+        if on_chunk:
+            on_chunk(start, chunk)
         if progress:
             progress(stop)
     return index
@@ -253,7 +259,8 @@ def exact_neighbors(read_chunk: ReadChunk, n: int, queries: np.ndarray, k: int,
     return heap.D, heap.I
 
 
-def tuning_queries(read_chunk: ReadChunk, n: int, num: int = 1000, seed: int = 0) -> np.ndarray:
+def tuning_queries(read_chunk: ReadChunk, n: int, num: int = 1000, seed: int = 0,
+                   index: faiss.Index | None = None) -> np.ndarray:
     """Queries for tune_search_params that behave like unseen ones, made from database rows.
 
     A row used as is sits in the index: an HNSW search lands on its node, whose
@@ -261,17 +268,36 @@ def tuning_queries(read_chunk: ReadChunk, n: int, num: int = 1000, seed: int = 0
     on held-out queries). Each row is therefore moved away from itself, in a
     random direction, as far as a typical row is from its nearest neighbour.
     On IVF this errs slightly the safe way (0.954 against 0.961 held-out).
+
+    That typical distance is measured on 200 of the rows: exactly (a pass over
+    all n rows), or, given the built `index` (whose ids are row numbers), by
+    searching it with accurate settings, which takes milliseconds. An
+    approximate index that misses a row's nearest neighbour reports a farther
+    one, which moves the queries a little further out: the safe side again.
     """
     rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(n, size=min(num, n), replace=False))
-    x = np.concatenate([read_chunk(int(i), int(i) + 1) for i in ids]).astype(np.float32)
+    rows = np.sort(rng.choice(n, size=min(num, n), replace=False))
+    x = np.concatenate([read_chunk(int(i), int(i) + 1) for i in rows]).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    D, _ = exact_neighbors(read_chunk, n, x[:200], 2)          # [:, 0] is the row itself
-    cos = float(np.clip(np.median(D[:, 1]), 0.3, 0.95))        # duplicates would make it 1
+    cos = float(np.clip(_nearest_cosine(read_chunk, n, x, rows, index), 0.3, 0.95))  # duplicates would make it 1
     noise = rng.standard_normal(x.shape, dtype=np.float32)
     noise -= (noise * x).sum(1, keepdims=True) * x             # orthogonal, so cos(q, x) = cos
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
     return x * cos + noise * math.sqrt(1 - cos * cos)
+
+
+def _nearest_cosine(read_chunk: ReadChunk, n: int, x: np.ndarray, rows: np.ndarray,
+                    index: faiss.Index | None, probes: int = 200) -> float:
+    """Median cosine between a row and its nearest other row, over `probes` of the rows x
+    (spread over the corpus: `rows` is sorted)."""
+    pick = np.linspace(0, len(x) - 1, min(probes, len(x))).astype(np.int64)
+    if index is None:
+        D, I = exact_neighbors(read_chunk, n, x[pick], 3)
+    else:
+        apply_search_params(index, accurate_params(index))
+        D, I = index.search(_f32(x[pick]), 3)
+    D = np.where(I == rows[pick, None], -np.inf, D)            # the row itself does not count
+    return float(np.median(D.max(axis=1)))
 
 
 def recall_at_k(found: np.ndarray, ground_truth_ids: np.ndarray, k: int = 10) -> float:
@@ -327,46 +353,225 @@ def timed_search(index: faiss.Index, queries: np.ndarray, k: int, repeat: int = 
     return I, len(queries) / best
 
 
+def accurate_params(index: faiss.Index) -> dict:
+    """Settings near the accurate end of each knob, still quick for a few hundred queries."""
+    grid = search_param_grid(index)
+    ivf = _coarse_ivf(index)
+    wanted = {"k_factor_rf": 16, "efSearch": 256, "nprobe": max(16, ivf.nlist // 8 if ivf else 0)}
+    return {name: max([v for v in grid[name] if v <= wanted[name]], default=grid[name][0]) for name in grid}
+
+
+def _coarse_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF index itself or under a Refine: its quantizer sees the queries as they are (None otherwise,
+    e.g. behind a PCA transform)."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
+        idx = faiss.downcast_index(idx.base_index)
+    return idx if isinstance(idx, faiss.IndexIVF) else None
+
+
 def tune_search_params(index: faiss.Index, queries: np.ndarray, gt: np.ndarray,
                        target_recall: float = 0.95, k: int = 10,
                        log: Callable[[str], None] | None = None) -> dict:
-    """Fastest parameters that reach target_recall@k on these queries.
+    """Fast parameters that reach target_recall@k on these queries.
 
-    For each re-ranking factor (if the index has one), raise nprobe / efSearch
-    until the target is reached; of the settings that reach it, keep the one
-    with the highest QPS. If none does, return the most accurate one seen.
-    Returns the parameters plus "recall" and "qps" measured with them.
+    Recall rises with nprobe / efSearch and with the re-ranking factor
+    (k_factor_rf), and re-ranking a longer shortlist costs little next to
+    scanning more lists. So, with a handful of searches:
+      1. with the largest re-ranking factor, raise nprobe / efSearch until the
+         target is reached (or recall stops improving). For an IVF index the
+         climb starts where it can first succeed: a true neighbour can only be
+         found if its list is probed, so the nprobe at which the probed lists
+         hold target_recall of the true neighbours (known from the coarse
+         quantizer alone, without a search) is a floor;
+      2. at that nprobe, lower the factor while the target still holds.
+    Of the settings that reach the target, the one with the highest QPS wins;
+    if none does, the most accurate one seen. Returns the parameters plus
+    "recall" and "qps" measured with them (QPS: best of 3 runs of the batch).
     """
     use_all_cores()
     grid = search_param_grid(index)
-    outer = grid.get("k_factor_rf", [None])
+    factors = grid.get("k_factor_rf", [None])
     name = "nprobe" if "nprobe" in grid else "efSearch" if "efSearch" in grid else None
-    tried, limit = [], None
-    for kf in outer:
-        values = grid[name] if name else [None]
-        if limit is not None:
-            values = [v for v in values if v < limit]    # equal or larger: slower than what we have
-        prev, reached = None, False
-        for value in values:
-            params = {key: v for key, v in (("k_factor_rf", kf), (name, value)) if v is not None}
-            apply_search_params(index, params)
-            I, qps = timed_search(index, queries, k)
-            recall = recall_at_k(I, gt, k)
-            tried.append({**params, "recall": recall, "qps": qps})
-            if log:
-                log(f"  {params} recall@{k}={recall:.4f} qps={qps:,.0f}")
-            if recall >= target_recall:
-                reached, limit = True, value
+    tried = []
+
+    def measure(factor, value, repeat=1):
+        params = {key: v for key, v in (("k_factor_rf", factor), (name, value)) if v is not None}
+        apply_search_params(index, params)
+        I, qps = timed_search(index, queries, k, repeat)
+        tried.append({**params, "recall": recall_at_k(I, gt, k), "qps": qps})
+        if log:
+            log(f"  {params} recall@{k}={tried[-1]['recall']:.4f} qps={qps:,.0f}")
+        return tried[-1]["recall"] >= target_recall
+
+    values = grid[name] if name else [None]
+    if name == "nprobe":
+        values = values[_nprobe_floor(index, queries, gt, target_recall, values):]
+    value, prev = None, None
+    for value in values:                                          # 1. the smallest value that reaches it
+        if measure(factors[-1], value):
+            break
+        if prev is not None and tried[-1]["recall"] - prev < 0.001:
+            break              # plateau: the shortlist or the codes, not nprobe / efSearch, limit recall
+        prev = tried[-1]["recall"]
+    if tried[-1]["recall"] >= target_recall:
+        for factor in reversed(factors[:-1]):                     # 2. a shorter shortlist, while it holds
+            if not measure(factor, value):
                 break
-            if prev is not None and recall - prev < 0.001:
-                break          # plateau: the shortlist (k_factor), not nprobe, limits recall
-            prev = recall
-        if limit is not None and not reached:
-            break              # a larger k_factor will not be faster either
     ok = [t for t in tried if t["recall"] >= target_recall]
     best = max(ok, key=lambda t: t["qps"]) if ok else max(tried, key=lambda t: (t["recall"], t["qps"]))
-    apply_search_params(index, best)
-    return dict(best)
+    params = {key: v for key, v in best.items() if key not in ("recall", "qps")}
+    apply_search_params(index, params)
+    I, qps = timed_search(index, queries, k, repeat=3)            # a fresh figure for the winner alone
+    return {**params, "recall": recall_at_k(I, gt, k), "qps": qps}
+
+
+def _nprobe_floor(index: faiss.Index, queries: np.ndarray, gt: np.ndarray, target_recall: float,
+                  values: list[int]) -> int:
+    """Position in `values` of the smallest nprobe whose probed lists contain target_recall of the true
+    neighbours `gt` (ids are rows): no search with fewer probes can reach the target. 0 where the coarse
+    quantizer cannot be asked directly (e.g. behind a PCA transform)."""
+    idx = _coarse_ivf(index)
+    if idx is None:
+        return 0
+    list_of = _list_of_ids(idx)
+    if (gt < 0).any() or gt.max() >= len(list_of):                   # fewer than k rows, or foreign ids
+        return 0
+    _, probed = idx.quantizer.search(_f32(queries), idx.nlist)         # every list, nearest first
+    rank = np.empty_like(probed)
+    np.put_along_axis(rank, probed, np.arange(idx.nlist)[None, :], axis=1)
+    needed = np.take_along_axis(rank, list_of[gt], axis=1)             # probes needed per true neighbour
+    reach = [np.mean(needed < p) for p in values]
+    return next((i for i, r in enumerate(reach) if r >= target_recall), len(values) - 1)
+
+
+def _list_of_ids(ivf: faiss.IndexIVF) -> np.ndarray:
+    """list_of[id]: the inverted list holding id (-1: none)."""
+    lists = ivf.invlists
+    sizes = [lists.list_size(i) for i in range(ivf.nlist)]
+    ids = np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), s).copy() if s else np.empty(0, np.int64)
+                          for i, s in enumerate(sizes)])
+    list_of = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
+    list_of[ids] = np.repeat(np.arange(ivf.nlist), sizes)
+    return list_of
+
+
+# ----------------------------------------------------------------------------
+# incremental updates: ids are row numbers of the embeddings the index was built from
+
+
+_HASH_MULTIPLIERS = np.random.default_rng(20240608).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def row_hashes(x: np.ndarray, block: int = 8192) -> np.ndarray:
+    """A 64-bit hash of each row's float32 bytes: how an update tells changed vectors from unchanged ones.
+
+    A random linear hash mod 2**64 (odd multipliers): two different rows collide with probability ~2**-32,
+    and 1M x 384 rows hash in ~1 s of numpy, where a per-row blake2b call takes several."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[1] > len(_HASH_MULTIPLIERS):
+        raise ValueError(f"row_hashes supports up to {len(_HASH_MULTIPLIERS)} dimensions")
+    mult = _HASH_MULTIPLIERS[:x.shape[1]]
+    out = np.empty(len(x), dtype=np.uint64)
+    for start in range(0, len(x), block):                  # bounded temporaries (8 bytes per value)
+        words = x[start:start + block].view(np.uint32).astype(np.uint64)
+        out[start:start + block] = (words * mult).sum(axis=1, dtype=np.uint64)   # wraps mod 2**64
+    return out.view(np.int64)
+
+
+def match_rows(old_ids, old_hashes: np.ndarray, new_ids, new_hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair the rows of an updated embeddings dataset with the indexed ones by id and vector hash.
+
+    old_ids / new_ids: Arrow arrays (ints or strings), unique. Returns (relabel, added): relabel[old row] is
+    the kept row's new row number, or -1 where it was deleted or changed; added are the new row numbers of
+    new or changed rows, ascending."""
+    import pyarrow.compute as pc
+
+    old_row = pc.index_in(new_ids, value_set=old_ids).fill_null(-1).to_numpy(zero_copy_only=False)
+    old_row = old_row.astype(np.int64)
+    kept = old_row >= 0
+    kept[kept] = old_hashes[old_row[kept]] == new_hashes[kept]
+    relabel = np.full(len(old_hashes), -1, dtype=np.int64)
+    relabel[old_row[kept]] = np.flatnonzero(kept)
+    return relabel, np.flatnonzero(~kept)
+
+
+def update_blocker(index: faiss.Index) -> str | None:
+    """Why this index cannot have vectors removed and added in place (None: it can)."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexIDMap2):
+        idx = faiss.downcast_index(idx.index)
+    if isinstance(idx, faiss.IndexFlat):
+        return None
+    if isinstance(idx, faiss.IndexIVF) and \
+            isinstance(faiss.downcast_InvertedLists(idx.invlists), faiss.ArrayInvertedLists):
+        return None
+    if isinstance(idx, faiss.IndexHNSW):
+        return "an HNSW graph cannot remove vectors"
+    if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
+        return "the re-ranking vectors of a Refine index cannot be removed"
+    return f"{type(idx).__name__} cannot remove vectors in place"
+
+
+def update_in_place(index: faiss.Index, relabel: np.ndarray, added: np.ndarray,
+                    read_chunk: ReadChunk, chunk_rows: int = CHUNK_ROWS) -> faiss.Index:
+    """Bring an index whose ids are old row numbers up to date with new rows (see match_rows):
+    drop the ids that map to -1, renumber the kept ones, add the `added` rows under their row numbers.
+    Returns the updated index: a plain Flat one comes back wrapped in IndexIDMap2 (Flat keeps positions,
+    not ids). The ids stay row numbers of the new data, so readers need no id table."""
+    use_all_cores()
+    if update_blocker(index):
+        raise ValueError(update_blocker(index))
+    if isinstance(faiss.downcast_index(index), faiss.IndexFlat):
+        index = _flat_with_ids(faiss.downcast_index(index))
+    dropped = np.flatnonzero(relabel < 0)
+    if len(dropped):
+        removed = index.remove_ids(faiss.IDSelectorBatch(dropped.astype(np.int64)))
+        if removed != len(dropped):
+            raise RuntimeError(f"removed {removed} of {len(dropped)} vectors: the ids are not row numbers")
+    kept = np.flatnonzero(relabel >= 0)
+    if not np.array_equal(relabel[kept], kept):                 # rows moved: renumber what stays
+        _renumber(index, relabel)
+    for start, stop in _runs(added, chunk_rows):
+        index.add_with_ids(_f32(read_chunk(int(start), int(stop))), np.arange(start, stop, dtype=np.int64))
+    return index
+
+
+def _flat_with_ids(flat: faiss.IndexFlat) -> faiss.IndexIDMap2:
+    # faiss wraps only empty indexes, so the vectors are copied over: briefly twice a Flat index's memory,
+    # once (the next update finds the wrapper)
+    wrapped = faiss.IndexIDMap2(faiss.IndexFlat(flat.d, flat.metric_type))
+    vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+    for start in range(0, flat.ntotal, CHUNK_ROWS):
+        stop = min(flat.ntotal, start + CHUNK_ROWS)
+        wrapped.add_with_ids(vectors[start:stop], np.arange(start, stop, dtype=np.int64))
+    return wrapped
+
+
+def _renumber(index: faiss.Index, relabel: np.ndarray) -> None:
+    """Replace every stored id i by relabel[i] (all stored ids are kept ones)."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexIDMap2):
+        faiss.copy_array_to_vector(relabel[faiss.vector_to_array(idx.id_map)], idx.id_map)
+        idx.construct_rev_map()
+        return
+    lists = faiss.downcast_InvertedLists(idx.invlists)
+    for list_no in range(lists.nlist):
+        size = lists.list_size(list_no)
+        if size:
+            ids = relabel[faiss.rev_swig_ptr(lists.get_ids(list_no), size)]
+            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * lists.code_size).copy()
+            lists.update_entries(list_no, 0, size, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+
+
+def _runs(rows: np.ndarray, max_len: int):
+    """(start, stop) of each run of consecutive row numbers, split at max_len: few reads for few calls."""
+    if not len(rows):
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for run in np.split(rows, breaks):
+        for start in range(int(run[0]), int(run[-1]) + 1, max_len):
+            yield start, min(int(run[-1]) + 1, start + max_len)
 
 
 # ----------------------------------------------------------------------------
