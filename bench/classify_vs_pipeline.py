@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from debian_sections import read_corpus, split_sections  # noqa: E402
+from debian_sections import CORPUS, read_corpus, split_sections  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -102,10 +102,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="An 8-label classifier directory (default: MiniLM with a random head)")
     parser.add_argument("--n", type=int, default=2000, help="docs (250 per section for 2,000)")
+    parser.add_argument("--corpus", type=Path, default=CORPUS, help="debian-descriptions.jsonl.gz")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    sections, _, heldout = split_sections(read_corpus(), 8, 0, args.n // 8)
+    sections, _, heldout = split_sections(read_corpus(args.corpus), 8, 0, args.n // 8)
     texts = [row["text"] for row in heldout]
     with tempfile.TemporaryDirectory(prefix="classify-bench-") as tmp:
         tmp = Path(tmp)

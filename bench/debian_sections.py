@@ -6,6 +6,9 @@
 
     python bench/debian_sections.py prepare -o out/debian --train-per-section 800 --heldout-per-section 250
     python bench/debian_sections.py score out/debian-heldout out/debian-labels
+
+The corpus is ../shared/corpora/debian-descriptions.jsonl.gz beside the repository unless --corpus (or the
+environment variable HFBATCH_DEBIAN_CORPUS) says otherwise. `make demo-classify` runs both steps.
 """
 
 from __future__ import annotations
@@ -13,16 +16,20 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "debian-descriptions.jsonl.gz"
+CORPUS = Path(os.environ.get("HFBATCH_DEBIAN_CORPUS") or
+              Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "debian-descriptions.jsonl.gz")
 
 
 def read_corpus(path: Path = CORPUS) -> list[dict]:
-    if not path.exists():
-        raise SystemExit(f"the shared corpus is not at {path}")
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"the shared Debian corpus is not at {path}; pass --corpus PATH (or set "
+                         f"HFBATCH_DEBIAN_CORPUS) to the debian-descriptions.jsonl.gz file")
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
 
@@ -45,8 +52,10 @@ def split_sections(rows: list[dict], sections: int, train_per_section: int, held
     return largest, sorted(train, key=lambda r: r["id"]), sorted(heldout, key=lambda r: r["id"])
 
 
-def prepare(out: Path, sections: int, train_per_section: int, heldout_per_section: int, seed: int) -> None:
-    largest, train, heldout = split_sections(read_corpus(), sections, train_per_section, heldout_per_section, seed)
+def prepare(out: Path, sections: int, train_per_section: int, heldout_per_section: int, seed: int,
+            corpus: Path = CORPUS) -> None:
+    largest, train, heldout = split_sections(read_corpus(corpus), sections, train_per_section,
+                                             heldout_per_section, seed)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train), ("heldout", heldout)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
@@ -78,6 +87,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare")
     p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--corpus", type=Path, default=CORPUS, help="debian-descriptions.jsonl.gz (default: %(default)s)")
     p.add_argument("--sections", type=int, default=8)
     p.add_argument("--train-per-section", type=int, default=800)
     p.add_argument("--heldout-per-section", type=int, default=250)
@@ -87,7 +97,8 @@ def main() -> None:
     s.add_argument("labels", type=Path)
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.output, args.sections, args.train_per_section, args.heldout_per_section, args.seed)
+        prepare(args.output, args.sections, args.train_per_section, args.heldout_per_section, args.seed,
+                args.corpus)
     else:
         score(args.heldout, args.labels)
 
