@@ -82,7 +82,7 @@ def test_num_proc_1_and_2_store_the_tokenizers_own_output(runner, tmp_path, samp
     assert json.loads(again.stdout.strip().splitlines()[-1])["status"] == "up_to_date"
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("start_method", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_num_proc_2_does_not_hang(tmp_path, sample_ds, tokens, tiny_model, start_method):
     """The whole command in its own process, under a timeout: a deadlocked worker fails the test instead
     of hanging it. TOKENIZERS_PARALLELISM=true is what a user may have exported; the job must override it."""
