@@ -32,7 +32,7 @@ from hfbatch.runner import Job
 @json_summary("classify")
 def classify(dataset, output, model, text_column, text_pair_column, top_k, multi_label, device, precision,
              backend, max_length, batch_tokens, shard_rows, trust_remote_code, force):
-    """Classify the TEXT_COLUMN of DATASET (an `hfbatch ingest` output) into OUTPUT.
+    """Classify the TEXT_COLUMN of DATASET (an `hfbatch ingest` or `hfbatch tokenize` output) into OUTPUT.
 
     OUTPUT has columns `id`, `label` (from the model's id2label) and `score` (softmax probability, or
     sigmoid with --multi-label), in DATASET's row order; with --top-k also `top_labels` and `top_scores`.
@@ -57,10 +57,14 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
         from hfbatch.embedding import TextEmbedder
         from hfbatch.io import open_dataset, require_column
 
-        source, _ = open_dataset(dataset)
+        from hfbatch.tokenized import open_tokens
+
+        source, source_manifest = open_dataset(dataset)
         require_column(source, text_column, dataset)
         if text_pair_column:
             require_column(source, text_pair_column, dataset, option="--text-pair-column")
+        source, tokens = open_tokens("classify", dataset, source_manifest, source, model_dir, max_length,
+                                     text_column, text_pair_column, trust_remote_code)  # None: text
         n_shards = max(1, -(-len(source) // shard_rows))
         classifier = TextEmbedder(model_dir, task="classify", backend=backend, device=device,
                                   precision=precision, max_length=max_length, batch_tokens=batch_tokens,
@@ -72,6 +76,8 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
 
         def tokenize_shard(i):
             rows = source[i * shard_rows:(i + 1) * shard_rows]
+            if tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
+                return rows["id"], tokens.take(rows)
             return rows["id"], classifier.tokenize(rows[text_column], rows[text_pair_column]
                                                    if text_pair_column else None)
 

@@ -37,7 +37,10 @@ from hfbatch.runner import Job
 @json_summary("embed")
 def embed(dataset, output, model, text_column, device, precision, backend, max_length, batch_tokens,
           shard_rows, trust_remote_code, force, incremental, num_shards, shard_index, chunk_tokens, chunk_overlap):
-    """Embed the TEXT_COLUMN of DATASET (an `hfbatch ingest` output) into OUTPUT.
+    """Embed the TEXT_COLUMN of DATASET (an `hfbatch ingest` or `hfbatch tokenize` output) into OUTPUT.
+
+    A tokenized DATASET's token ids are used as they are (no tokenizing here); it is refused when this model's
+    tokenizer or max_length differ from the ones that made it.
 
     OUTPUT has columns `id` and `embedding` (float32, L2-normalised when the model's
     sentence-transformers config says so), in DATASET's row order.
@@ -53,6 +56,7 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
     """
     from hfbatch.io import open_dataset, require_column
     from hfbatch.models import model_fingerprint, resolve_model_dir
+    from hfbatch.tokenized import open_tokens
 
     if shard_index >= num_shards:
         raise click.BadParameter(f"{shard_index} is not below --num-shards {num_shards}", param_hint="--shard-index")
@@ -70,8 +74,10 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
     with Job("embed", output, config=config, datasets=[dataset], force=force, incremental=incremental) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
-        source, _ = open_dataset(dataset)
+        source, source_manifest = open_dataset(dataset)
         require_column(source, text_column, dataset)
+        source, tokens = open_tokens("embed", dataset, source_manifest, source, model_dir, max_length, text_column,
+                                     trust_remote_code=trust_remote_code)  # tokens: None for a text dataset
         total_rows = len(source)
         start, stop = slice_bounds(total_rows, num_shards, shard_index)
         if num_shards > 1:
@@ -105,6 +111,8 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
                 else text_hashes(rows[text_column], scheme)
             todo = list(range(len(hashes))) if previous is None else \
                 [r for r, (row_id, h) in enumerate(zip(rows["id"], hashes)) if not previous.has(row_id, h)]
+            if tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
+                return rows["id"], hashes, todo, tokens.take(rows, todo)
             return rows["id"], hashes, todo, embedder.tokenize([rows[text_column][r] for r in todo])
 
         for i, (ids, hashes, todo, tokenized) in prefetch(work_of, pending):  # next shard tokenizes meanwhile

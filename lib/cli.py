@@ -33,6 +33,7 @@ JOBS = {
     "train": "hfbatch.jobs.train:train",
     "inspect": "hfbatch.jobs.inspect:inspect",
     "evaluate": "hfbatch.jobs.evaluate:evaluate",
+    "tokenize": "hfbatch.jobs.tokenize:tokenize",
 }
 
 

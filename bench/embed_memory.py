@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Peak RSS of the real `hfbatch embed` process against corpus size: shards are streamed to disk, so the peak
+should follow --shard-rows, not the number of documents.
+
+For each N: `hfbatch ingest CORPUS --limit N` (not measured), then `hfbatch embed` as a child process whose
+VmHWM (the kernel's high-water mark of its resident set) is polled from /proc while it runs.
+
+    .venv/bin/python bench/embed_memory.py --n 2000,10000 [--shard-rows 10000] [--workdir DIR]
+
+Prints N, shards, wall seconds, docs/s and peak RSS per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embed_vs_st import CORPUS, hfbatch_command, run_measured  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", default="2000,10000", help="corpus sizes (first N docs of --corpus)")
+    ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument("--shard-rows", type=int, default=None, help="embed --shard-rows (default: embed's own)")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--workdir", default="/tmp/hfbatch-embed-memory")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    exe = hfbatch_command()
+    results = []
+    for n in (int(x) for x in args.n.split(",")):
+        ds = work / f"ds-{n}"
+        subprocess.run(exe + ["ingest", args.corpus, "-o", str(ds), "--limit", str(n)], check=True,
+                       capture_output=True)
+        cmd = exe + ["embed", str(ds), "-o", str(work / f"emb-{n}"), "--precision", args.precision, "--force",
+                     "--json"]
+        if args.shard_rows:
+            cmd += ["--shard-rows", str(args.shard_rows)]
+        done, wall, peak = run_measured(cmd, poll_s=0.2)
+        if done.returncode != 0:
+            raise SystemExit(f"hfbatch embed failed:\n{done.stderr}")
+        manifest = json.loads((work / f"emb-{n}" / "manifest.json").read_text())
+        shards = -(-n // manifest["config"]["shard_rows"])
+        results.append({"n": n, "shards": shards, "shard_rows": manifest["config"]["shard_rows"], "wall_s": wall,
+                        "docs_per_s": n / wall, "peak_rss_mb": peak})
+        print(f"n={n} shards={shards} (shard_rows {manifest['config']['shard_rows']}) wall={wall:.0f}s "
+              f"docs/s={n / wall:.1f} peak_rss={peak:.0f} MB load_avg={os.getloadavg()[0]:.1f}", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

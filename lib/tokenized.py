@@ -1,0 +1,181 @@
+"""Tokenized datasets: what `hfbatch tokenize` stores, and how embed / classify take their token ids from
+one instead of tokenizing again.
+
+A tokenized dataset is the source dataset's rows and columns plus `input_ids`, `attention_mask` (all ones:
+rows are stored unpadded), `token_type_ids` (when the tokenizer makes them), `truncated` (the row was cut
+at max_length) and, on request, `offset_mapping`. Its manifest's `tokenized` entry says which tokenizer and
+max_length made the ids; a job that would tokenize differently refuses it instead of computing wrong vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "offset_mapping", "truncated")
+
+_TOKENIZERS: dict = {}  # per process; forked map workers inherit the parent's (never used in parallel)
+
+
+def cached_tokenizer(model_dir, trust_remote_code: bool = False):
+    from .models import load_tokenizer
+
+    key = (str(model_dir), trust_remote_code)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(Path(model_dir), trust_remote_code)
+    return _TOKENIZERS[key]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the ids: normaliser, pre-tokeniser, vocabulary, special tokens and post-processor (the
+    fast tokenizer's own serialisation), without the truncation/padding state that calls change. Two model
+    directories with the same tokenizer (a classifier fine-tuned from an embedding model) share it."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def expected_tokenization(model_dir, max_length: int | None, trust_remote_code: bool = False) -> dict:
+    """Tokenizer fingerprint and effective max_length for a model directory, without loading its weights."""
+    from transformers import AutoConfig
+
+    from .models import default_max_length
+
+    tokenizer = cached_tokenizer(model_dir, trust_remote_code)
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "max_length": max_length or default_max_length(Path(model_dir), tokenizer, config)}
+
+
+def truncation_flags(tokenizer, texts, pairs, ids, max_length: int) -> list[bool]:
+    """Which rows truncation cut: a cut row fills max_length exactly, so only those few are re-tokenized."""
+    flags = [False] * len(ids)
+    full = [i for i, row in enumerate(ids) if len(row) >= max_length]
+    if full:
+        lengths = tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs else None,
+                            truncation=False, padding=False, return_attention_mask=False,
+                            return_token_type_ids=False, verbose=False)["input_ids"]
+        for i, row in zip(full, lengths):
+            flags[i] = len(row) > max_length
+    return flags
+
+
+def token_features(tokenizer, offsets: bool):
+    import datasets
+
+    features = {"input_ids": datasets.Sequence(datasets.Value("int32")),
+                "attention_mask": datasets.Sequence(datasets.Value("int8"))}
+    if "token_type_ids" in tokenizer.model_input_names:
+        features["token_type_ids"] = datasets.Sequence(datasets.Value("int8"))
+    if offsets:
+        features["offset_mapping"] = datasets.Sequence(datasets.Sequence(datasets.Value("int32"), length=2))
+    features["truncated"] = datasets.Value("bool")
+    return features
+
+
+class TokenizeBatch:
+    """The `Dataset.map(batched=True)` function of `hfbatch tokenize`.
+
+    Spawn-safe: it pickles as its settings only; each worker process loads (or, forked, inherits) the
+    tokenizer itself. It never uses the tokenizer's own thread pool (TOKENIZERS_PARALLELISM=false is set
+    before workers start), so a forked worker cannot deadlock on a pool its parent started.
+    """
+
+    def __init__(self, model_dir, max_length: int, text_column: str, text_pair_column: str | None = None,
+                 offsets: bool = False, trust_remote_code: bool = False):
+        self.model_dir, self.max_length = str(model_dir), max_length
+        self.text_column, self.text_pair_column = text_column, text_pair_column
+        self.offsets, self.trust_remote_code = offsets, trust_remote_code
+
+    def __call__(self, batch: dict) -> dict:
+        tokenizer = cached_tokenizer(self.model_dir, self.trust_remote_code)
+        texts = batch[self.text_column]
+        pairs = batch[self.text_pair_column] if self.text_pair_column else None
+        with_types = "token_type_ids" in tokenizer.model_input_names
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=False,
+                            return_attention_mask=True, return_token_type_ids=with_types,
+                            return_offsets_mapping=self.offsets, return_overflowing_tokens=False)
+        out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if with_types:
+            out["token_type_ids"] = encoded["token_type_ids"]
+        if self.offsets:
+            out["offset_mapping"] = encoded["offset_mapping"]
+        out["truncated"] = truncation_flags(tokenizer, texts, pairs, encoded["input_ids"], self.max_length)
+        return out
+
+
+# ---- using a tokenized dataset -------------------------------------------------------------------------
+
+@dataclass
+class TokenizedSource:
+    """A tokenized input dataset as embed / classify see it."""
+
+    path: str
+    info: dict  # the manifest's `tokenized` entry
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns a job reads instead of the text (offsets are not needed to run a model)."""
+        return [c for c in ("input_ids", "token_type_ids", "truncated") if c in self.info["columns"]]
+
+    def check(self, job: str, model_dir, max_length: int | None, text_column: str,
+              text_pair_column: str | None = None, trust_remote_code: bool = False) -> None:
+        """Refuse (exit 2, one line) ids that this model and these options would not have made."""
+        wanted = expected_tokenization(model_dir, max_length, trust_remote_code)
+        info, fix = self.info, (f"re-run `hfbatch tokenize` with this model and options, or give {job} the "
+                                f"untokenized dataset")
+        if info.get("tokenizer_fingerprint") != wanted["tokenizer_fingerprint"]:
+            raise InputError(f"{self.path} was tokenized with another tokenizer ({info.get('model')}, tokenizer "
+                             f"{info.get('tokenizer_fingerprint')}) than {model_dir}'s "
+                             f"({wanted['tokenizer_fingerprint']}); {fix}")
+        if info.get("max_length") != wanted["max_length"]:
+            raise InputError(f"{self.path} was tokenized with max_length {info.get('max_length')}, this {job} "
+                             f"uses {wanted['max_length']}; {fix}")
+        for option, ours, theirs in (("--text-column", text_column, info.get("text_column")),
+                                     ("--text-pair-column", text_pair_column, info.get("text_pair_column"))):
+            if ours != theirs:
+                raise InputError(f"{self.path} was tokenized from {option} {theirs!r}, not {ours!r}; {fix}")
+
+    @staticmethod
+    def take(rows: dict, todo: list[int] | None = None):
+        """The `Tokenized` of the batch `rows` (a dataset slice as a dict), or of its rows `todo`."""
+        from .batching import Tokenized
+
+        pick = (lambda values: values) if todo is None else (lambda values: [values[r] for r in todo])
+        types = rows.get("token_type_ids")
+        return Tokenized(pick(rows["input_ids"]), None if types is None else pick(types),
+                         sum(pick(rows["truncated"])))
+
+
+def tokenized_source(path, manifest: dict, dataset) -> TokenizedSource | None:
+    """The tokenized view of an input dataset, or None when it holds text only."""
+    info = (manifest or {}).get("tokenized")
+    if not info:
+        return None
+    missing = [c for c in ("input_ids", "truncated") if c not in dataset.column_names]
+    if missing:
+        raise InputError(f"{path}: its manifest says it is tokenized, but it has no column "
+                         f"{', '.join(missing)}; re-run `hfbatch tokenize`")
+    return TokenizedSource(str(path), info)
+
+
+def open_tokens(job: str, path, manifest: dict, dataset, model_dir, max_length: int | None, text_column: str,
+                text_pair_column: str | None = None, trust_remote_code: bool = False):
+    """`(dataset, tokens)` for a job's input: a text dataset comes back as it is with tokens None; a
+    tokenized one is checked against the job's model and options (refused on any difference) and narrowed to
+    the columns the job reads, so its rows' offsets are never converted to Python."""
+    from . import log
+
+    tokens = tokenized_source(path, manifest, dataset)
+    if tokens is None:
+        return dataset, None
+    tokens.check(job, model_dir, max_length, text_column, text_pair_column, trust_remote_code)
+    log.event(job, "using_tokens", dataset=path, max_length=tokens.info["max_length"],
+              tokenizer=tokens.info["tokenizer_fingerprint"])
+    keep = ["id", text_column] + ([text_pair_column] if text_pair_column else []) + tokens.columns
+    return dataset.select_columns([c for c in dict.fromkeys(keep) if c in dataset.column_names]), tokens
