@@ -120,7 +120,8 @@ def main() -> None:
         from hfbatch.models import default_max_length, load_tokenizer
 
         # the model's own limit, as hfbatch reads it; the pipeline is given the same
-        max_length = default_max_length(model_dir, load_tokenizer(model_dir), AutoConfig.from_pretrained(str(model_dir)))
+        config = AutoConfig.from_pretrained(str(model_dir))
+        max_length = default_max_length(model_dir, load_tokenizer(model_dir), config)
         print(f"model: {model_note}; {len(texts)} docs; max_length {max_length}; {os.cpu_count()} CPUs",
               flush=True)
 

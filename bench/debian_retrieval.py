@@ -99,7 +99,8 @@ def main() -> None:
     with open(queries_path, "w") as f:
         for first, ids in groups.items():
             f.write(json.dumps({"query": first, "relevant": ids}) + "\n")
-    print(f"{len(docs):,} documents ({'whole descriptions' if args.keep_first_sentence else 'descriptions without their first sentence'}), "
+    kept = 'whole descriptions' if args.keep_first_sentence else 'descriptions without their first sentence'
+    print(f"{len(docs):,} documents ({kept}), "
           f"{len(groups):,} distinct first-sentence queries "
           f"({sum(len(v) > 1 for v in groups.values())} shared by several packages)", flush=True)
 

@@ -200,7 +200,8 @@ def main() -> int:
         print(f"  embed --incremental, tiny model: {tiny['incremental']:.2f} s / {tiny['scratch']:.2f} s = "
               f"{tiny['incremental'] / tiny['scratch']:.1%}")
         pipeline = ingest["incremental"] + tiny["incremental"], ingest["scratch"] + tiny["scratch"]
-        print(f"  ingest + embed, tiny model: {pipeline[0]:.2f} s / {pipeline[1]:.2f} s = {pipeline[0] / pipeline[1]:.1%}")
+        print(f"  ingest + embed, tiny model: {pipeline[0]:.2f} s / {pipeline[1]:.2f} s "
+              f"= {pipeline[0] / pipeline[1]:.1%}")
         if minilm:
             print(f"  embed --incremental, MiniLM (ESTIMATED): {minilm['incremental']:.1f} s / {minilm['full']:.0f} s "
                   f"= {minilm['incremental'] / minilm['full']:.1%}")

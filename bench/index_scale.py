@@ -306,7 +306,8 @@ def main() -> None:
     index_path = os.path.join(out_dir, "index.faiss")
     b = {"factory": m["factory"], "kind": m["kind"], "reasons": m["reasons"], "build_s": m["build_s"],
          "process_s": process_s, "process_cpu_s": process_cpu_s, "rss_peak_mb": peak_mb,
-         "phase_s": {k: m.get(k) for k in ("build_s", "gt_s", "tune_s", "save_s")}, "index_mb": os.path.getsize(index_path) / 2**20,
+         "phase_s": {k: m.get(k) for k in ("build_s", "gt_s", "tune_s", "save_s")},
+        "index_mb": os.path.getsize(index_path) / 2**20,
          "tuned_recall": m["recall_at_10"], "tuned_qps": m["qps"], "params": m["params"]}
     print(f"index: {b['factory']}  ({b['reasons']})")
     print(f"hfbatch index: {process_s:.1f} s whole process, {process_cpu_s:.1f} CPU-s (build {b['build_s']:.1f} s "

@@ -19,7 +19,6 @@ import gzip
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

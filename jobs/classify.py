@@ -6,8 +6,15 @@ import click
 
 from hfbatch import log
 from hfbatch.batching import prefetch
-from hfbatch.cli import (batching_options, device_options, force_option, json_summary, output_option,
-                         text_column_option, trust_remote_code_option)
+from hfbatch.cli import (
+    batching_options,
+    device_options,
+    force_option,
+    json_summary,
+    output_option,
+    text_column_option,
+    trust_remote_code_option,
+)
 from hfbatch.errors import InputError
 from hfbatch.runner import Job
 
@@ -56,7 +63,6 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
             return job.summary()
         from hfbatch.embedding import TextEmbedder
         from hfbatch.io import open_dataset, require_column
-
         from hfbatch.tokenized import open_tokens
 
         source, source_manifest = open_dataset(dataset)

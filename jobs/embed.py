@@ -6,8 +6,16 @@ import click
 
 from hfbatch import log
 from hfbatch.batching import prefetch
-from hfbatch.cli import (batching_options, device_options, force_option, json_summary, model_option,
-                         output_option, text_column_option, trust_remote_code_option)
+from hfbatch.cli import (
+    batching_options,
+    device_options,
+    force_option,
+    json_summary,
+    model_option,
+    output_option,
+    text_column_option,
+    trust_remote_code_option,
+)
 from hfbatch.embedding import TextEmbedder, embeddings_features, embeddings_table
 from hfbatch.hashing import HASH_FILE, SCHEME, read_hash_file, text_hashes, write_hash_file
 from hfbatch.runner import Job

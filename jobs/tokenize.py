@@ -7,8 +7,14 @@ import os
 import click
 
 from hfbatch import log
-from hfbatch.cli import (force_option, json_summary, model_option, output_option, text_column_option,
-                         trust_remote_code_option)
+from hfbatch.cli import (
+    force_option,
+    json_summary,
+    model_option,
+    output_option,
+    text_column_option,
+    trust_remote_code_option,
+)
 from hfbatch.errors import InputError
 from hfbatch.runner import Job
 

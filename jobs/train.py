@@ -9,8 +9,7 @@ from collections import Counter
 import click
 
 from hfbatch import log
-from hfbatch.cli import (force_option, json_summary, output_option, text_column_option,
-                         trust_remote_code_option)
+from hfbatch.cli import force_option, json_summary, output_option, text_column_option, trust_remote_code_option
 from hfbatch.errors import InputError
 from hfbatch.runner import Job
 
@@ -79,8 +78,15 @@ def _train(job, dataset, base_dir, bundled, config, save_steps, trust_remote_cod
     from hfbatch.batching import tokenize
     from hfbatch.io import open_dataset, require_column
     from hfbatch.models import choose_device, choose_precision, load_tokenizer, load_torch_model
-    from hfbatch.training import (Settings, classification_metrics, epoch_history, fine_tune, model_card,
-                                  per_label_scores, stratified_split)
+    from hfbatch.training import (
+        Settings,
+        classification_metrics,
+        epoch_history,
+        fine_tune,
+        model_card,
+        per_label_scores,
+        stratified_split,
+    )
 
     text_column, label_column = config["text_column"], config["label_column"]
     source, _ = open_dataset(dataset)

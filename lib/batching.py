@@ -4,9 +4,10 @@ run the model, restore the input order. One copy of this serves embed, classify 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 

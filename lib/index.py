@@ -19,8 +19,8 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -633,6 +633,7 @@ class ArrowVectors:
         import glob
         import json
         import mmap
+
         import pyarrow as pa
         import pyarrow.compute as pc
 

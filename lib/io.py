@@ -517,7 +517,8 @@ def read_csv(stream, source, schema: pa.Schema, fmt: str = "csv", block_bytes: i
         return "skip"
 
     try:
-        reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(use_threads=False, block_size=min(block_bytes, 1 << 30)),
+        read_options = pcsv.ReadOptions(use_threads=False, block_size=min(block_bytes, 1 << 30))
+        reader = pcsv.open_csv(stream, read_options=read_options,
                                parse_options=_csv_parse_options(fmt, on_invalid),
                                convert_options=pcsv.ConvertOptions(
                                    check_utf8=False, strings_can_be_null=False,

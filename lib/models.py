@@ -13,8 +13,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # numpy is imported where the heavy work starts
+    import numpy as np
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -150,7 +154,7 @@ def choose_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-def choose_backend(backend: str, device: str, pooling: "Pooling | None" = None) -> str:
+def choose_backend(backend: str, device: str, pooling: Pooling | None = None) -> str:
     """auto: OpenVINO on CPU (the fastest CPU engine measured here), torch on CUDA."""
     if backend == "auto":
         if device != "cpu" or (pooling is not None and pooling.mode == "mean_sqrt_len"):
@@ -224,7 +228,7 @@ class TorchEncoder:
         if device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
 
-    def __call__(self, batch: dict) -> "np.ndarray":
+    def __call__(self, batch: dict) -> np.ndarray:
         torch = self.torch
         inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()
                   if k != "token_type_ids" or self.accepts_token_types}
@@ -277,7 +281,7 @@ class OpenVINOBatchEncoder:
     """The OpenVINO engine behind the same `encoder(batch) -> [rows, dim]` interface as TorchEncoder.
     Pooling and normalisation are fused into the converted graph (cached per model content)."""
 
-    def __init__(self, path: Path, *, task: str, pooling: "Pooling | None", precision: str):
+    def __init__(self, path: Path, *, task: str, pooling: Pooling | None, precision: str):
         from .openvino_backend import OpenVINOEncoder
 
         if precision == "fp16":

@@ -20,10 +20,10 @@ import shutil
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable
 
 from . import __version__, log
 from .errors import Busy, InputError
@@ -249,7 +249,7 @@ class Job:
         self.started = time.monotonic()
 
     # -- lifecycle --
-    def __enter__(self) -> "Job":
+    def __enter__(self) -> Job:
         self.lock.acquire()
         try:
             self._check_existing()
@@ -370,7 +370,7 @@ class Job:
         return {
             "job": self.name,
             "hfbatch_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             # unique per publish: downstream jobs key their inputs on the manifest's hash, and two rebuilds
             # within the same second must still read as a change
             "build_id": uuid.uuid4().hex,

@@ -190,6 +190,7 @@ def model_card(*, name: str, base_model: str, architecture: str, parameters: int
     weakest = min(metrics["per_label"].items(), key=lambda item: item[1]["f1"])
     precision_note = ("bf16 mixed precision (autocast; the weights stay and are saved in fp32)"
                       if settings.precision == "bf16" else "fp32")
+    resumed = f" (resumed from step {metrics['resumed_from_step']})" if metrics["resumed_from_step"] else ""
     return f"""---
 library_name: transformers
 pipeline_tag: text-classification
@@ -257,7 +258,7 @@ Fine-tuned with `transformers.Trainer`: a new classification head on `{base_mode
 | seed | {settings.seed} (also of the train/eval split) |
 | model selection | evaluated every epoch; the checkpoint with the best eval macro-F1 is kept |
 
-Training took {metrics['train_seconds'] / 60:.1f} minutes{f" (resumed from step {metrics['resumed_from_step']})" if metrics['resumed_from_step'] else ""}.
+Training took {metrics['train_seconds'] / 60:.1f} minutes{resumed}.
 
 ## Evaluation results
 

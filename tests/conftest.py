@@ -109,6 +109,13 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def load(path):
+    """An output dataset, memory-mapped, as a reader would open it."""
+    import datasets
+
+    return datasets.load_from_disk(str(path))
+
+
 def invoke(runner: CliRunner, args: list[str], expect: int = 0):
     """Run `hfbatch ARGS` in-process; assert the exit code; return the result."""
     from hfbatch.cli import cli

@@ -5,16 +5,9 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-
-from conftest import SAMPLE, invoke, sample_rows, write_jsonl
+from conftest import SAMPLE, invoke, load, sample_rows, write_jsonl
 
 N, M = 64, 16  # the tiny tokenizer spells most words out: 388 of sample.jsonl's 400 texts are split
-
-
-def load(path):
-    import datasets
-
-    return datasets.load_from_disk(str(path))
 
 
 def manifest(path):

@@ -5,17 +5,10 @@ import json
 
 import numpy as np
 import pytest
-
-from conftest import invoke, sample_rows, write_jsonl
+from conftest import invoke, load, sample_rows, write_jsonl
 
 N_LABELS = 3
 N_ROWS = 150  # of the sample corpus: enough for every label to win somewhere, quick for the pipeline
-
-
-def load(path):
-    import datasets
-
-    return datasets.load_from_disk(str(path))
 
 
 @pytest.fixture(scope="module")

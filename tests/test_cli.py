@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import invoke, write_jsonl
+
 from hfbatch.cli import JOBS, cli
 
 

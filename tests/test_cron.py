@@ -1,7 +1,6 @@
 """Cron safety: one writer per output, no-op re-runs, refused changes, --force, resume after SIGKILL."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE, invoke, sample_rows, write_jsonl
 
 HFBATCH = [sys.executable, "-c", "from hfbatch.cli import main; main()"]

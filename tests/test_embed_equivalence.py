@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE, invoke, sample_rows
 
 st = pytest.importorskip("sentence_transformers")

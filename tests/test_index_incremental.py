@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import invoke, sample_rows, write_jsonl
 
 DIM = 32

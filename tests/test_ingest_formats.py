@@ -11,8 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
-from conftest import invoke
+from conftest import invoke, load
 
 ROWS = [
     {"id": 1, "section": "games", "text": "A chess game, for two players."},
@@ -22,12 +21,6 @@ ROWS = [
 ]
 COMPRESS = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
             "zst": lambda b: zstandard.ZstdCompressor().compress(b)}
-
-
-def load(path):
-    import datasets
-
-    return datasets.load_from_disk(str(path))
 
 
 def manifest(path):

@@ -4,13 +4,7 @@ ones dropped; the result is always exactly that of a from-scratch ingest of the 
 import json
 
 import pytest
-from conftest import invoke, sample_rows, write_jsonl
-
-
-def load(path):
-    import datasets
-
-    return datasets.load_from_disk(str(path))
+from conftest import invoke, load, sample_rows, write_jsonl
 
 
 def manifest(path):

@@ -4,14 +4,7 @@ byte-range shards (same result, resumable), and the manifest as `hfbatch info` s
 import json
 
 import pytest
-
-from conftest import SAMPLE, invoke, sample_rows
-
-
-def load(path):
-    import datasets
-
-    return datasets.load_from_disk(str(path))
+from conftest import SAMPLE, invoke, load, sample_rows
 
 
 def manifest(path):

@@ -5,14 +5,7 @@ import gzip
 import json
 
 import pytest
-
-from conftest import invoke
-
-
-def load(path):
-    import datasets
-
-    return datasets.load_from_disk(str(path))
+from conftest import invoke, load
 
 
 def rejects_of(out):
@@ -89,7 +82,8 @@ def test_csv_wrong_field_count_and_undecodable_keep_exact_row_numbers(runner, tm
     assert ds["text"][1] == "quoted, with a comma\nand a newline"
     assert [(r["row"], r["kind"]) for r in rejects_of(out)] == [
         (3, "wrong_field_count"), (5, "wrong_field_count"), (6, "undecodable")]
-    assert rejects_of(out)[0]["raw"] == "c,too,many,fields" and "expected 2 fields, got 4" in rejects_of(out)[0]["reason"]
+    first = rejects_of(out)[0]
+    assert first["raw"] == "c,too,many,fields" and "expected 2 fields, got 4" in first["reason"]
 
 
 def test_csv_value_of_the_wrong_type_rejects_its_row_only(runner, tmp_path):
@@ -100,7 +94,8 @@ def test_csv_value_of_the_wrong_type_rejects_its_row_only(runner, tmp_path):
     invoke(runner, ["ingest", tmp_path / "a.csv", tmp_path / "b.csv", "-o", tmp_path / "ds", "--max-rejects", "2"])
     assert load(tmp_path / "ds")["id"] == [1, 2, 3, 6]
     rejects = rejects_of(tmp_path / "ds")
-    assert [(r["source"], r["row"], r["kind"]) for r in rejects] == [("b.csv", 2, "bad_value"), ("b.csv", 3, "empty_text")]
+    assert [(r["source"], r["row"], r["kind"]) for r in rejects] == [("b.csv", 2, "bad_value"),
+                                                                     ("b.csv", 3, "empty_text")]
     assert "'x4' is not int64" in rejects[0]["reason"]
 
 
@@ -112,10 +107,12 @@ def test_text_undecodable_line(runner, tmp_path):
 
 
 def test_json_array_records(runner, tmp_path):
-    records = [{"id": 1, "text": "one"}, 42, {"id": "x", "text": "bad id"}, {"id": 4, "text": ""}, {"id": 5, "text": "five"}]
+    records = [{"id": 1, "text": "one"}, 42, {"id": "x", "text": "bad id"}, {"id": 4, "text": ""},
+               {"id": 5, "text": "five"}]
     _, out = ingest(runner, tmp_path, "a.json", json.dumps(records).encode())
     assert load(out)["id"] == [1, 5]
-    assert [(r["row"], r["kind"]) for r in rejects_of(out)] == [(2, "not_an_object"), (3, "bad_value"), (4, "empty_text")]
+    assert [(r["row"], r["kind"]) for r in rejects_of(out)] == [(2, "not_an_object"), (3, "bad_value"),
+                                                                 (4, "empty_text")]
 
 
 def test_duplicate_ids_across_files_and_by_file_undecodable(runner, tmp_path):

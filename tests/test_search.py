@@ -4,14 +4,7 @@ import json
 
 import numpy as np
 import pytest
-
-from conftest import SAMPLE, invoke, sample_rows
-
-
-def load(path):
-    import datasets
-
-    return datasets.load_from_disk(str(path))
+from conftest import SAMPLE, invoke, load, sample_rows
 
 
 @pytest.fixture(scope="module")

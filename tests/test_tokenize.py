@@ -10,17 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import SAMPLE, invoke, sample_rows
+from conftest import SAMPLE, invoke, load, sample_rows
 
 HFBATCH = Path(sys.executable).with_name("hfbatch")
 MAX_LENGTH = 64  # the tiny tokenizer splits most words into letters: most sample rows are longer
-
-
-def load(path):
-    import datasets
-
-    return datasets.load_from_disk(str(path))
 
 
 def manifest(path):
@@ -132,9 +125,8 @@ def test_classify_with_the_same_tokenizer_uses_the_tokens(runner, tmp_path, samp
 
 
 def test_other_tokenizer_or_max_length_is_refused(runner, tmp_path, tokens, tiny_model, tiny_model_factory):
-    from transformers import BertTokenizer
-
     from conftest import tiny_vocab
+    from transformers import BertTokenizer
 
     other = tiny_model_factory("tiny-cased", seed=1)
     BertTokenizer(vocab={w: i for i, w in enumerate(tiny_vocab())}, do_lower_case=False,

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import WORDS, invoke, write_jsonl
 
 HFBATCH = [sys.executable, "-c", "from hfbatch.cli import main; main()"]
