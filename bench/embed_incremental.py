@@ -14,27 +14,20 @@ import argparse
 import gzip
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
-import time
+
+from measure import run_hfbatch  # bench/ is on sys.path: these scripts run as `python bench/NAME.py`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(os.path.dirname(ROOT), "shared", "corpora", "debian-descriptions.jsonl.gz")
 
 
-def run(args: list[str]) -> tuple[float, float]:
-    exe = shutil.which("hfbatch", path=os.path.dirname(sys.executable)) or "hfbatch"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    done = subprocess.run([exe, *map(str, args)], capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode:
-        raise SystemExit(f"hfbatch {' '.join(map(str, args))} failed:\n{done.stderr[-3000:]}")
-    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+def run(args: list) -> tuple[float, float]:
+    """(wall, CPU seconds) of `hfbatch ARGS` as its own process."""
+    measured = run_hfbatch(args)
+    return measured.wall_s, measured.cpu_s
 
 
 def main() -> None:

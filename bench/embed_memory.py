@@ -3,7 +3,7 @@
 should follow --shard-rows, not the number of documents.
 
 For each N: `hfbatch ingest CORPUS --limit N` (not measured), then `hfbatch embed` as a child process whose
-VmHWM (the kernel's high-water mark of its resident set) is polled from /proc while it runs.
+peak resident set is read from its own rusage (bench/measure.py).
 
     .venv/bin/python bench/embed_memory.py --n 2000,10000 [--shard-rows 10000] [--workdir DIR]
 
@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed_vs_st import CORPUS, hfbatch_command, run_measured  # noqa: E402
+from embed_vs_st import CORPUS  # noqa: E402
+from measure import hfbatch_command, run_measured  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +44,8 @@ def main() -> None:
                      "--json"]
         if args.shard_rows:
             cmd += ["--shard-rows", str(args.shard_rows)]
-        done, wall, peak = run_measured(cmd, poll_s=0.2)
+        measured = run_measured(cmd)
+        done, wall, peak = measured.done, measured.wall_s, measured.peak_rss_mb
         if done.returncode != 0:
             raise SystemExit(f"hfbatch embed failed:\n{done.stderr}")
         manifest = json.loads((work / f"emb-{n}" / "manifest.json").read_text())

@@ -27,14 +27,13 @@ import argparse
 import gzip
 import json
 import os
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from measure import hfbatch_command, run_measured
 
 CORPUS = "/work/shared/corpora/debian-descriptions.jsonl.gz"
 ST_OV_PYTHON = "/tmp/ovst2-venv/bin/python"
@@ -81,30 +80,6 @@ def st_openvino(args, work: Path) -> tuple[np.ndarray | None, float | None, str]
         return None, None, f"skipped: the subprocess failed ({(done.stderr.strip().splitlines() or ['?'])[-1]})"
     secs, load = (float(x) for x in done.stdout.strip().splitlines()[-1].split())
     return np.load(out), secs, f"subprocess {args.st_ov_python} (model load + export {load:.1f} s, not timed)"
-
-
-def hfbatch_command() -> list[str]:
-    exe = shutil.which("hfbatch", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-c", "from hfbatch.cli import main; main()"]
-
-
-def run_measured(cmd: list[str], poll_s: float = 0.05) -> tuple[subprocess.CompletedProcess, float, float]:
-    """(completed process, wall seconds, peak RSS MB from the child's VmHWM, polled while it runs)."""
-    t = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        peak_kb = 0
-        while proc.poll() is None:
-            try:
-                with open(f"/proc/{proc.pid}/status") as f:
-                    peak_kb = max([peak_kb] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
-            except (OSError, ValueError):
-                pass
-            time.sleep(poll_s)
-        wall = time.perf_counter() - t
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), wall, peak_kb / 1024
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -173,8 +148,9 @@ def main() -> None:
                               "--precision", precision, "--force"], check=True, capture_output=True)
     for precision in precisions:
         out = work / f"emb-{precision}"
-        done, wall, peak = run_measured(exe + ["embed", str(work / "ds"), "-o", str(out), "--model", args.model,
-                                               "--precision", precision, "--force", "--json"])
+        measured = run_measured(exe + ["embed", str(work / "ds"), "-o", str(out), "--model", args.model,
+                                       "--precision", precision, "--force", "--json"])
+        done, wall, peak = measured.done, measured.wall_s, measured.peak_rss_mb
         if done.returncode != 0:
             raise SystemExit(f"hfbatch embed failed:\n{done.stderr}")
         manifest = json.loads((out / "manifest.json").read_text())

@@ -27,11 +27,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from measure import run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpora" / "debian-descriptions.jsonl.gz"
@@ -41,13 +41,10 @@ HFBATCH = "import sys; from hfbatch.cli import main; sys.argv[0] = 'hfbatch'; ma
 def hfbatch(args: list, env: dict) -> tuple[dict, float]:
     """Run `hfbatch ARGS --json` as its own process: (its summary, wall seconds). The summary's `seconds`
     is the job's own time (no interpreter start, no import of hfbatch and click)."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", HFBATCH, *map(str, args), "--json"], env=env, check=False,
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): hfbatch {' '.join(map(str, args))}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.splitlines()[-1]), wall
+    run = run_measured([sys.executable, "-c", HFBATCH, *args, "--json"], env)
+    if run.done.returncode != 0:
+        sys.exit(f"failed ({run.done.returncode}): hfbatch {' '.join(map(str, args))}\n{run.done.stderr[-3000:]}")
+    return json.loads(run.done.stdout.splitlines()[-1]), run.wall_s
 
 
 def split_corpus(rows: list[dict], directory: Path, files: int) -> None:

@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from measure import run_hfbatch  # noqa: E402
 
 
 def publish_embeddings(path: str, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -45,17 +43,10 @@ def publish_embeddings(path: str, ids: np.ndarray, vectors: np.ndarray) -> None:
                             extra={"dim": vectors.shape[1]})
 
 
-def run(args: list[str]) -> tuple[float, float]:
-    """Wall and CPU seconds of `hfbatch ARGS` as its own process."""
-    exe = shutil.which("hfbatch", path=os.path.dirname(sys.executable)) or "hfbatch"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    done = subprocess.run([exe, *args], capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode:
-        raise SystemExit(f"hfbatch {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+def run(args: list) -> tuple[float, float]:
+    """(wall, CPU seconds) of `hfbatch ARGS` as its own process."""
+    measured = run_hfbatch(args)
+    return measured.wall_s, measured.cpu_s
 
 
 def main() -> None:

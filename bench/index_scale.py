@@ -14,7 +14,7 @@ hard to index as real text embeddings and saves them as a `datasets` Dataset
      process: wall time including imports, reading, building, tuning to
      --target recall@10 and saving (target <= 30 s), its CPU seconds (all
      threads: on a shared machine, CPU-s / cores is what the wall time would
-     be on idle cores, at best) and its peak RSS (VmHWM from /proc, target
+     be on idle cores, at best) and its peak RSS (its own rusage ru_maxrss, target
      <= 2.5 GB). The build time, the other phase times (exact neighbours,
      tuning, saving), the search parameters and the tuning-set recall/QPS are
      read from the manifest it writes;
@@ -40,11 +40,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
+from measure import hfbatch_command, run_measured
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -186,43 +186,6 @@ def as_embed_output(dataset: str, workdir: str) -> str:
     return out
 
 
-def hfbatch_command() -> list[str]:
-    exe = shutil.which("hfbatch", path=os.path.dirname(sys.executable)) or shutil.which("hfbatch")
-    return [exe] if exe else [sys.executable, "-c", "from hfbatch.cli import main; main()"]
-
-
-def run_measured(cmd: list[str], poll_s: float = 0.05) -> tuple[subprocess.CompletedProcess, float, float, float]:
-    """Run cmd; return (completed process, wall seconds, peak RSS MB, CPU seconds). The peak is the child's
-    own VmHWM (high-water mark), read from /proc while it runs: the last reading is at most poll_s before it
-    exits. CPU seconds (user + system, all threads) hardly depend on what else runs on a shared machine, so
-    they show what the wall time would be on idle cores: about CPU seconds / cores, at best."""
-    import resource
-    import tempfile
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        peak_kb = 0
-        status = f"/proc/{proc.pid}/status"
-        while proc.poll() is None:
-            try:
-                with open(status) as f:
-                    for line in f:
-                        if line.startswith("VmHWM:"):
-                            peak_kb = max(peak_kb, int(line.split()[1]))
-                            break
-            except (OSError, ValueError):
-                pass
-            time.sleep(poll_s)
-        wall = time.perf_counter() - t
-        out.seek(0)
-        err.seek(0)
-        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return done, wall, peak_kb / 1024, cpu
-
-
 def phases(stderr: str, started: float) -> str:
     """When `hfbatch index` logged its plan (data opened), quality (built, tuned) and published (saved)."""
     import datetime
@@ -295,7 +258,8 @@ def main() -> None:
         cmd += ["--memory-budget", f"{args.budget_gb}GB"]
     print("running:", " ".join(cmd), flush=True)
     started = time.time()
-    done, process_s, peak_mb, process_cpu_s = run_measured(cmd)
+    measured = run_measured(cmd)
+    done, process_s, peak_mb, process_cpu_s = measured.done, measured.wall_s, measured.peak_rss_mb, measured.cpu_s
     with open(out_dir + ".log", "w") as f:
         f.write(done.stderr)
     if done.returncode != 0:
@@ -311,7 +275,7 @@ def main() -> None:
          "tuned_recall": m["recall_at_10"], "tuned_qps": m["qps"], "params": m["params"]}
     print(f"index: {b['factory']}  ({b['reasons']})")
     print(f"hfbatch index: {process_s:.1f} s whole process, {process_cpu_s:.1f} CPU-s (build {b['build_s']:.1f} s "
-          f"as recorded), peak RSS {peak_mb:,.0f} MB (VmHWM), file {b['index_mb']:,.0f} MB")
+          f"as recorded), peak RSS {peak_mb:,.0f} MB (ru_maxrss), file {b['index_mb']:,.0f} MB")
     print(f"phases (s since start, from its log): {phases(done.stderr, started)}; "
           f"recorded: {', '.join(f'{k} {v:.1f}' for k, v in b['phase_s'].items() if v is not None)}")
     print(f"manifest: params {m['params']}, recall@10 {m['recall_at_10']:.4f} and {m['qps']:,.0f} QPS "

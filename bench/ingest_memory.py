@@ -19,11 +19,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpora" / "debian-descriptions.jsonl.gz"
@@ -49,16 +50,10 @@ print(n, chars)
 
 def measured(args: list[str], env: dict) -> dict:
     """Run a child and read its own rusage (peak RSS of that child alone, not the max over all children)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    out_path, err_path = proc.stdout, proc.stderr
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = out_path.read(), err_path.read()
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(args[:4])} ...\n{err[-2000:]}")
-    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024, "out": out}
+    run = run_measured(args, env)
+    if run.done.returncode != 0:
+        sys.exit(f"failed ({run.done.returncode}): {' '.join(args[:4])} ...\n{run.done.stderr[-2000:]}")
+    return {"wall": run.wall_s, "cpu": run.cpu_s, "rss_mb": run.peak_rss_mb, "out": run.done.stdout}
 
 
 def make_corpus(path: Path, repeat: int) -> int:
