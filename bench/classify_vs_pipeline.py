@@ -131,6 +131,11 @@ def main() -> None:
         default, figures["hfbatch_default"], settings = run_hfbatch(model_dir, texts, max_length, "auto")
         exact, figures["hfbatch_fp32"], _ = run_hfbatch(model_dir, texts, max_length, "fp32")
         figures["hfbatch_cli_default"] = run_cli(model_dir, texts, tmp)
+        from cpu_roof import ceiling, describe
+
+        from hfbatch.models import cpu_has_bf16
+
+        roof = ceiling(model_dir, texts, "bfloat16" if cpu_has_bf16() else "float32")
 
     rates = {name: len(texts) / seconds for name, seconds in figures.items()}
     best_pipeline = max(rates["pipeline"], rates["pipeline_batch32"])
@@ -143,6 +148,7 @@ def main() -> None:
         "top_label_agreement_default_vs_fp32_pipeline": float((default.argmax(axis=1) == top).mean()),
         "top_label_agreement_fp32_vs_fp32_pipeline": float((exact.argmax(axis=1) == top).mean()),
         "max_score_diff_fp32_vs_pipeline": float(np.abs(exact - reference).max()),
+        "roof": roof, "default_share_of_roof": round(rates["hfbatch_default"] / roof["docs_per_s"], 2),
     }
     for name, rate in report["docs_per_s"].items():
         print(f"  {name:<22} {rate:8.1f} docs/s   {figures[name]:7.1f} s")
@@ -150,6 +156,8 @@ def main() -> None:
                 "top_label_agreement_default_vs_fp32_pipeline", "top_label_agreement_fp32_vs_fp32_pipeline",
                 "max_score_diff_fp32_vs_pipeline"):
         print(f"{key}: {report[key]}")
+    print(describe(roof, best_pipeline, "the faster pipeline") +
+          f"; hfbatch default is at {report['default_share_of_roof']:.0%} of it")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

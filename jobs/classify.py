@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import click
 
 from hfbatch import log
-from hfbatch.batching import prefetch
 from hfbatch.cli import (
     batching_options,
     device_options,
@@ -37,8 +39,8 @@ from hfbatch.runner import Job
 @trust_remote_code_option
 @force_option
 @json_summary("classify")
-def classify(dataset, output, model, text_column, text_pair_column, top_k, multi_label, device, precision,
-             backend, max_length, batch_tokens, shard_rows, trust_remote_code, force):
+def classify(dataset, output, model, text_column, text_pair_column, top_k, multi_label, device, devices,
+             precision, backend, max_length, batch_tokens, shard_rows, trust_remote_code, force):
     """Classify the TEXT_COLUMN of DATASET (an `hfbatch ingest` or `hfbatch tokenize` output) into OUTPUT.
 
     OUTPUT has columns `id`, `label` (from the model's id2label) and `score` (softmax probability, or
@@ -58,49 +60,97 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
               "multi_label": multi_label, "device": device, "precision": precision, "backend": backend,
               "max_length": max_length, "shard_rows": shard_rows}
 
+    if devices:
+        from hfbatch.devices import check_devices
+
+        check_devices(devices, device)
+        config["devices"] = devices  # only when given: single-device outputs keep their old config
+
     with Job("classify", output, config=config, datasets=[dataset], force=force) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
-        from hfbatch.embedding import TextEmbedder
+        from hfbatch.devices import run_shards
         from hfbatch.io import open_dataset, require_column
-        from hfbatch.tokenized import open_tokens
 
-        source, source_manifest = open_dataset(dataset)
+        source, _ = open_dataset(dataset)
         require_column(source, text_column, dataset)
         if text_pair_column:
             require_column(source, text_pair_column, dataset, option="--text-pair-column")
-        source, tokens = open_tokens("classify", dataset, source_manifest, source, model_dir, max_length,
-                                     text_column, text_pair_column, trust_remote_code)  # None: text
         n_shards = max(1, -(-len(source) // shard_rows))
-        classifier = TextEmbedder(model_dir, task="classify", backend=backend, device=device,
-                                  precision=precision, max_length=max_length, batch_tokens=batch_tokens,
-                                  trust_remote_code=trust_remote_code)
-        labels = [classifier.config.id2label[i] for i in range(classifier.dim)]
-        k = min(top_k, len(labels)) if top_k else None
+        plan = ClassifyPlan(dataset=str(dataset), text_column=text_column, text_pair_column=text_pair_column,
+                            model_dir=str(model_dir), device=device, precision=precision, backend=backend,
+                            max_length=max_length, batch_tokens=batch_tokens, trust_remote_code=trust_remote_code,
+                            shard_rows=shard_rows, multi_label=multi_label, top_k=top_k)
         pending = job.pending(n_shards)
         progress = log.Progress("classify", sum(min(shard_rows, len(source) - i * shard_rows) for i in pending))
-
-        def tokenize_shard(i):
-            rows = source[i * shard_rows:(i + 1) * shard_rows]
-            if tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
-                return rows["id"], tokens.take(rows)
-            return rows["id"], classifier.tokenize(rows[text_column], rows[text_pair_column]
-                                                   if text_pair_column else None)
-
-        for i, (ids, tokenized) in prefetch(tokenize_shard, pending):  # the next shard tokenizes meanwhile
-            scores = probabilities(classifier.run(tokenized, on_batch=progress.update), multi_label)
-            job.write_shard(i, labels_table(ids, scores, labels, k), truncated=tokenized.truncated)
+        info = run_shards(job, pending, functools.partial(ClassifyShards, plan), devices, progress)
         progress.close()
+        k = min(top_k, len(info["labels"])) if top_k else None
         job.publish_dataset(n_shards, labels_features(source.features["id"], k), extra={
             "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
-            "text_pair_column": text_pair_column, "model": str(model_dir), "labels": labels,
-            "scores": "sigmoid" if multi_label or len(labels) == 1 else "softmax",
-            "max_length": classifier.max_length, **classifier.settings})
+            "text_pair_column": text_pair_column, "model": str(model_dir),
+            "scores": "sigmoid" if multi_label or len(info["labels"]) == 1 else "softmax", **info})
         truncated = job.manifest["counts"].get("truncated", 0)
         if truncated:
-            log.warn("classify", "truncated", rows=truncated, max_length=classifier.max_length,
+            log.warn("classify", "truncated", rows=truncated, max_length=info["max_length"],
                      hint="raise --max-length if the model allows it")
         return job.summary()
+
+
+@dataclass(frozen=True)
+class ClassifyPlan:
+    """What a process needs to classify shards of one run; picklable, so --devices workers get it."""
+
+    dataset: str
+    text_column: str
+    text_pair_column: str | None
+    model_dir: str
+    device: str
+    precision: str
+    backend: str
+    max_length: int | None
+    batch_tokens: int
+    trust_remote_code: bool
+    shard_rows: int
+    multi_label: bool
+    top_k: int | None
+
+
+class ClassifyShards:
+    """One process's classify work (see hfbatch.devices): the dataset and the model on `device`."""
+
+    def __init__(self, plan: ClassifyPlan, device: str | None = None):
+        from pathlib import Path
+
+        from hfbatch.embedding import TextEmbedder
+        from hfbatch.io import open_dataset
+        from hfbatch.tokenized import open_tokens
+
+        self.plan = plan
+        model_dir = Path(plan.model_dir)
+        source, source_manifest = open_dataset(plan.dataset)
+        self.source, self.tokens = open_tokens("classify", plan.dataset, source_manifest, source, model_dir,
+                                               plan.max_length, plan.text_column, plan.text_pair_column,
+                                               plan.trust_remote_code)  # tokens: None for a text dataset
+        self.classifier = TextEmbedder(model_dir, task="classify", backend=plan.backend, device=device or plan.device,
+                                       precision=plan.precision, max_length=plan.max_length,
+                                       batch_tokens=plan.batch_tokens, trust_remote_code=plan.trust_remote_code)
+        self.labels = [self.classifier.config.id2label[i] for i in range(self.classifier.dim)]
+        self.k = min(plan.top_k, len(self.labels)) if plan.top_k else None
+        self.info = {"labels": self.labels, "max_length": self.classifier.max_length, **self.classifier.settings}
+
+    def prepare(self, i):
+        plan = self.plan
+        rows = self.source[i * plan.shard_rows:(i + 1) * plan.shard_rows]
+        if self.tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
+            return rows["id"], self.tokens.take(rows)
+        return rows["id"], self.classifier.tokenize(rows[plan.text_column], rows[plan.text_pair_column]
+                                                    if plan.text_pair_column else None)
+
+    def compute(self, i, prepared, on_rows):
+        ids, tokenized = prepared
+        scores = probabilities(self.classifier.run(tokenized, on_batch=on_rows), self.plan.multi_label)
+        return labels_table(ids, scores, self.labels, self.k), {"truncated": tokenized.truncated}
 
 
 def read_head(model_dir) -> dict:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import click
 
 from hfbatch import log
-from hfbatch.batching import prefetch
 from hfbatch.cli import (
     batching_options,
     device_options,
@@ -43,7 +45,7 @@ from hfbatch.runner import Job
 @click.option("--chunk-overlap", type=click.IntRange(min=0), default=None, metavar="M",
               help="Tokens shared by consecutive windows (below N; default 0).")
 @json_summary("embed")
-def embed(dataset, output, model, text_column, device, precision, backend, max_length, batch_tokens,
+def embed(dataset, output, model, text_column, device, devices, precision, backend, max_length, batch_tokens,
           shard_rows, trust_remote_code, force, incremental, num_shards, shard_index, chunk_tokens, chunk_overlap):
     """Embed the TEXT_COLUMN of DATASET (an `hfbatch ingest` or `hfbatch tokenize` output) into OUTPUT.
 
@@ -62,9 +64,9 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
         hfbatch embed out/dataset -o out/embeddings --precision fp32
         hfbatch embed out/dataset -o out/chunks --chunk-tokens 128 --chunk-overlap 32
     """
+    from hfbatch.devices import check_devices, run_shards
     from hfbatch.io import open_dataset, require_column
     from hfbatch.models import model_fingerprint, resolve_model_dir
-    from hfbatch.tokenized import open_tokens
 
     if shard_index >= num_shards:
         raise click.BadParameter(f"{shard_index} is not below --num-shards {num_shards}", param_hint="--shard-index")
@@ -73,6 +75,9 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
     config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
               "text_column": text_column, "device": device, "precision": precision, "backend": backend,
               "max_length": max_length, "shard_rows": shard_rows}
+    if devices:
+        check_devices(devices, device)
+        config["devices"] = devices  # only when given: single-device outputs keep their old config
     if num_shards > 1:
         config.update(num_shards=num_shards, shard_index=shard_index)
     if chunking:
@@ -82,65 +87,145 @@ def embed(dataset, output, model, text_column, device, precision, backend, max_l
     with Job("embed", output, config=config, datasets=[dataset], force=force, incremental=incremental) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
-        source, source_manifest = open_dataset(dataset)
+        source, _ = open_dataset(dataset)
         require_column(source, text_column, dataset)
-        source, tokens = open_tokens("embed", dataset, source_manifest, source, model_dir, max_length, text_column,
-                                     trust_remote_code=trust_remote_code)  # tokens: None for a text dataset
-        total_rows = len(source)
-        start, stop = slice_bounds(total_rows, num_shards, shard_index)
-        if num_shards > 1:
-            source = source.select(range(start, stop))
-        n_shards = max(1, -(-len(source) // shard_rows))
-        if chunking:  # refuse a window the model cannot take before loading its weights
-            from hfbatch.chunking import check_chunk_options, model_content_limit
-
-            check_chunk_options(chunk_tokens, chunking["chunk_overlap"],
-                                model_content_limit(model_dir, max_length, trust_remote_code))
-        embedder = TextEmbedder(model_dir, backend=backend, device=device, precision=precision,
-                                max_length=max_length, batch_tokens=batch_tokens,
-                                trust_remote_code=trust_remote_code)
-        extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
-                 "model": str(model_dir), "dim": embedder.dim, "max_length": embedder.max_length,
-                 "slice": {"index": shard_index, "count": num_shards, "start": start, "stop": stop},
-                 **embedder.settings}
-        if chunking:
-            return embed_chunks(job, source, embedder, text_column, shard_rows, n_shards, chunking, extra)
+        start, stop = slice_bounds(len(source), num_shards, shard_index)
+        n_shards = max(1, -(-(stop - start) // shard_rows))
+        plan = EmbedPlan(dataset=str(dataset), text_column=text_column, model_dir=str(model_dir), device=device,
+                         precision=precision, backend=backend, max_length=max_length, batch_tokens=batch_tokens,
+                         trust_remote_code=trust_remote_code, shard_rows=shard_rows, num_shards=num_shards,
+                         shard_index=shard_index, chunking=chunking,
+                         previous_output=str(job.output) if job.previous else None)
         pending = job.pending(n_shards)
-        progress = log.Progress("embed", sum(_shard_len(len(source), shard_rows, i) for i in pending))
-
-        previous = PreviousVectors(job.output) if job.previous else None
-        scheme = previous.scheme if previous else SCHEME  # compare hashes of the same kind
-        given = given_hashes(dataset, text_column, scheme, total_rows, start, stop)
-
-        def work_of(i):
-            """(ids, hashes, rows to compute, their tokens) of shard i; the rest is reused from `previous`."""
-            rows = source[i * shard_rows:(i + 1) * shard_rows]
-            hashes = given[i * shard_rows:(i + 1) * shard_rows] if given is not None \
-                else text_hashes(rows[text_column], scheme)
-            todo = list(range(len(hashes))) if previous is None else \
-                [r for r, (row_id, h) in enumerate(zip(rows["id"], hashes)) if not previous.has(row_id, h)]
-            if tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
-                return rows["id"], hashes, todo, tokens.take(rows, todo)
-            return rows["id"], hashes, todo, embedder.tokenize([rows[text_column][r] for r in todo])
-
-        for i, (ids, hashes, todo, tokenized) in prefetch(work_of, pending):  # next shard tokenizes meanwhile
-            computed = embedder.run(tokenized, on_batch=progress.update)
-            if previous is None:
-                vectors = computed
-            else:
-                vectors = previous.vectors_for(ids)  # reused rows; the computed ones are filled in below
-                vectors[todo] = computed
-                progress.update(len(ids) - len(todo))
-            job.write_shard(i, embeddings_table(ids, vectors, embedder.dim, hashes),
-                            truncated=tokenized.truncated, computed=len(todo), reused=len(ids) - len(todo))
+        progress = log.Progress("embed", sum(_shard_len(stop - start, shard_rows, i) for i in pending))
+        info = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress)
         progress.close()
-        features = embeddings_features(source.features["id"], embedder.dim)
-        job.publish_dataset(n_shards, features, fill=_write_hashes(scheme), extra=extra)
+        extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
+                 "model": str(model_dir), **info}
+        if chunking:
+            from hfbatch.chunking import chunk_features
+
+            # the shards are the output rows in its schema: they become its data files without another copy
+            manifest = job.publish_dataset(n_shards, chunk_features(source.features["id"], info["dim"]),
+                                           extra={**extra, "chunking": chunking}, reuse_shards=True)
+            counts = manifest["counts"]
+            log.event("embed", "chunked", documents=counts.get("documents", 0), chunks=counts.get("chunks", 0),
+                      split_documents=counts.get("split_documents", 0))
+            return job.summary()
+        features = embeddings_features(source.features["id"], info["dim"])
+        job.publish_dataset(n_shards, features, fill=_write_hashes(info["hash_scheme"]),
+                            extra={k: v for k, v in extra.items() if k != "hash_scheme"})
         truncated = job.manifest["counts"].get("truncated", 0)
         if truncated:
-            log.warn("embed", "truncated", rows=truncated, max_length=embedder.max_length,
+            log.warn("embed", "truncated", rows=truncated, max_length=info["max_length"],
                      hint="raise --max-length if the model allows it")
         return job.summary()
+
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    """What a process needs to compute shards of one embed run; picklable, so --devices workers get it."""
+
+    dataset: str
+    text_column: str
+    model_dir: str
+    device: str
+    precision: str
+    backend: str
+    max_length: int | None
+    batch_tokens: int
+    trust_remote_code: bool
+    shard_rows: int
+    num_shards: int
+    shard_index: int
+    chunking: dict  # {} without --chunk-tokens
+    previous_output: str | None  # the output that --incremental updates
+
+
+class EmbedShards:
+    """One process's embed work (see hfbatch.devices): the dataset slice, the model on `device`, and with
+    --incremental the vectors being reused."""
+
+    def __init__(self, plan: EmbedPlan, device: str | None = None):
+        from pathlib import Path
+
+        from hfbatch.io import open_dataset, require_column
+        from hfbatch.tokenized import open_tokens
+
+        self.plan = plan
+        model_dir = Path(plan.model_dir)
+        source, source_manifest = open_dataset(plan.dataset)
+        require_column(source, plan.text_column, plan.dataset)
+        source, self.tokens = open_tokens("embed", plan.dataset, source_manifest, source, model_dir, plan.max_length,
+                                          plan.text_column, trust_remote_code=plan.trust_remote_code)  # None: text
+        total_rows = len(source)
+        start, stop = slice_bounds(total_rows, plan.num_shards, plan.shard_index)
+        self.source = source.select(range(start, stop)) if plan.num_shards > 1 else source
+        if plan.chunking:  # refuse a window the model cannot take before loading its weights
+            from hfbatch.chunking import check_chunk_options, model_content_limit
+
+            check_chunk_options(plan.chunking["chunk_tokens"], plan.chunking["chunk_overlap"],
+                                model_content_limit(model_dir, plan.max_length, plan.trust_remote_code))
+        self.embedder = TextEmbedder(model_dir, backend=plan.backend, device=device or plan.device,
+                                     precision=plan.precision, max_length=plan.max_length,
+                                     batch_tokens=plan.batch_tokens, trust_remote_code=plan.trust_remote_code)
+        self.previous = PreviousVectors(plan.previous_output) if plan.previous_output else None
+        self.scheme = self.previous.scheme if self.previous else SCHEME  # compare hashes of the same kind
+        self.given = None if plan.chunking else \
+            given_hashes(plan.dataset, plan.text_column, self.scheme, total_rows, start, stop)
+        self.info = {"dim": self.embedder.dim, "max_length": self.embedder.max_length,
+                     "slice": {"index": plan.shard_index, "count": plan.num_shards, "start": start, "stop": stop},
+                     **self.embedder.settings}
+        if not plan.chunking:
+            self.info["hash_scheme"] = self.scheme
+
+    def _rows(self, i):
+        rows_per_shard = self.plan.shard_rows
+        return self.source[i * rows_per_shard:(i + 1) * rows_per_shard]
+
+    def prepare(self, i):
+        """Shard i's ids and tokens; without chunking also its text hashes and the rows to compute (the rest
+        is reused from the output being updated)."""
+        import numpy as np
+
+        rows, column = self._rows(i), self.plan.text_column
+        if self.plan.chunking:
+            from hfbatch.chunking import chunk_texts
+
+            return rows["id"], chunk_texts(self.embedder.tokenizer, rows[column], self.plan.chunking["chunk_tokens"],
+                                           self.plan.chunking["chunk_overlap"])
+        lo = i * self.plan.shard_rows
+        hashes = self.given[lo:lo + len(rows["id"])] if self.given is not None \
+            else text_hashes(rows[column], self.scheme)
+        old_rows = None if self.previous is None else self.previous.reusable(rows["id"], hashes)
+        todo = list(range(len(hashes))) if old_rows is None else np.flatnonzero(old_rows < 0).tolist()
+        if self.tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
+            tokenized = self.tokens.take(rows, todo)
+        else:
+            tokenized = self.embedder.tokenize([rows[column][r] for r in todo])
+        return rows["id"], hashes, old_rows, todo, tokenized
+
+    def compute(self, i, prepared, on_rows):
+        if self.plan.chunking:
+            from hfbatch.chunking import chunk_features, chunks_table
+
+            ids, chunks = prepared
+            vectors = self.embedder.run(chunks.tokenized)
+            on_rows(len(ids))
+            split = sum(c == 1 for c in chunks.chunk)  # documents with a second window
+            features = chunk_features(self.source.features["id"], self.embedder.dim)
+            return chunks_table(ids, chunks, vectors, features), {
+                "documents": len(ids), "chunks": len(chunks), "split_documents": split}
+        ids, hashes, old_rows, todo, tokenized = prepared
+        computed = self.embedder.run(tokenized, on_batch=on_rows)
+        if old_rows is None:
+            vectors = computed
+        else:
+            vectors = self.previous.vectors(old_rows)  # reused rows; the computed ones are filled in below
+            vectors[todo] = computed
+            on_rows(len(ids) - len(todo))
+        return embeddings_table(ids, vectors, self.embedder.dim, hashes), {
+            "truncated": tokenized.truncated, "computed": len(todo), "reused": len(ids) - len(todo)}
 
 
 def chunking_config(chunk_tokens, chunk_overlap, incremental) -> dict:
@@ -159,34 +244,6 @@ def chunking_config(chunk_tokens, chunk_overlap, incremental) -> dict:
     chunk_overlap = chunk_overlap or 0
     check_chunk_options(chunk_tokens, chunk_overlap)
     return {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap}
-
-
-def embed_chunks(job, source, embedder, text_column, shard_rows, n_shards, chunking, extra):
-    """The --chunk-tokens path: each shard of documents becomes a shard of window rows (see hfbatch.chunking)."""
-    from hfbatch.chunking import chunk_features, chunk_texts, chunks_table
-
-    features = chunk_features(source.features["id"], embedder.dim)
-    pending = job.pending(n_shards)
-    progress = log.Progress("embed", sum(_shard_len(len(source), shard_rows, i) for i in pending))
-
-    def work_of(i):
-        rows = source[i * shard_rows:(i + 1) * shard_rows]
-        return rows["id"], chunk_texts(embedder.tokenizer, rows[text_column], chunking["chunk_tokens"],
-                                       chunking["chunk_overlap"])
-
-    for i, (ids, chunks) in prefetch(work_of, pending):  # the next shard is cut into windows meanwhile
-        vectors = embedder.run(chunks.tokenized)
-        split = sum(c == 1 for c in chunks.chunk)  # documents with a second window
-        job.write_shard(i, chunks_table(ids, chunks, vectors, features), documents=len(ids), chunks=len(chunks),
-                        split_documents=split)
-        progress.update(len(ids))
-    progress.close()
-    # the shards are the output rows in its schema: they become its data files without another copy
-    manifest = job.publish_dataset(n_shards, features, extra={**extra, "chunking": chunking}, reuse_shards=True)
-    counts = manifest["counts"]
-    log.event("embed", "chunked", documents=counts.get("documents", 0), chunks=counts.get("chunks", 0),
-              split_documents=counts.get("split_documents", 0))
-    return job.summary()
 
 
 def slice_bounds(total, num_shards, shard_index):
@@ -219,11 +276,14 @@ def _write_hashes(scheme):
 
 
 class PreviousVectors:
-    """The output being updated by --incremental: id -> (row, text hash), vectors memory-mapped."""
+    """The output being updated by --incremental: id -> its row and text hash (one hash table, built once),
+    vectors taken from the memory-mapped output by row, so reusing 1M old vectors does not copy them all
+    into memory (and each --devices worker maps the same pages)."""
 
     def __init__(self, path):
         import datasets
         import numpy as np
+        import pandas as pd
 
         from hfbatch.errors import InputError
 
@@ -232,22 +292,34 @@ class PreviousVectors:
             raise InputError(f"{path} has no {HASH_FILE} (made by an older hfbatch): --incremental needs it; "
                              f"recompute once with --force")
         self.scheme = stored.scheme
-        self.rows = {row_id: (row, h) for row, (row_id, h) in
-                     enumerate(zip(stored.ids.to_pylist(), stored.hashes.tolist()))}
+        self.hashes = np.asarray(stored.hashes, dtype=np.int64)
+        rows = pd.Series(np.arange(len(self.hashes)), index=stored.ids.to_pandas())
+        self.rows = rows[~rows.index.duplicated(keep="last")]  # a repeated id: its last row, as a dict would
         column = datasets.load_from_disk(str(path)).data.table.column("embedding")
         self.dim = column.type.list_size
-        self.vectors = np.asarray(column.combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                                  dtype=np.float32).reshape(-1, self.dim)
+        # zero-copy [rows, dim] views of the memory-mapped chunks (pyarrow's ChunkedArray.take would first
+        # concatenate them: a copy of every old vector per call)
+        self.blocks = [np.asarray(chunk.flatten().to_numpy(zero_copy_only=chunk.null_count == 0),
+                                  dtype=np.float32).reshape(-1, self.dim) for chunk in column.chunks]
+        self.starts = np.cumsum([0] + [len(b) for b in self.blocks])
 
-    def has(self, row_id, text_hash) -> bool:
-        found = self.rows.get(row_id)
-        return found is not None and found[1] == text_hash
-
-    def vectors_for(self, ids):
+    def reusable(self, ids, hashes):
+        """For each row: the old output's row holding its vector when the id is there with the same text
+        hash, else -1."""
         import numpy as np
 
-        out = np.zeros((len(ids), self.dim), dtype=np.float32)
-        for r, row_id in enumerate(ids):
-            if row_id in self.rows:
-                out[r] = self.vectors[self.rows[row_id][0]]
+        found = self.rows.index.get_indexer(ids)
+        old = np.where(found >= 0, self.rows.to_numpy()[np.maximum(found, 0)], -1)
+        same = (old >= 0) & (self.hashes[np.maximum(old, 0)] == np.asarray(hashes, dtype=np.int64))
+        return np.where(same, old, -1)
+
+    def vectors(self, old_rows):
+        """[len(old_rows), dim] float32 from the old output; zeros where old_rows is -1."""
+        import numpy as np
+
+        out = np.zeros((len(old_rows), self.dim), dtype=np.float32)
+        block_of = np.searchsorted(self.starts, old_rows, side="right") - 1
+        for b in np.unique(block_of[old_rows >= 0]):
+            rows = np.flatnonzero((block_of == b) & (old_rows >= 0))
+            out[rows] = self.blocks[b][old_rows[rows] - self.starts[b]]
         return out

@@ -4,7 +4,7 @@ run the model, restore the input order. One copy of this serves embed, classify 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -95,16 +95,23 @@ def run_batches(forward: Callable[[dict[str, np.ndarray]], np.ndarray], tokenize
     return out
 
 
-def prefetch(work: Callable[[T], R], items: list[T]) -> Iterator[tuple[T, R]]:
+def prefetch(work: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
     """Yield `(item, work(item))` in order, computing the next item's work in a thread meanwhile.
 
     Jobs tokenize the next shard this way while the model runs on the current one (the fast tokenizer
-    releases the GIL), so the model never waits for tokens.
+    releases the GIL), so the model never waits for tokens. `items` may be lazy (a worker's shard queue):
+    the next item is taken only when its work is started.
     """
+    items = iter(items)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(work, items[0]) if items else None
-        for n, item in enumerate(items):
+        def start():
+            for item in items:
+                return item, pool.submit(work, item)
+            return None
+
+        ahead = start()
+        while ahead is not None:
+            item, future = ahead
             result = future.result()
-            if n + 1 < len(items):
-                future = pool.submit(work, items[n + 1])
+            ahead = start()
             yield item, result

@@ -124,6 +124,9 @@ def trust_remote_code_option(f):
 def device_options(f):
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="auto = CUDA when available, else CPU.")(f)
+    f = click.option("--devices", default=None, metavar="LIST", callback=_parse_devices,
+                     help="Several devices at once, one worker process each, shards shared among them and "
+                          "merged in order: GPU indices (0,1) or cuda:N; `cpu,cpu` splits the cores.")(f)
     f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True,
                      help="auto = bf16 where the hardware has it (AVX512-BF16/AMX CPUs, CUDA), fp16 on older "
@@ -131,6 +134,12 @@ def device_options(f):
     f = click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
                      show_default=True, help="Inference engine. auto = OpenVINO on CPU, torch on CUDA.")(f)
     return f
+
+
+def _parse_devices(ctx, param, value):
+    from .devices import parse_devices
+
+    return parse_devices(value)
 
 
 def batching_options(f):

@@ -225,8 +225,10 @@ class TorchEncoder:
         # The signature, not forward.__code__: transformers wraps forward in decorators whose code takes
         # (*args, **kwargs), which silently dropped the token_type_ids of sentence pairs.
         self.accepts_token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
-        if device == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+        if device == "cpu":  # affinity-aware: a `--devices cpu,cpu` worker has its own share of the cores
+            from .openvino_backend import available_cpus
+
+            torch.set_num_threads(available_cpus())
 
     def __call__(self, batch: dict) -> np.ndarray:
         torch = self.torch

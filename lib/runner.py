@@ -219,7 +219,65 @@ def publish_dir(tmp: Path, output: Path) -> None:
 
 # ---- the job -------------------------------------------------------------------------------------------
 
-class Job:
+class ShardDir:
+    """The finished-shard protocol of a `.partial/shards` directory: data file, then its completion record.
+
+    A Job is one; a worker process (hfbatch.devices) makes its own on the same directory, so several processes
+    can finish different shards of one run.
+    """
+
+    def __init__(self, shard_dir: Path):
+        self.shard_dir = Path(shard_dir)
+
+    def shard_file(self, index: int, suffix: str = ".arrow") -> Path:
+        return self.shard_dir / f"{index:05d}{suffix}"
+
+    def is_done(self, index: int) -> bool:
+        return self.shard_file(index, ".json").exists()
+
+    def pending(self, n_shards: int) -> list[int]:
+        return [i for i in range(n_shards) if not self.is_done(i)]
+
+    def write_shard(self, index: int, table, rejects: list[dict] | None = None, **counts) -> None:
+        """Data first, then the completion record: a shard without its record is redone."""
+        rows = self.write_shard_stream(index, table.schema, [table])
+        self.finish_shard(index, rows, rejects, **counts)
+
+    def write_shard_stream(self, index: int, schema, tables: Iterable) -> int:
+        """Write shard `index`'s data from an iterable of Arrow tables or record batches, so a shard larger
+        than memory never sits in memory. It is not done until `finish_shard` syncs and records it (which
+        may run in another thread, while the next shard is computed). Returns rows."""
+        import pyarrow as pa
+
+        data_path = self.shard_file(index)
+        tmp = data_path.with_name(f".{data_path.name}.tmp-{os.getpid()}")  # workers never share one
+        rows = 0
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                for table in tables:
+                    writer.write(table)
+                    rows += table.num_rows
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, data_path)
+        return rows
+
+    def finish_shard(self, index: int, rows: int, rejects: list[dict] | None = None, **counts) -> None:
+        """Make a written shard's data durable, then record it (rejects first: the record is last)."""
+        with open(self.shard_file(index), "rb") as fh:
+            os.fsync(fh.fileno())
+        rejects_path = self.shard_file(index, ".rejects.jsonl")
+        if rejects:
+            write_bytes_atomic(rejects_path, "".join(json.dumps(r, default=str) + "\n" for r in rejects).encode())
+        else:
+            rejects_path.unlink(missing_ok=True)  # left by an earlier, killed attempt at this shard
+        write_json_atomic(self.shard_file(index, ".json"),
+                          {"shard": index, "rows": rows, "rejects": len(rejects or []), **counts})
+
+
+
+class Job(ShardDir):
     """A run of one job on one output: lock, up-to-date check, resumable shards, atomic publish.
 
         with Job("embed", out, config=cfg, datasets=[src], force=force) as job:
@@ -298,6 +356,8 @@ class Job:
             old = json.loads(job_file.read_text())
             if old.get("fingerprint") == self.fingerprint and not self.force:
                 done = len(list(self.shard_dir.glob("*.json")))
+                for stale in self.shard_dir.glob(".*.tmp-*"):
+                    stale.unlink(missing_ok=True)  # a killed writer's half shard; we hold the lock
                 log.event(self.name, "resuming", partial=self.partial, shards_done=done)
                 return
             log.event(self.name, "discarding_partial", partial=self.partial,
@@ -306,53 +366,6 @@ class Job:
         self.shard_dir.mkdir(parents=True)
         write_json_atomic(job_file, {"job": self.name, "fingerprint": self.fingerprint,
                                      "config": self.config, "inputs": self.inputs})
-
-    # -- shards --
-    def shard_file(self, index: int, suffix: str = ".arrow") -> Path:
-        return self.shard_dir / f"{index:05d}{suffix}"
-
-    def is_done(self, index: int) -> bool:
-        return self.shard_file(index, ".json").exists()
-
-    def pending(self, n_shards: int) -> list[int]:
-        return [i for i in range(n_shards) if not self.is_done(i)]
-
-    def write_shard(self, index: int, table, rejects: list[dict] | None = None, **counts) -> None:
-        """Data first, then the completion record: a shard without its record is redone."""
-        rows = self.write_shard_stream(index, table.schema, [table])
-        self.finish_shard(index, rows, rejects, **counts)
-
-    def write_shard_stream(self, index: int, schema, tables: Iterable) -> int:
-        """Write shard `index`'s data from an iterable of Arrow tables or record batches, so a shard larger
-        than memory never sits in memory. It is not done until `finish_shard` syncs and records it (which
-        may run in another thread, while the next shard is computed). Returns rows."""
-        import pyarrow as pa
-
-        data_path = self.shard_file(index)
-        tmp = data_path.with_name(f".{data_path.name}.tmp")
-        rows = 0
-        try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-                for table in tables:
-                    writer.write(table)
-                    rows += table.num_rows
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, data_path)
-        return rows
-
-    def finish_shard(self, index: int, rows: int, rejects: list[dict] | None = None, **counts) -> None:
-        """Make a written shard's data durable, then record it (rejects first: the record is last)."""
-        with open(self.shard_file(index), "rb") as fh:
-            os.fsync(fh.fileno())
-        rejects_path = self.shard_file(index, ".rejects.jsonl")
-        if rejects:
-            write_bytes_atomic(rejects_path, "".join(json.dumps(r, default=str) + "\n" for r in rejects).encode())
-        else:
-            rejects_path.unlink(missing_ok=True)  # left by an earlier, killed attempt at this shard
-        write_json_atomic(self.shard_file(index, ".json"),
-                          {"shard": index, "rows": rows, "rejects": len(rejects or []), **counts})
 
     def shard_records(self, n_shards: int) -> list[dict]:
         missing = self.pending(n_shards)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import invoke, sample_rows, write_jsonl
 
 
@@ -12,10 +13,11 @@ def table(path):
     return datasets.load_from_disk(str(path)).with_format("numpy")
 
 
-def test_incremental_embed_equals_a_full_run_and_computes_only_changes(tmp_path, tiny_model, runner):
+@pytest.mark.parametrize("devices", [[], ["--devices", "cpu,cpu"]], ids=["one-process", "two-workers"])
+def test_incremental_embed_equals_a_full_run_and_computes_only_changes(tmp_path, tiny_model, runner, devices):
     rows = sample_rows(120)
     src = write_jsonl(tmp_path / "docs.jsonl", rows)
-    embed = ["--model", tiny_model, "--precision", "fp32", "--shard-rows", "50"]
+    embed = ["--model", tiny_model, "--precision", "fp32", "--shard-rows", "50", *devices]
     invoke(runner, ["ingest", src, "-o", tmp_path / "ds"])
     invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", *embed])
     assert (tmp_path / "emb" / "content_hashes.parquet").exists()
@@ -92,3 +94,30 @@ def test_incremental_reads_the_blake2b_hashes_of_older_embed_outputs(tmp_path, t
     invoke(runner, ["ingest", src, "-o", tmp_path / "ds", "--incremental"])
     result = invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", *embed, "--incremental", "--json"])
     assert json.loads(result.stdout)["computed"] == 1
+
+
+def test_previous_vectors_are_taken_from_every_chunk_of_the_old_output(tmp_path):
+    import datasets
+    import pyarrow as pa
+
+    from hfbatch.hashing import write_hash_file
+    from hfbatch.jobs.embed import PreviousVectors
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((10, 4)).astype(np.float32)
+    ids = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "c"]  # "c" twice: its last row counts
+    hashes = np.arange(100, 110)
+    parts = [pa.table({"id": ids[lo:hi], "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(vectors[lo:hi].reshape(-1)), 4)}) for lo, hi in [(0, 3), (3, 4), (4, 10)]]
+    datasets.Dataset(pa.concat_tables(parts)).save_to_disk(str(tmp_path / "old"), num_shards=3)  # 3 files
+    write_hash_file(tmp_path / "old", pa.array(ids), hashes)
+
+    previous = PreviousVectors(tmp_path / "old")
+    assert len(previous.blocks) == 3  # one memory-mapped chunk per file
+    asked = ["i", "a", "zz", "c", "d", "b"]
+    asked_hashes = [108, 100, 0, 109, 999, 101]  # "zz" is new, "d" changed
+    old = previous.reusable(asked, asked_hashes)
+    assert old.tolist() == [8, 0, -1, 9, -1, 1]
+    got = previous.vectors(old)
+    np.testing.assert_array_equal(got[[0, 1, 3, 5]], vectors[[8, 0, 9, 1]])
+    assert not got[[2, 4]].any()

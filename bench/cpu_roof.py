@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""What this CPU allows: matmul GFLOP/s at the encoder's own shapes, and from it the most docs/s any
+implementation of the model could reach on N Debian docs (the encoder's FLOPs per doc, computed from the
+model config and each doc's token count, divided by the matmul rate).
+
+A BERT-style encoder spends nearly all its time in matmuls, and token-budget batches leave almost no padding,
+so `roof / FLOPs per doc` is a ceiling on docs/s at that precision. Comparing it with a baseline measured in
+the same run (SentenceTransformer.encode, fp32) says which speed-up ratios are physically possible here.
+embed_vs_st.py and classify_vs_pipeline.py print the same ceiling beside their measurements.
+
+    .venv/bin/python bench/cpu_roof.py --n 2000 [--model DIR] [--no-baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+CORPUS = "/work/shared/corpora/debian-descriptions.jsonl.gz"
+
+
+def matmul_gflops(hidden: int, intermediate: int, dtype: str = "float32", tokens: int = 2048,
+                  seconds: float = 1.5) -> float:
+    """Best sustained torch matmul rate over the encoder's two shapes (attention/FFN projections), all cores
+    this process may use."""
+    import torch
+
+    from hfbatch.openvino_backend import available_cpus
+
+    torch.set_num_threads(available_cpus())
+    dt = getattr(torch, dtype)
+    best = 0.0
+    for k, n in [(hidden, intermediate), (intermediate, hidden), (hidden, hidden)]:
+        a, b = torch.randn(tokens, k, dtype=dt), torch.randn(k, n, dtype=dt)
+        for _ in range(3):
+            a @ b
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            a @ b
+            runs += 1
+        best = max(best, 2 * tokens * k * n * runs / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def encoder_flops(config, lengths: np.ndarray) -> float:
+    """Multiply-add FLOPs of a BERT-style encoder over sequences of these lengths (no padding): per layer the
+    Q/K/V/output projections (4·h²) and the FFN (2·h·i) per token, plus attention scores and mixing (2·L·h per
+    token)."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    lengths = lengths.astype(np.float64)
+    per_layer = 2 * lengths.sum() * (4 * h * h + 2 * h * i) + 2 * 2 * (lengths ** 2).sum() * h
+    return float(layers * per_layer)
+
+
+def token_lengths(model_dir, texts: list[str], max_length: int | None = None) -> np.ndarray:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from hfbatch.models import default_max_length
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    limit = max_length or default_max_length(Path(model_dir), tokenizer, AutoConfig.from_pretrained(str(model_dir)))
+    ids = tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+
+
+def ceiling(model_dir, texts: list[str], dtype: str = "float32") -> dict:
+    """{gflops, flops_per_doc, tokens, docs_per_s}: the most docs/s this CPU allows at `dtype`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    lengths = token_lengths(model_dir, texts)
+    gflops = matmul_gflops(config.hidden_size, config.intermediate_size, dtype)
+    flops = encoder_flops(config, lengths)
+    return {"dtype": dtype, "gflops": gflops, "tokens": int(lengths.sum()), "flops_per_doc": flops / len(texts),
+            "docs_per_s": gflops * 1e9 / (flops / len(texts))}
+
+
+def describe(c: dict, baseline_docs_per_s: float | None = None, baseline: str = "") -> str:
+    line = (f"{c['dtype']} ceiling on this CPU: matmul {c['gflops']:.0f} GFLOP/s, {c['tokens']:,} tokens, "
+            f"{c['flops_per_doc'] / 1e9:.2f} GFLOP/doc -> at most {c['docs_per_s']:.0f} docs/s")
+    if baseline_docs_per_s:
+        line += f" = {c['docs_per_s'] / baseline_docs_per_s:.2f}x {baseline}"
+    return line
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument("--no-baseline", action="store_true", help="skip SentenceTransformer.encode")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from embed_vs_st import default_model, load_docs, st_encode
+
+    from hfbatch.models import cpu_has_bf16
+
+    model = args.model or default_model()
+    texts = [d["text"] for d in load_docs(args.corpus, args.n)]
+    print(f"{len(texts)} docs; model {model}; cpus {os.cpu_count()}; cpu_has_bf16={cpu_has_bf16()}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    st_rate = None
+    if not args.no_baseline:
+        _, secs, _ = st_encode(model, texts, "torch")
+        st_rate = len(texts) / secs
+    for dtype in ["float32"] + (["bfloat16"] if cpu_has_bf16() else []):
+        c = ceiling(model, texts, dtype)
+        print(describe(c, st_rate, "ST fp32"))
+    if st_rate:
+        fp32 = ceiling(model, texts, "float32") if cpu_has_bf16() else c
+        used = st_rate * fp32["flops_per_doc"] / 1e9
+        print(f"SentenceTransformer.encode fp32, batch 32: {st_rate:.1f} docs/s = {used:.0f} GFLOP/s, "
+              f"{used / fp32['gflops']:.0%} of the fp32 matmul rate")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Computing a job's pending shards: in this process on one device, or with `--devices` on several devices at
+once, one worker process per device.
+
+A job describes its per-shard work as a picklable factory `make_work(device) -> work`, where `work` has
+  - `info`: a dict for the manifest (dim, max_length, device/precision/backend in force, ...);
+  - `prepare(i)`: the CPU side of shard i (read rows, tokenize), run in a thread one shard ahead;
+  - `compute(i, prepared, on_rows) -> (table, counts)`: the model side; `on_rows(n)` reports progress.
+`run_shards` finishes every pending shard with the runner's shard protocol (data file, then completion
+record), so a killed run resumes the same way however many processes wrote the shards, and the output is
+assembled in shard order: rows come out in the dataset's order whatever device computed them.
+
+Workers are spawned (never forked: CUDA and the tokenizers' thread pools do not survive a fork), take shard
+indices from a shared queue (a faster device takes more), and die with the coordinating process
+(PR_SET_PDEATHSIG), so a `kill -9` of the job leaves no worker writing into the next run's shards.
+A CUDA worker sees only its own GPU (CUDA_VISIBLE_DEVICES); `cpu` workers get disjoint shares of the cores.
+A later Ray executor is another `run_shards` over the same `make_work` factories.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from . import log
+from .batching import prefetch
+from .errors import EXIT_FAILED, InputError, JobFailed
+
+_PR_SET_PDEATHSIG = 1
+
+
+def parse_devices(spec: str | None) -> list[str] | None:
+    """`--devices` text -> device names: "0,1" and "cuda:0,cuda:1" -> ["cuda:0", "cuda:1"]; "cpu,cpu" ->
+    two CPU workers. None when the option was not given."""
+    if spec is None:
+        return None
+    devices = []
+    for part in (p.strip().lower() for p in spec.split(",")):
+        if part.isdigit():
+            part = f"cuda:{int(part)}"
+        elif part.startswith("cuda:") and part[5:].isdigit():
+            part = f"cuda:{int(part[5:])}"
+        elif part != "cpu":
+            raise click.BadParameter(f"{part!r} is not a device: give CUDA indices (0,1), cuda:N or cpu",
+                                     param_hint="--devices")
+        devices.append(part)
+    cuda = [d for d in devices if d != "cpu"]
+    if cuda and len(cuda) != len(devices):
+        raise click.BadParameter("mixes CPU and CUDA devices: their rows would be computed in different "
+                                 "precisions; use one kind", param_hint="--devices")
+    if len(set(cuda)) != len(cuda):
+        raise click.BadParameter("names a GPU twice: one worker per GPU", param_hint="--devices")
+    return devices
+
+
+def check_devices(devices: list[str], device: str) -> None:
+    """Refuse, before any worker starts, devices this machine does not have."""
+    if device not in ("auto", "cpu" if devices[0] == "cpu" else "cuda"):
+        raise InputError(f"--device {device} contradicts --devices {','.join(devices)}; give one of them")
+    if devices[0] == "cpu":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [d for d in devices if int(d.split(":")[1]) >= count]
+    if missing:
+        have = f"CUDA devices 0..{count - 1}" if count else "no CUDA device"
+        raise InputError(f"--devices {','.join(devices)}: this machine has {have}; "
+                         f"name existing GPUs, or drop --devices to run on the CPU")
+
+
+def run_shards(job, pending: list[int], make_work: Callable, devices: list[str] | None,
+               progress: log.Progress) -> dict:
+    """Finish the `pending` shards of `job`; returns the work's `info` (with `devices` when there were several
+    workers). Without `devices`, `make_work(None)` runs here, on the job's own --device."""
+    if not devices:
+        work = make_work(None)
+        for i, prepared in prefetch(work.prepare, pending):  # the next shard is read and tokenized meanwhile
+            table, counts = work.compute(i, prepared, progress.update)
+            job.write_shard(i, table, **counts)
+        return work.info
+    return _run_workers(job, pending, make_work, devices, progress)
+
+
+def _run_workers(job, pending, make_work, devices, progress) -> dict:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for i in pending:
+        tasks.put(i)
+    for _ in devices:
+        tasks.put(None)  # one stop sign per worker
+    workers = [ctx.Process(target=_worker, name=f"hfbatch-{job.name}-{device}", daemon=True,
+                           args=(make_work, device, rank, len(devices), str(job.shard_dir), tasks, results))
+               for rank, device in enumerate(devices)]
+    log.event(job.name, "workers", devices=",".join(devices), shards=len(pending))
+    for w in workers:
+        w.start()
+    infos: dict[int, dict] = {}
+    finished: set[int] = set()
+    try:
+        while len(finished) < len(workers):
+            try:
+                kind, rank, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                for rank, w in enumerate(workers):
+                    if rank not in finished and w.exitcode is not None:
+                        raise JobFailed(f"the worker on {devices[rank]} died (exit code {w.exitcode}) before "
+                                        f"finishing; finished shards are kept: run the same command again "
+                                        f"to resume")
+                continue
+            if kind == "rows":
+                progress.update(payload)
+            elif kind == "ready":
+                infos[rank] = payload
+            elif kind == "done":
+                finished.add(rank)
+            elif kind == "error":
+                code, message = payload
+                error = (InputError if code == InputError.exit_code else JobFailed)(
+                    f"{message} (worker on {devices[rank]})")
+                raise error
+        for w in workers:
+            w.join()
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join()
+        tasks.close()
+        results.close()
+    left = [i for i in pending if not job.is_done(i)]
+    if left:
+        raise JobFailed(f"shards {left[:5]} were not finished by the workers; run the same command again")
+    info = dict(infos[0])
+    info["device"] = ",".join(devices)
+    info["devices"] = [{"device": devices[r], "precision": infos[r].get("precision"),
+                        "backend": infos[r].get("backend")} for r in sorted(infos)]
+    return info
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the coordinating process dies, even by kill -9."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (AttributeError, OSError):  # not Linux: the daemon flag still stops workers on a normal exit
+        pass
+
+
+def _claim_device(device: str, rank: int, workers: int) -> str:
+    """Make this process see only its device; returns the --device value for the work."""
+    if device.startswith("cuda:"):
+        # Before torch is imported in this fresh (spawned) process: the worker sees its GPU as cuda:0.
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+        return "cuda"
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) > 1 and workers > 1:  # disjoint core shares; thread pools size themselves from affinity
+        share = cores[rank::workers] or [cores[rank % len(cores)]]
+        os.sched_setaffinity(0, share)
+    return "cpu"
+
+
+def _worker(make_work, device, rank, workers, shard_dir, tasks, results) -> None:
+    _die_with_parent()
+    parent = os.getppid()
+    local_device = _claim_device(device, rank, workers)
+    log.setup(verbose=False)
+    from .runner import ShardDir
+
+    try:
+        work = make_work(local_device)
+        results.put(("ready", rank, work.info))
+        shards = ShardDir(Path(shard_dir))
+
+        def shard_indices():
+            while (i := tasks.get()) is not None:
+                if os.getppid() != parent:  # orphaned where PDEATHSIG is not available
+                    return
+                yield i
+
+        def report(n):
+            results.put(("rows", rank, n))
+
+        for i, prepared in prefetch(work.prepare, shard_indices()):
+            table, counts = work.compute(i, prepared, report)
+            shards.write_shard(i, table, **counts)
+        results.put(("done", rank, None))
+    except click.ClickException as exc:
+        results.put(("error", rank, (exc.exit_code, exc.format_message())))
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug or an environment failure: one line to the coordinator
+        if os.environ.get("HFBATCH_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        results.put(("error", rank, (EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc}")))
+        sys.exit(EXIT_FAILED)
+    finally:
+        results.close()
+        results.join_thread()  # every message is flushed before the process ends

@@ -1,0 +1,152 @@
+"""--devices: one worker process per device, shards shared among them, the output in the dataset's order.
+
+Without GPUs here, the worker machinery runs with `cpu,cpu` (each worker on its own share of the cores);
+CUDA device lists are checked against what the machine has before anything starts.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+from conftest import invoke, load, make_tiny_model, sample_rows, write_jsonl
+
+from hfbatch.devices import parse_devices
+
+HFBATCH = [sys.executable, "-c", "from hfbatch.cli import main; main()"]
+
+
+def test_parse_devices():
+    assert parse_devices(None) is None
+    assert parse_devices("0,1") == ["cuda:0", "cuda:1"]
+    assert parse_devices("cuda:1, 3") == ["cuda:1", "cuda:3"]
+    assert parse_devices("cpu,cpu") == ["cpu", "cpu"]
+    for bad, says in [("gpu0", "not a device"), ("cpu,0", "mixes CPU and CUDA"), ("0,cuda:0", "GPU twice")]:
+        with pytest.raises(click.BadParameter, match=says):
+            parse_devices(bad)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from click.testing import CliRunner
+
+    work = tmp_path_factory.mktemp("devices")
+    write_jsonl(work / "rows.jsonl", sample_rows(300))
+    invoke(CliRunner(), ["ingest", work / "rows.jsonl", "-o", work / "ds"])
+    return work / "ds"
+
+
+def test_gpus_this_machine_lacks_are_refused_before_anything_runs(tmp_path, runner, dataset, tiny_model):
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    out = tmp_path / "emb"
+    result = invoke(runner, ["embed", dataset, "-o", out, "--model", tiny_model, "--devices", f"{have},{have + 1}"],
+                    expect=2)
+    assert f"--devices cuda:{have},cuda:{have + 1}: this machine has " in result.output
+    assert "Traceback" not in result.output and not out.exists() and not out.with_name("emb.partial").exists()
+    result = invoke(runner, ["embed", dataset, "-o", out, "--model", tiny_model, "--device", "cuda",
+                             "--devices", "cpu,cpu"], expect=2)
+    assert "--device cuda contradicts --devices cpu,cpu" in result.output
+    result = invoke(runner, ["classify", dataset, "-o", out, "--model", tiny_model, "--devices", "gpu"], expect=2)
+    assert "Invalid value for --devices: 'gpu' is not a device" in result.output
+
+
+def test_embed_on_two_workers_equals_one_process(tmp_path, runner, dataset, tiny_model):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--model", tiny_model, "--shard-rows", "40", "--precision", "fp32"]
+    invoke(runner, ["embed", dataset, "-o", one, *args])
+    invoke(runner, ["embed", dataset, "-o", two, *args, "--devices", "cpu,cpu"])
+    a, b = load(one), load(two)
+    assert b["id"] == a["id"] == load(dataset)["id"]  # 8 shards from two workers, merged in order
+    np.testing.assert_allclose(np.asarray(b["embedding"]), np.asarray(a["embedding"]), atol=1e-6)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["rows"] == 300 and manifest["counts"]["computed"] == 300
+    assert [d["device"] for d in manifest["devices"]] == ["cpu", "cpu"] and manifest["device"] == "cpu,cpu"
+    assert manifest["config"]["devices"] == ["cpu", "cpu"]
+    # the same command again is a no-op; one device is another option, refused without --force
+    assert "up_to_date" in invoke(runner, ["embed", dataset, "-o", two, *args, "--devices", "cpu,cpu"]).output
+    assert "devices" in invoke(runner, ["embed", dataset, "-o", two, *args], expect=2).output
+
+
+def test_classify_on_two_workers_equals_one_process(tmp_path, runner, dataset, tiny_model_factory):
+    model = tiny_model_factory("tiny-cls-devices", pooling=None, num_labels=3)
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--model", model, "--shard-rows", "50", "--precision", "fp32", "--top-k", "2"]
+    invoke(runner, ["classify", dataset, "-o", one, *args])
+    invoke(runner, ["classify", dataset, "-o", two, *args, "--devices", "cpu,cpu"])
+    a, b = load(one).to_dict(), load(two).to_dict()
+    assert b["id"] == a["id"] and b["label"] == a["label"] and b["top_labels"] == a["top_labels"]
+    np.testing.assert_allclose(b["top_scores"], a["top_scores"], atol=1e-6)
+    assert json.loads((two / "manifest.json").read_text())["labels"] == ["label_0", "label_1", "label_2"]
+
+
+def test_a_worker_error_is_one_line_naming_the_worker(tmp_path, runner, dataset, tiny_model):
+    out = tmp_path / "emb"
+    # the tiny model takes 128 tokens: a 500-token window is refused inside each worker, before its weights load
+    result = invoke(runner, ["embed", dataset, "-o", out, "--model", tiny_model, "--chunk-tokens", "500",
+                             "--devices", "cpu,cpu"], expect=2)
+    assert "(worker on cpu)" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()[-1]) < 400 and not out.exists()
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # fields after the name: state, ppid, ...
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads the process table from /proc")
+def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dataset):
+    # a model big enough that shards take a moment, so the kill lands while workers are computing
+    model = make_tiny_model(tmp_path / "model", hidden_size=128, intermediate_size=512, num_hidden_layers=4)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = ["--model", model, "--shard-rows", "10", "--precision", "fp32", "--batch-tokens", "256"]
+    subprocess.run(HFBATCH + ["embed", str(dataset), "-o", str(ref), *map(str, args)], check=True,
+                   capture_output=True)
+    shards = out.with_name("out.partial") / "shards"
+    proc = subprocess.Popen(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args),
+                                       "--devices", "cpu,cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and len(list(shards.glob("*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = children_of(proc.pid)
+    assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(workers) >= 2, workers  # two workers (and multiprocessing's resource tracker)
+    deadline = time.monotonic() + 10
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(w) for w in workers), "workers outlived the killed job"
+    done = len(list(shards.glob("*.json")))
+    assert 3 <= done < 30 and not out.exists()
+
+    rerun = subprocess.run(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args), "--devices",
+                                      "cpu,cpu"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-1000:]
+    assert f"shards_done={done}" in rerun.stderr
+    a, b = load(ref), load(out)
+    assert b["id"] == a["id"]
+    np.testing.assert_allclose(np.asarray(b["embedding"]), np.asarray(a["embedding"]), atol=1e-6)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["computed"] == 300
