@@ -125,17 +125,19 @@ def main() -> None:
         print(f"model: {model_note}; {len(texts)} docs; max_length {max_length}; {os.cpu_count()} CPUs",
               flush=True)
 
+        from cpu_roof import ceiling, describe, model_gflops
+
+        from hfbatch.models import cpu_has_bf16
+
+        roof_dtype = "bfloat16" if cpu_has_bf16() else "float32"
+        roof_before = model_gflops(model_dir, roof_dtype)  # and again at the end: the best of the two counts
         figures = {}
         reference, figures["pipeline"] = run_pipeline(model_dir, texts, max_length, None)
         _, figures["pipeline_batch32"] = run_pipeline(model_dir, texts, max_length, 32)
         default, figures["hfbatch_default"], settings = run_hfbatch(model_dir, texts, max_length, "auto")
         exact, figures["hfbatch_fp32"], _ = run_hfbatch(model_dir, texts, max_length, "fp32")
         figures["hfbatch_cli_default"] = run_cli(model_dir, texts, tmp)
-        from cpu_roof import ceiling, describe
-
-        from hfbatch.models import cpu_has_bf16
-
-        roof = ceiling(model_dir, texts, "bfloat16" if cpu_has_bf16() else "float32")
+        roof = ceiling(model_dir, texts, roof_dtype, also_measured=roof_before)
 
     rates = {name: len(texts) / seconds for name, seconds in figures.items()}
     best_pipeline = max(rates["pipeline"], rates["pipeline_batch32"])

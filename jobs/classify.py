@@ -17,6 +17,7 @@ from hfbatch.cli import (
     text_column_option,
     trust_remote_code_option,
 )
+from hfbatch.embedding import ModelRun
 from hfbatch.errors import InputError
 from hfbatch.runner import Job
 
@@ -98,20 +99,10 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
 
 
 @dataclass(frozen=True)
-class ClassifyPlan:
-    """What a process needs to classify shards of one run; picklable, so --devices workers get it."""
+class ClassifyPlan(ModelRun):
+    """A classify run's options, for each process computing its shards."""
 
-    dataset: str
-    text_column: str
     text_pair_column: str | None
-    model_dir: str
-    device: str
-    precision: str
-    backend: str
-    max_length: int | None
-    batch_tokens: int
-    trust_remote_code: bool
-    shard_rows: int
     multi_label: bool
     top_k: int | None
 
@@ -122,7 +113,6 @@ class ClassifyShards:
     def __init__(self, plan: ClassifyPlan, device: str | None = None):
         from pathlib import Path
 
-        from hfbatch.embedding import TextEmbedder
         from hfbatch.io import open_dataset
         from hfbatch.tokenized import open_tokens
 
@@ -132,9 +122,7 @@ class ClassifyShards:
         self.source, self.tokens = open_tokens("classify", plan.dataset, source_manifest, source, model_dir,
                                                plan.max_length, plan.text_column, plan.text_pair_column,
                                                plan.trust_remote_code)  # tokens: None for a text dataset
-        self.classifier = TextEmbedder(model_dir, task="classify", backend=plan.backend, device=device or plan.device,
-                                       precision=plan.precision, max_length=plan.max_length,
-                                       batch_tokens=plan.batch_tokens, trust_remote_code=plan.trust_remote_code)
+        self.classifier = plan.embedder("classify", device)
         self.labels = [self.classifier.config.id2label[i] for i in range(self.classifier.dim)]
         self.k = min(plan.top_k, len(self.labels)) if plan.top_k else None
         self.info = {"labels": self.labels, "max_length": self.classifier.max_length, **self.classifier.settings}

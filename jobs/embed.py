@@ -18,7 +18,7 @@ from hfbatch.cli import (
     text_column_option,
     trust_remote_code_option,
 )
-from hfbatch.embedding import TextEmbedder, embeddings_features, embeddings_table
+from hfbatch.embedding import ModelRun, embeddings_features, embeddings_table
 from hfbatch.hashing import HASH_FILE, SCHEME, read_hash_file, text_hashes, write_hash_file
 from hfbatch.runner import Job
 
@@ -123,19 +123,9 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
 
 
 @dataclass(frozen=True)
-class EmbedPlan:
-    """What a process needs to compute shards of one embed run; picklable, so --devices workers get it."""
+class EmbedPlan(ModelRun):
+    """An embed run's options, for each process computing its shards."""
 
-    dataset: str
-    text_column: str
-    model_dir: str
-    device: str
-    precision: str
-    backend: str
-    max_length: int | None
-    batch_tokens: int
-    trust_remote_code: bool
-    shard_rows: int
     num_shards: int
     shard_index: int
     chunking: dict  # {} without --chunk-tokens
@@ -166,9 +156,7 @@ class EmbedShards:
 
             check_chunk_options(plan.chunking["chunk_tokens"], plan.chunking["chunk_overlap"],
                                 model_content_limit(model_dir, plan.max_length, plan.trust_remote_code))
-        self.embedder = TextEmbedder(model_dir, backend=plan.backend, device=device or plan.device,
-                                     precision=plan.precision, max_length=plan.max_length,
-                                     batch_tokens=plan.batch_tokens, trust_remote_code=plan.trust_remote_code)
+        self.embedder = plan.embedder("embed", device)
         self.previous = PreviousVectors(plan.previous_output) if plan.previous_output else None
         self.scheme = self.previous.scheme if self.previous else SCHEME  # compare hashes of the same kind
         self.given = None if plan.chunking else \

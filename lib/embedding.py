@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .batching import DEFAULT_BATCH_TOKENS
 
 
@@ -44,6 +46,31 @@ class TextEmbedder:
 
     def __call__(self, texts):
         return self.run(self.tokenize(texts))
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """The options of a job that runs a model over a dataset's shards (embed, classify): picklable, so
+    --devices worker processes get them and build the same TextEmbedder on their own device."""
+
+    dataset: str
+    text_column: str
+    model_dir: str
+    device: str
+    precision: str
+    backend: str
+    max_length: int | None
+    batch_tokens: int
+    trust_remote_code: bool
+    shard_rows: int
+
+    def embedder(self, task: str = "embed", device: str | None = None) -> TextEmbedder:
+        """The model on `device` (default: the job's --device)."""
+        from pathlib import Path
+
+        return TextEmbedder(Path(self.model_dir), task=task, backend=self.backend, device=device or self.device,
+                            precision=self.precision, max_length=self.max_length, batch_tokens=self.batch_tokens,
+                            trust_remote_code=self.trust_remote_code)
 
 
 def embeddings_features(id_feature, dim):
