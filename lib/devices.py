@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import queue
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,28 +104,41 @@ def _run_workers(job, pending, make_work, devices, progress) -> dict:
         w.start()
     infos: dict[int, dict] = {}
     finished: set[int] = set()
+
+    def handle(kind, rank, payload):
+        if kind == "rows":
+            progress.update(payload)
+        elif kind == "ready":
+            infos[rank] = payload
+        elif kind == "done":
+            finished.add(rank)
+        elif kind == "error":
+            code, message = payload
+            raise (InputError if code == InputError.exit_code else JobFailed)(f"{message} (worker on {devices[rank]})")
+
     try:
+        checked = time.monotonic()
         while len(finished) < len(workers):
             try:
-                kind, rank, payload = results.get(timeout=1.0)
+                handle(*results.get(timeout=1.0))
             except queue.Empty:
-                for rank, w in enumerate(workers):
-                    if rank not in finished and w.exitcode is not None:
-                        raise JobFailed(f"the worker on {devices[rank]} died (exit code {w.exitcode}) before "
-                                        f"finishing; finished shards are kept: run the same command again "
-                                        f"to resume")
+                pass
+            if time.monotonic() - checked < 1.0:
                 continue
-            if kind == "rows":
-                progress.update(payload)
-            elif kind == "ready":
-                infos[rank] = payload
-            elif kind == "done":
-                finished.add(rank)
-            elif kind == "error":
-                code, message = payload
-                error = (InputError if code == InputError.exit_code else JobFailed)(
-                    f"{message} (worker on {devices[rank]})")
-                raise error
+            checked = time.monotonic()  # a worker killed (OOM, signal) sends nothing: look at exit codes
+            dead = [r for r, w in enumerate(workers) if r not in finished and w.exitcode is not None]
+            if dead:
+                drain_until = time.monotonic() + 2.0  # its last messages (an error line, "done") may be queued
+                try:
+                    while time.monotonic() < drain_until:
+                        handle(*results.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+                dead = [r for r in dead if r not in finished]
+                if dead:
+                    raise JobFailed(f"the worker on {devices[dead[0]]} died (exit code {workers[dead[0]].exitcode}) "
+                                    f"before finishing; finished shards are kept: run the same command again "
+                                    f"to resume")
         for w in workers:
             w.join()
     finally:

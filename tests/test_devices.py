@@ -5,6 +5,7 @@ CUDA device lists are checked against what the machine has before anything start
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -141,6 +142,21 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
     assert not any(alive(w) for w in workers), "workers outlived the killed job"
     done = len(list(shards.glob("*.json")))
     assert 3 <= done < 30 and not out.exists()
+
+    # a worker killed on its own (OOM killer, a signal): the job says which one died and exits 1
+    proc = subprocess.Popen(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args),
+                                       "--devices", "cpu,cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and len(list(shards.glob("*.json"))) < done + 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim = next(w for w in children_of(proc.pid) if b"spawn_main" in Path(f"/proc/{w}/cmdline").read_bytes())
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err[-1000:]
+    assert "Error: the worker on cpu died (exit code -9) before finishing" in err and "Traceback" not in err
+    done = len(list(shards.glob("*.json")))
+    assert not out.exists()
 
     rerun = subprocess.run(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args), "--devices",
                                       "cpu,cpu"], capture_output=True, text=True)
