@@ -172,8 +172,11 @@ def _die_with_parent() -> None:
 def _claim_device(device: str, rank: int, workers: int) -> str:
     """Make this process see only its device; returns the --device value for the work."""
     if device.startswith("cuda:"):
-        # Before torch is imported in this fresh (spawned) process: the worker sees its GPU as cuda:0.
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+        # Before torch is imported in this fresh (spawned) process: the worker sees its GPU as cuda:0. The
+        # index counts the GPUs the job was given: with CUDA_VISIBLE_DEVICES=2,3 set, cuda:1 is GPU 3.
+        index = int(device.split(":")[1])
+        given = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        os.environ["CUDA_VISIBLE_DEVICES"] = given[index] if index < len(given) else str(index)
         return "cuda"
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cores) > 1 and workers > 1:  # disjoint core shares; thread pools size themselves from affinity

@@ -32,6 +32,18 @@ def test_parse_devices():
             parse_devices(bad)
 
 
+def test_a_gpu_worker_sees_only_its_gpu_counted_among_the_visible_ones(monkeypatch):
+    from hfbatch.devices import _claim_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _claim_device("cuda:1", 1, 2) == "cuda" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-5f3c")  # the job was given GPUs 2 and a UUID
+    assert _claim_device("cuda:1", 1, 2) == "cuda" and os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-5f3c"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    _claim_device("cuda:0", 0, 2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from click.testing import CliRunner
