@@ -62,10 +62,10 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
               "max_length": max_length, "shard_rows": shard_rows}
 
     if devices:
-        from hfbatch.devices import check_devices
+        from hfbatch.devices import check_devices, devices_kind
 
         check_devices(devices, device)
-        config["devices"] = devices  # only when given: single-device outputs keep their old config
+        config["devices"] = devices_kind(devices)  # only when given: single-device outputs keep their config
 
     with Job("classify", output, config=config, datasets=[dataset], force=force) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch

@@ -64,7 +64,7 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         hfbatch embed out/dataset -o out/embeddings --precision fp32
         hfbatch embed out/dataset -o out/chunks --chunk-tokens 128 --chunk-overlap 32
     """
-    from hfbatch.devices import check_devices, run_shards
+    from hfbatch.devices import check_devices, devices_kind, run_shards
     from hfbatch.io import open_dataset, require_column
     from hfbatch.models import model_fingerprint, resolve_model_dir
 
@@ -77,7 +77,7 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
               "max_length": max_length, "shard_rows": shard_rows}
     if devices:
         check_devices(devices, device)
-        config["devices"] = devices  # only when given: single-device outputs keep their old config
+        config["devices"] = devices_kind(devices)  # only when given: single-device outputs keep their config
     if num_shards > 1:
         config.update(num_shards=num_shards, shard_index=shard_index)
     if chunking:

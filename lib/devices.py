@@ -9,8 +9,9 @@ A job describes its per-shard work as a picklable factory `make_work(device) -> 
 record), so a killed run resumes the same way however many processes wrote the shards, and the output is
 assembled in shard order: rows come out in the dataset's order whatever device computed them.
 
-Workers are spawned (never forked: CUDA and the tokenizers' thread pools do not survive a fork), take shard
-indices from a shared queue (a faster device takes more), and die with the coordinating process
+Workers are spawned (never forked: CUDA and the tokenizers' thread pools do not survive a fork), claim shards
+one at a time from a shared counter (a faster device takes more), ignore Ctrl-C (the coordinator stops
+them), and die with the coordinating process
 (PR_SET_PDEATHSIG), so a `kill -9` of the job leaves no worker writing into the next run's shards.
 A CUDA worker sees only its own GPU (CUDA_VISIBLE_DEVICES); `cpu` workers get disjoint shares of the cores.
 A later Ray executor is another `run_shards` over the same `make_work` factories.
@@ -58,6 +59,12 @@ def parse_devices(spec: str | None) -> list[str] | None:
     return devices
 
 
+def devices_kind(devices: list[str]) -> str:
+    """What --devices contributes to a job's config: the kind of device, not the list. How many GPUs, and
+    which, change speed, not rows: a run killed on `--devices 0,1` resumes on `--devices 0`."""
+    return "cpu" if devices[0] == "cpu" else "cuda"
+
+
 def check_devices(devices: list[str], device: str) -> None:
     """Refuse, before any worker starts, devices this machine does not have."""
     if device not in ("auto", "cpu" if devices[0] == "cpu" else "cuda"):
@@ -89,27 +96,41 @@ def run_shards(job, pending: list[int], make_work: Callable, devices: list[str] 
 
 def _run_workers(job, pending, make_work, devices, progress) -> dict:
     import multiprocessing
+    import signal
 
     ctx = multiprocessing.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for i in pending:
-        tasks.put(i)
-    for _ in devices:
-        tasks.put(None)  # one stop sign per worker
+    # Shards are handed out by a shared counter into `pending` (no task queue: a queue of 10k+ indices
+    # has a feeder thread that a failing run would wait on forever).
+    claimed, results = ctx.Value("q", 0), ctx.Queue()
     workers = [ctx.Process(target=_worker, name=f"hfbatch-{job.name}-{device}", daemon=True,
-                           args=(make_work, device, rank, len(devices), str(job.shard_dir), tasks, results))
+                           args=(make_work, device, rank, len(devices), os.getpid(), str(job.shard_dir), pending,
+                                 claimed, results))
                for rank, device in enumerate(devices)]
     log.event(job.name, "workers", devices=",".join(devices), shards=len(pending))
-    for w in workers:
-        w.start()
+    # Ctrl-C is the coordinator's to handle (it stops the workers): they start with SIGINT ignored, so no
+    # worker prints a KeyboardInterrupt traceback, even while it is still importing.
+    try:
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave signals alone
+        sigint = None
+    try:
+        for w in workers:
+            w.start()
+    finally:
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
     infos: dict[int, dict] = {}
+    shards_by: dict[int, int] = dict.fromkeys(range(len(devices)), 0)
     finished: set[int] = set()
 
     def handle(kind, rank, payload):
         if kind == "rows":
             progress.update(payload)
+        elif kind == "shard":
+            shards_by[rank] += 1
         elif kind == "ready":
             infos[rank] = payload
+            _check_same_settings(infos, devices)
         elif kind == "done":
             finished.add(rank)
         elif kind == "error":
@@ -142,20 +163,46 @@ def _run_workers(job, pending, make_work, devices, progress) -> dict:
         for w in workers:
             w.join()
     finally:
-        for w in workers:
-            if w.is_alive():
-                w.kill()
-                w.join()
-        tasks.close()
+        _stop(workers)
         results.close()
+        results.cancel_join_thread()
     left = [i for i in pending if not job.is_done(i)]
     if left:
         raise JobFailed(f"shards {left[:5]} were not finished by the workers; run the same command again")
     info = dict(infos[0])
     info["device"] = ",".join(devices)
     info["devices"] = [{"device": devices[r], "precision": infos[r].get("precision"),
-                        "backend": infos[r].get("backend")} for r in sorted(infos)]
+                        "backend": infos[r].get("backend"), "shards": shards_by[r]} for r in sorted(infos)]
     return info
+
+
+def _stop(workers, grace: float = 5.0) -> None:
+    """End workers still running (another failed, or Ctrl-C): SIGTERM first, which they turn into a normal
+    exit between two batches (so what they registered with multiprocessing's resource tracker is released,
+    and it prints no "leaked semaphore" warnings), then SIGKILL whatever is left after `grace` seconds."""
+    running = [w for w in workers if w.is_alive()]
+    for w in running:
+        w.terminate()
+    deadline = time.monotonic() + grace
+    for w in running:
+        w.join(max(0.0, deadline - time.monotonic()))
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
+def _check_same_settings(infos: dict[int, dict], devices: list[str]) -> None:
+    """Workers must compute rows alike: two GPUs where `--precision auto` resolves differently (bf16 on one,
+    fp16 on an older one) would mix precisions in one output."""
+    keys = ("precision", "backend", "dim", "max_length")
+    first = min(infos)
+    for rank, info in infos.items():
+        differ = [k for k in keys if info.get(k) != infos[first].get(k)]
+        if differ:
+            said = ", ".join(f"{k} {infos[first].get(k)} on {devices[first]} but {info.get(k)} on {devices[rank]}"
+                             for k in differ)
+            raise InputError(f"--devices: the workers would compute rows differently ({said}); "
+                             f"give --precision explicitly, or devices of one kind")
 
 
 def _die_with_parent() -> None:
@@ -185,9 +232,13 @@ def _claim_device(device: str, rank: int, workers: int) -> str:
     return "cpu"
 
 
-def _worker(make_work, device, rank, workers, shard_dir, tasks, results) -> None:
+def _worker(make_work, device, rank, workers, parent, shard_dir, pending, claimed, results) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped by the coordinator: exit normally
     _die_with_parent()
-    parent = os.getppid()
+    if os.getppid() != parent:  # the job died before PDEATHSIG was armed: nothing to do for anyone
+        os._exit(1)
     local_device = _claim_device(device, rank, workers)
     log.setup(verbose=False)
     from .runner import ShardDir
@@ -198,17 +249,21 @@ def _worker(make_work, device, rank, workers, shard_dir, tasks, results) -> None
         shards = ShardDir(Path(shard_dir))
 
         def shard_indices():
-            while (i := tasks.get()) is not None:
-                if os.getppid() != parent:  # orphaned where PDEATHSIG is not available
+            while os.getppid() == parent:  # (an orphan stops: for platforms without PDEATHSIG)
+                with claimed.get_lock():
+                    k = claimed.value
+                    claimed.value = k + 1
+                if k >= len(pending):
                     return
-                yield i
+                yield pending[k]
 
         def report(n):
             results.put(("rows", rank, n))
 
         for i, prepared in prefetch(work.prepare, shard_indices()):
             table, counts = work.compute(i, prepared, report)
-            shards.write_shard(i, table, **counts)
+            shards.write_shard(i, table, **counts, worker=f"{device}#{rank}")  # (text: not summed as a count)
+            results.put(("shard", rank, i))
         results.put(("done", rank, None))
     except click.ClickException as exc:
         results.put(("error", rank, (exc.exit_code, exc.format_message())))

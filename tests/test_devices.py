@@ -81,9 +81,11 @@ def test_embed_on_two_workers_equals_one_process(tmp_path, runner, dataset, tiny
     manifest = json.loads((two / "manifest.json").read_text())
     assert manifest["rows"] == 300 and manifest["counts"]["computed"] == 300
     assert [d["device"] for d in manifest["devices"]] == ["cpu", "cpu"] and manifest["device"] == "cpu,cpu"
-    assert manifest["config"]["devices"] == ["cpu", "cpu"]
-    # the same command again is a no-op; one device is another option, refused without --force
+    assert manifest["config"]["devices"] == "cpu"  # the kind: the list changes speed, not rows
+    # the same command again is a no-op, as with another worker count; no --devices at all is another
+    # option (other precisions may follow), refused without --force
     assert "up_to_date" in invoke(runner, ["embed", dataset, "-o", two, *args, "--devices", "cpu,cpu"]).output
+    assert "up_to_date" in invoke(runner, ["embed", dataset, "-o", two, *args, "--devices", "cpu"]).output
     assert "devices" in invoke(runner, ["embed", dataset, "-o", two, *args], expect=2).output
 
 
@@ -120,6 +122,11 @@ def children_of(pid: int) -> set[int]:
     return found
 
 
+def spawned_workers(pid: int) -> list[int]:
+    """The job's worker processes (not multiprocessing's resource tracker)."""
+    return sorted(w for w in children_of(pid) if b"spawn_main" in Path(f"/proc/{w}/cmdline").read_bytes())
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -143,11 +150,11 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
     deadline = time.monotonic() + 120
     while proc.poll() is None and len(list(shards.glob("*.json"))) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    workers = children_of(proc.pid)
+    workers = spawned_workers(proc.pid)
     assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-500:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert len(workers) >= 2, workers  # two workers (and multiprocessing's resource tracker)
+    assert len(workers) == 2, workers
     deadline = time.monotonic() + 10
     while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -162,13 +169,16 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
     deadline = time.monotonic() + 120
     while proc.poll() is None and len(list(shards.glob("*.json"))) < done + 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    victim = next(w for w in children_of(proc.pid) if b"spawn_main" in Path(f"/proc/{w}/cmdline").read_bytes())
+    victim = spawned_workers(proc.pid)[0]
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err[-1000:]
     assert "Error: the worker on cpu died (exit code -9) before finishing" in err and "Traceback" not in err
     done = len(list(shards.glob("*.json")))
     assert not out.exists()
+    # the finished shards (about 25, from both runs) were shared by both workers
+    writers = {json.loads(record.read_text())["worker"] for record in shards.glob("*.json")}
+    assert writers == {"cpu#0", "cpu#1"}, writers
 
     rerun = subprocess.run(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args), "--devices",
                                       "cpu,cpu"], capture_output=True, text=True)
@@ -177,4 +187,74 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
     a, b = load(ref), load(out)
     assert b["id"] == a["id"]
     np.testing.assert_allclose(np.asarray(b["embedding"]), np.asarray(a["embedding"]), atol=1e-6)
-    assert json.loads((out / "manifest.json").read_text())["counts"]["computed"] == 300
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["computed"] == 300
+    assert sum(d["shards"] for d in manifest["devices"]) == 30 - done  # what this run's workers did
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to split")
+def test_cpu_workers_get_disjoint_shares_of_the_cores():
+    code = ("import os, sys; from hfbatch.devices import _claim_device; "
+            "_claim_device('cpu', int(sys.argv[1]), 2); print(sorted(os.sched_getaffinity(0)))")
+    shares = [json.loads(subprocess.run([sys.executable, "-c", code, str(rank)], capture_output=True, text=True,
+                                        check=True).stdout) for rank in (0, 1)]
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == sorted(os.sched_getaffinity(0))
+
+
+def test_many_pending_shards_and_a_failing_worker_end_promptly(tmp_path):
+    """50,000 pending shards (a 500M-row corpus) and workers that fail on start: one error line, at once."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import functools, sys\n"
+        "from pathlib import Path\n"
+        "from hfbatch import log\n"
+        "from hfbatch.devices import run_shards\n"
+        "from hfbatch.errors import InputError\n"
+        "from hfbatch.runner import ShardDir\n"
+        "def broken(device):\n"
+        "    raise InputError('no such model')\n"
+        "if __name__ == '__main__':\n"
+        "    log.setup()\n"
+        "    job = ShardDir(Path(sys.argv[1])); job.name = 'test'\n"
+        "    try:\n"
+        "        run_shards(job, list(range(50_000)), broken, ['cpu', 'cpu'], log.Progress('test', 0))\n"
+        "    except InputError as exc:\n"
+        "        print(exc.format_message())\n")
+    (tmp_path / "shards").mkdir()
+    sys.path.insert(0, str(tmp_path))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "shards")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.strip().startswith("no such model (worker on cpu)")
+
+
+def test_workers_that_would_compute_rows_differently_are_refused():
+    from hfbatch.devices import _check_same_settings
+    from hfbatch.errors import InputError
+
+    same = {"precision": "bf16", "backend": "torch", "dim": 384, "max_length": 256}
+    _check_same_settings({0: same, 1: dict(same)}, ["cuda:0", "cuda:1"])
+    with pytest.raises(InputError, match="precision bf16 on cuda:0 but fp16 on cuda:1.*give --precision"):
+        _check_same_settings({0: same, 1: {**same, "precision": "fp16"}}, ["cuda:0", "cuda:1"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads the process table from /proc")
+def test_ctrl_c_stops_the_workers_without_tracebacks(tmp_path, dataset):
+    model = make_tiny_model(tmp_path / "model", hidden_size=128, intermediate_size=512, num_hidden_layers=4)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(HFBATCH + ["embed", str(dataset), "-o", str(out), "--model", str(model), "--shard-rows",
+                                       "10", "--devices", "cpu,cpu"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    shards = out.with_name("out.partial") / "shards"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not list(shards.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = spawned_workers(proc.pid)
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Aborted!" in err
+    assert "Traceback" not in err and "leaked" not in err, err[-2000:]
+    assert not any(alive(w) for w in workers) and not out.exists()
