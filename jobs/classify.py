@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import click
 
 from hfbatch import log
+from hfbatch.batching import warn_truncated
 from hfbatch.cli import (
     batching_options,
     device_options,
@@ -77,13 +78,12 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
         require_column(source, text_column, dataset)
         if text_pair_column:
             require_column(source, text_pair_column, dataset, option="--text-pair-column")
-        n_shards = max(1, -(-len(source) // shard_rows))
         plan = ClassifyPlan(dataset=str(dataset), text_column=text_column, text_pair_column=text_pair_column,
                             model_dir=str(model_dir), device=device, precision=precision, backend=backend,
                             max_length=max_length, batch_tokens=batch_tokens, trust_remote_code=trust_remote_code,
                             shard_rows=shard_rows, multi_label=multi_label, top_k=top_k)
-        pending = job.pending(n_shards)
-        progress = log.Progress("classify", sum(min(shard_rows, len(source) - i * shard_rows) for i in pending))
+        n_shards, pending, pending_rows = job.plan_rows(len(source), shard_rows)
+        progress = log.Progress("classify", pending_rows)
         info = run_shards(job, pending, functools.partial(ClassifyShards, plan), devices, progress)
         progress.close()
         k = min(top_k, len(info["labels"])) if top_k else None
@@ -91,10 +91,7 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
             "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
             "text_pair_column": text_pair_column, "model": str(model_dir),
             "scores": "sigmoid" if multi_label or len(info["labels"]) == 1 else "softmax", **info})
-        truncated = job.manifest["counts"].get("truncated", 0)
-        if truncated:
-            log.warn("classify", "truncated", rows=truncated, max_length=info["max_length"],
-                     hint="raise --max-length if the model allows it")
+        warn_truncated(job, info["max_length"])
         return job.summary()
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import click
 
 from hfbatch import log
+from hfbatch.batching import warn_truncated
 from hfbatch.cli import (
     batching_options,
     device_options,
@@ -90,14 +91,13 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         source, _ = open_dataset(dataset)
         require_column(source, text_column, dataset)
         start, stop = slice_bounds(len(source), num_shards, shard_index)
-        n_shards = max(1, -(-(stop - start) // shard_rows))
         plan = EmbedPlan(dataset=str(dataset), text_column=text_column, model_dir=str(model_dir), device=device,
                          precision=precision, backend=backend, max_length=max_length, batch_tokens=batch_tokens,
                          trust_remote_code=trust_remote_code, shard_rows=shard_rows, num_shards=num_shards,
                          shard_index=shard_index, chunking=chunking,
                          previous_output=str(job.output) if job.previous else None)
-        pending = job.pending(n_shards)
-        progress = log.Progress("embed", sum(_shard_len(stop - start, shard_rows, i) for i in pending))
+        n_shards, pending, pending_rows = job.plan_rows(stop - start, shard_rows)
+        progress = log.Progress("embed", pending_rows)
         info = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress)
         progress.close()
         extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
@@ -115,10 +115,7 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         features = embeddings_features(source.features["id"], info["dim"])
         job.publish_dataset(n_shards, features, fill=_write_hashes(info["hash_scheme"]),
                             extra={k: v for k, v in extra.items() if k != "hash_scheme"})
-        truncated = job.manifest["counts"].get("truncated", 0)
-        if truncated:
-            log.warn("embed", "truncated", rows=truncated, max_length=info["max_length"],
-                     hint="raise --max-length if the model allows it")
+        warn_truncated(job, info["max_length"])
         return job.summary()
 
 
@@ -238,9 +235,6 @@ def slice_bounds(total, num_shards, shard_index):
     """Rows [start, stop) of slice `shard_index`: contiguous, so merged slices keep the dataset's order."""
     return total * shard_index // num_shards, total * (shard_index + 1) // num_shards
 
-
-def _shard_len(total, shard_rows, i):
-    return max(0, min(shard_rows, total - i * shard_rows))
 
 
 def given_hashes(dataset, text_column, scheme, total, start, stop):

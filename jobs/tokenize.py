@@ -7,6 +7,7 @@ import os
 import click
 
 from hfbatch import log
+from hfbatch.batching import warn_truncated
 from hfbatch.cli import (
     force_option,
     json_summary,
@@ -84,9 +85,8 @@ def tokenize(dataset, output, model, text_column, text_pair_column, max_length, 
         features = datasets.Features({**source.features, **token_features(tokenizer, offsets)})
         function = TokenizeBatch(model_dir, wanted["max_length"], text_column, text_pair_column, offsets,
                                  trust_remote_code)
-        n_shards = max(1, -(-len(source) // shard_rows))
-        pending = job.pending(n_shards)
-        progress = log.Progress("tokenize", sum(min(shard_rows, len(source) - i * shard_rows) for i in pending))
+        n_shards, pending, pending_rows = job.plan_rows(len(source), shard_rows)
+        progress = log.Progress("tokenize", pending_rows)
         for i in pending:
             part = source.select(range(i * shard_rows, min((i + 1) * shard_rows, len(source))))
             cache = job.shard_file(i, ".map.arrow")
@@ -109,8 +109,5 @@ def tokenize(dataset, output, model, text_column, text_pair_column, max_length, 
                 "columns": list(token_features(tokenizer, offsets))}
         job.publish_dataset(n_shards, features, reuse_shards=True, extra={
             "source_dataset": str(job.inputs[0]["path"]), "tokenized": info})
-        truncated = job.manifest["counts"].get("truncated", 0)
-        if truncated:
-            log.warn("tokenize", "truncated", rows=truncated, max_length=wanted["max_length"],
-                     hint="raise --max-length if the model allows it")
+        warn_truncated(job, wanted["max_length"])
         return job.summary()

@@ -47,6 +47,16 @@ def tokenize(tokenizer, texts: list[str], max_length: int, pairs: list[str] | No
     return Tokenized(ids, encoded.get("token_type_ids"), truncated)
 
 
+def warn_truncated(job, max_length: int) -> None:
+    """After publishing: say how many rows `job`'s tokenizing cut at max_length, if any."""
+    from . import log
+
+    truncated = job.manifest["counts"].get("truncated", 0)
+    if truncated:
+        log.warn(job.name, "truncated", rows=truncated, max_length=max_length,
+                 hint="raise --max-length if the model allows it")
+
+
 def budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     """Row indices grouped longest-first so that rows × longest row ≤ batch_tokens (at least one row)."""
     order = np.argsort(-lengths, kind="stable")

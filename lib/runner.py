@@ -238,6 +238,12 @@ class ShardDir:
     def pending(self, n_shards: int) -> list[int]:
         return [i for i in range(n_shards) if not self.is_done(i)]
 
+    def plan_rows(self, rows: int, shard_rows: int) -> tuple[int, list[int], int]:
+        """`rows` rows cut every `shard_rows`: (number of shards, the pending ones, the rows left in them)."""
+        n_shards = max(1, -(-rows // shard_rows))
+        pending = self.pending(n_shards)
+        return n_shards, pending, sum(max(0, min(shard_rows, rows - i * shard_rows)) for i in pending)
+
     def write_shard(self, index: int, table, rejects: list[dict] | None = None, **counts) -> None:
         """Data first, then the completion record: a shard without its record is redone."""
         rows = self.write_shard_stream(index, table.schema, [table])
@@ -274,7 +280,6 @@ class ShardDir:
             rejects_path.unlink(missing_ok=True)  # left by an earlier, killed attempt at this shard
         write_json_atomic(self.shard_file(index, ".json"),
                           {"shard": index, "rows": rows, "rejects": len(rejects or []), **counts})
-
 
 
 class Job(ShardDir):
