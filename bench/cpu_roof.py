@@ -118,11 +118,11 @@ def main() -> None:
     if not args.no_baseline:
         _, secs, _ = st_encode(model, texts, "torch")
         st_rate = len(texts) / secs
-    for dtype in before:
-        c = ceiling(model, texts, dtype, also_measured=before[dtype])
+    ceilings = {dtype: ceiling(model, texts, dtype, also_measured=gflops) for dtype, gflops in before.items()}
+    for c in ceilings.values():
         print(describe(c, st_rate, "ST fp32"))
     if st_rate:
-        fp32 = ceiling(model, texts, "float32", also_measured=before["float32"]) if cpu_has_bf16() else c
+        fp32 = ceilings["float32"]
         used = st_rate * fp32["flops_per_doc"] / 1e9
         print(f"SentenceTransformer.encode fp32, batch 32: {st_rate:.1f} docs/s = {used:.0f} GFLOP/s, "
               f"{used / fp32['gflops']:.0%} of the fp32 matmul rate")

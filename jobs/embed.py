@@ -136,13 +136,12 @@ class EmbedShards:
     def __init__(self, plan: EmbedPlan, device: str | None = None):
         from pathlib import Path
 
-        from hfbatch.io import open_dataset, require_column
+        from hfbatch.io import open_dataset
         from hfbatch.tokenized import open_tokens
 
         self.plan = plan
         model_dir = Path(plan.model_dir)
-        source, source_manifest = open_dataset(plan.dataset)
-        require_column(source, plan.text_column, plan.dataset)
+        source, source_manifest = open_dataset(plan.dataset)  # its text column was checked by the command
         source, self.tokens = open_tokens("embed", plan.dataset, source_manifest, source, model_dir, plan.max_length,
                                           plan.text_column, trust_remote_code=plan.trust_remote_code)  # None: text
         total_rows = len(source)
@@ -154,6 +153,10 @@ class EmbedShards:
             check_chunk_options(plan.chunking["chunk_tokens"], plan.chunking["chunk_overlap"],
                                 model_content_limit(model_dir, plan.max_length, plan.trust_remote_code))
         self.embedder = plan.embedder("embed", device)
+        if plan.chunking:
+            from hfbatch.chunking import chunk_features
+
+            self.chunk_features = chunk_features(self.source.features["id"], self.embedder.dim)
         self.previous = PreviousVectors(plan.previous_output) if plan.previous_output else None
         self.scheme = self.previous.scheme if self.previous else SCHEME  # compare hashes of the same kind
         self.given = None if plan.chunking else \
@@ -192,14 +195,13 @@ class EmbedShards:
 
     def compute(self, i, prepared, on_rows):
         if self.plan.chunking:
-            from hfbatch.chunking import chunk_features, chunks_table
+            from hfbatch.chunking import chunks_table
 
             ids, chunks = prepared
             vectors = self.embedder.run(chunks.tokenized)
             on_rows(len(ids))
             split = sum(c == 1 for c in chunks.chunk)  # documents with a second window
-            features = chunk_features(self.source.features["id"], self.embedder.dim)
-            return chunks_table(ids, chunks, vectors, features), {
+            return chunks_table(ids, chunks, vectors, self.chunk_features), {
                 "documents": len(ids), "chunks": len(chunks), "split_documents": split}
         ids, hashes, old_rows, todo, tokenized = prepared
         computed = self.embedder.run(tokenized, on_batch=on_rows)

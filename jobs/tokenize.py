@@ -11,6 +11,7 @@ from hfbatch.batching import warn_truncated
 from hfbatch.cli import (
     force_option,
     json_summary,
+    max_length_option,
     model_option,
     output_option,
     text_column_option,
@@ -27,8 +28,7 @@ from hfbatch.runner import Job
 @text_column_option
 @click.option("--text-pair-column", default=None,
               help="Column holding the second text of sentence pairs (for classify --text-pair-column).")
-@click.option("--max-length", type=click.IntRange(min=1), default=None,
-              help="Tokens per text (default: the model's own limit); longer texts are cut and counted.")
+@max_length_option
 @click.option("--offsets", is_flag=True, help="Also store offset_mapping (character span of every token).")
 @click.option("--num-proc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes for Dataset.map (each tokenizes one part of every shard).")

@@ -151,10 +151,13 @@ def batching_options(f):
     f = click.option("--batch-tokens", type=click.IntRange(min=16), default=DEFAULT_BATCH_TOKENS,
                      show_default=True, help="Tokens per batch, padding included (rows are sorted by length "
                                              "first).")(f)
-    f = click.option("--max-length", type=click.IntRange(min=1), default=None,
-                     help="Tokens per text (default: the model's own limit); longer texts are cut and "
-                          "counted.")(f)
-    return f
+    return max_length_option(f)
+
+
+def max_length_option(f):
+    return click.option("--max-length", type=click.IntRange(min=1), default=None,
+                        help="Tokens per text (default: the model's own limit); longer texts are cut and "
+                             "counted.")(f)
 
 
 def text_column_option(f):

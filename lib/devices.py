@@ -67,9 +67,10 @@ def devices_kind(devices: list[str]) -> str:
 
 def check_devices(devices: list[str], device: str) -> None:
     """Refuse, before any worker starts, devices this machine does not have."""
-    if device not in ("auto", "cpu" if devices[0] == "cpu" else "cuda"):
+    kind = devices_kind(devices)
+    if device not in ("auto", kind):
         raise InputError(f"--device {device} contradicts --devices {','.join(devices)}; give one of them")
-    if devices[0] == "cpu":
+    if kind == "cpu":
         return
     import torch
 
