@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,24 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
+
+
+HFBATCH = [sys.executable, "-c", "from hfbatch.cli import main; main()"]  # the CLI as its own process
+
+
+def manifest(path):
+    return json.loads((Path(path) / "manifest.json").read_text())
+
+
+def hits_of(result):
+    """A search command's JSON Lines output."""
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def finished_shards(out: Path) -> int:
+    """Shards of OUT's unfinished run that have their completion record."""
+    shards = out.with_name(out.name + ".partial") / "shards"
+    return len(list(shards.glob("*.json"))) if shards.exists() else 0
 
 
 def load(path):

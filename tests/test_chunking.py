@@ -5,13 +5,10 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, invoke, load, sample_rows, write_jsonl
+from conftest import SAMPLE, hits_of, invoke, load, manifest, sample_rows, write_jsonl
 
 N, M = 64, 16  # the tiny tokenizer spells most words out: 388 of sample.jsonl's 400 texts are split
 
-
-def manifest(path):
-    return json.loads((path / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +38,6 @@ def content_tokens(tokenizer, text, start, end):
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return [i for i, (s, e) in enumerate(encoded["offset_mapping"]) if s >= start and e <= end]
 
-
-def windows_of(chunks_ds, doc_id):
-    rows = [r for r in chunks_ds.select_columns(["doc_id", "chunk", "char_start", "char_end"]) if r["doc_id"] == doc_id]
-    return sorted(rows, key=lambda r: r["chunk"])
 
 
 # ---- the windows ------------------------------------------------------------------------------------------
@@ -221,9 +214,6 @@ def span_queries(built, tokenizer):
     assert len(picked) == 12
     return picked
 
-
-def hits_of(result):
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def test_the_index_manifest_knows_it_holds_chunks(built):

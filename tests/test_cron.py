@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, invoke, sample_rows, write_jsonl
-
-HFBATCH = [sys.executable, "-c", "from hfbatch.cli import main; main()"]
+from conftest import HFBATCH, SAMPLE, finished_shards, invoke, sample_rows, write_jsonl
 
 
 def run(args, code=0, **kw):
@@ -95,11 +93,6 @@ def test_output_that_is_not_ours_is_not_overwritten(tmp_path, runner):
 
 
 # ---- kill -9 at random points, re-run, compare with an uninterrupted run ---------------------------------
-
-def finished_shards(out: Path) -> int:
-    shards = out.with_name(out.name + ".partial") / "shards"
-    return len(list(shards.glob("*.json"))) if shards.exists() else 0
-
 
 def kill_and_resume(args, out: Path, reference: dict, seed: int, kills: int, duration: float, check_values):
     """SIGKILL the job, re-run it to the end and compare with the uninterrupted run; after each kill no half

@@ -15,11 +15,9 @@ from pathlib import Path
 import click
 import numpy as np
 import pytest
-from conftest import invoke, load, make_tiny_model, sample_rows, write_jsonl
+from conftest import HFBATCH, finished_shards, invoke, load, make_tiny_model, sample_rows, write_jsonl
 
 from hfbatch.devices import parse_devices
-
-HFBATCH = [sys.executable, "-c", "from hfbatch.cli import main; main()"]
 
 
 def test_parse_devices():
@@ -148,7 +146,7 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
     proc = subprocess.Popen(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args),
                                        "--devices", "cpu,cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while proc.poll() is None and len(list(shards.glob("*.json"))) < 3 and time.monotonic() < deadline:
+    while proc.poll() is None and finished_shards(out) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     workers = spawned_workers(proc.pid)
     assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-500:]}"
@@ -159,7 +157,7 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
     while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(w) for w in workers), "workers outlived the killed job"
-    done = len(list(shards.glob("*.json")))
+    done = finished_shards(out)
     assert 3 <= done < 30 and not out.exists()
 
     # a worker killed on its own (OOM killer, a signal): the job says which one died and exits 1
@@ -167,14 +165,14 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
                                        "--devices", "cpu,cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 120
-    while proc.poll() is None and len(list(shards.glob("*.json"))) < done + 3 and time.monotonic() < deadline:
+    while proc.poll() is None and finished_shards(out) < done + 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     victim = spawned_workers(proc.pid)[0]
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err[-1000:]
     assert "Error: the worker on cpu died (exit code -9) before finishing" in err and "Traceback" not in err
-    done = len(list(shards.glob("*.json")))
+    done = finished_shards(out)
     assert not out.exists()
     # the finished shards (about 25, from both runs) were shared by both workers
     writers = {json.loads(record.read_text())["worker"] for record in shards.glob("*.json")}
@@ -222,7 +220,6 @@ def test_many_pending_shards_and_a_failing_worker_end_promptly(tmp_path):
         "    except InputError as exc:\n"
         "        print(exc.format_message())\n")
     (tmp_path / "shards").mkdir()
-    sys.path.insert(0, str(tmp_path))
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "shards")], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-1000:]
@@ -247,9 +244,8 @@ def test_ctrl_c_stops_the_workers_without_tracebacks(tmp_path, dataset):
     proc = subprocess.Popen(HFBATCH + ["embed", str(dataset), "-o", str(out), "--model", str(model), "--shard-rows",
                                        "10", "--devices", "cpu,cpu"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    shards = out.with_name("out.partial") / "shards"
     deadline = time.monotonic() + 120
-    while proc.poll() is None and not list(shards.glob("*.json")) and time.monotonic() < deadline:
+    while proc.poll() is None and not finished_shards(out) and time.monotonic() < deadline:
         time.sleep(0.01)
     workers = spawned_workers(proc.pid)
     assert len(workers) == 2

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import invoke, load
+from conftest import invoke, load, manifest
 
 ROWS = [
     {"id": 1, "section": "games", "text": "A chess game, for two players."},
@@ -22,9 +22,6 @@ ROWS = [
 COMPRESS = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
             "zst": lambda b: zstandard.ZstdCompressor().compress(b)}
 
-
-def manifest(path):
-    return json.loads((path / "manifest.json").read_text())
 
 
 def jsonl_bytes(rows):

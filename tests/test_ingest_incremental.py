@@ -4,11 +4,7 @@ ones dropped; the result is always exactly that of a from-scratch ingest of the 
 import json
 
 import pytest
-from conftest import invoke, load, sample_rows, write_jsonl
-
-
-def manifest(path):
-    return json.loads((path / "manifest.json").read_text())
+from conftest import invoke, load, manifest, sample_rows, write_jsonl
 
 
 def assert_same_output(got, want):

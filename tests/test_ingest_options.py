@@ -4,16 +4,7 @@ byte-range shards (same result, resumable), and the manifest as `hfbatch info` s
 import json
 
 import pytest
-from conftest import SAMPLE, invoke, load, sample_rows
-
-
-def manifest(path):
-    return json.loads((path / "manifest.json").read_text())
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from conftest import SAMPLE, invoke, load, manifest, sample_rows, write_jsonl
 
 
 @pytest.fixture

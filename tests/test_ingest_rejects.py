@@ -5,16 +5,13 @@ import gzip
 import json
 
 import pytest
-from conftest import invoke, load
+from conftest import invoke, load, manifest
 
 
 def rejects_of(out):
     path = out / "rejects.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-
-def manifest(path):
-    return json.loads((path / "manifest.json").read_text())
 
 
 def good(i):

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, invoke, load, sample_rows
+from conftest import SAMPLE, hits_of, invoke, load, sample_rows
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,6 @@ def built(tmp_path_factory, tiny_model):
                     "--target-recall", "0.5"])
     return out
 
-
-def hits_of(result):
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def section_of():

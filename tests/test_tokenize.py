@@ -6,18 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, invoke, load, sample_rows
+from conftest import SAMPLE, invoke, load, manifest, sample_rows
 
-HFBATCH = Path(sys.executable).with_name("hfbatch")
 MAX_LENGTH = 64  # the tiny tokenizer splits most words into letters: most sample rows are longer
 
-
-def manifest(path):
-    return json.loads((Path(path) / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="module")

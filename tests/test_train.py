@@ -5,14 +5,12 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import WORDS, invoke, write_jsonl
+from conftest import HFBATCH, WORDS, invoke, write_jsonl
 
-HFBATCH = [sys.executable, "-c", "from hfbatch.cli import main; main()"]
 TOPICS = {"games": ["chess", "game"], "net": ["network", "server"], "code": ["python", "library", "json", "parser"]}
 TRAIN_ARGS = ["--label-column", "topic", "--batch-size", "8", "--lr", "3e-3", "--max-length", "32"]
 
