@@ -29,15 +29,13 @@ of the package than the whole description does.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
 import re
-import shutil
-import subprocess
-import sys
-import time
+
+from debian_sections import read_corpus
+from measure import run_hfbatch
 
 CORPUS = "/work/shared/corpora/debian-descriptions.jsonl.gz"
 SENTENCE = re.compile(r"^(.+?[.!?])(?:\s+|$)(.*)$", re.DOTALL)
@@ -52,13 +50,9 @@ def split_first_sentence(text: str) -> tuple[str, str]:
 
 
 def hfbatch(*args) -> tuple[str, float]:
-    exe = shutil.which("hfbatch", path=os.path.dirname(sys.executable)) or "hfbatch"
-    t = time.perf_counter()
-    proc = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, check=False)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"hfbatch {args[0]} failed (exit {proc.returncode})")
-    return proc.stdout, time.perf_counter() - t
+    """(stdout, wall seconds) of `hfbatch ARGS`; a failure ends the benchmark."""
+    measured = run_hfbatch(args)
+    return measured.done.stdout, measured.wall_s
 
 
 def main() -> None:
@@ -76,8 +70,7 @@ def main() -> None:
     p.add_argument("--chunk-overlap", type=int, default=0, help="hfbatch embed --chunk-overlap M")
     args = p.parse_args()
 
-    with gzip.open(args.corpus, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_corpus(args.corpus)
     docs, groups = [], {}
     for row in rows:
         first, rest = split_first_sentence(row.get("text") or "")

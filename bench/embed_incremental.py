@@ -18,16 +18,10 @@ import shutil
 import statistics
 import sys
 
-from measure import run_hfbatch  # bench/ is on sys.path: these scripts run as `python bench/NAME.py`
+from measure import wall_and_cpu  # bench/ is on sys.path: these scripts run as `python bench/NAME.py`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(os.path.dirname(ROOT), "shared", "corpora", "debian-descriptions.jsonl.gz")
-
-
-def run(args: list) -> tuple[float, float]:
-    """(wall, CPU seconds) of `hfbatch ARGS` as its own process."""
-    measured = run_hfbatch(args)
-    return measured.wall_s, measured.cpu_s
 
 
 def main() -> None:
@@ -54,25 +48,25 @@ def main() -> None:
         rows = [next(f) for _ in range(args.docs + added)]
     with open(w("docs.jsonl"), "w") as f:
         f.writelines(rows[:args.docs])
-    run(["ingest", w("docs.jsonl"), "-o", w("ds")])
-    run(["embed", w("ds"), "-o", w("emb-old"), *model])
-    run(["index", w("emb-old"), "-o", w("idx-old")])
+    wall_and_cpu(["ingest", w("docs.jsonl"), "-o", w("ds")])
+    wall_and_cpu(["embed", w("ds"), "-o", w("emb-old"), *model])
+    wall_and_cpu(["index", w("emb-old"), "-o", w("idx-old")])
     with open(w("docs.jsonl"), "w") as f:
         f.writelines(rows)
-    run(["ingest", w("docs.jsonl"), "-o", w("ds"), "--force"])
+    wall_and_cpu(["ingest", w("docs.jsonl"), "-o", w("ds"), "--force"])
     print(f"{args.docs:,} docs + {added} new, model {args.model}, load {os.getloadavg()[0]:.1f}", flush=True)
 
     times = {k: [] for k in ("embed full", "embed incremental", "index full", "index incremental")}
     for _ in range(args.repeat):
-        times["embed full"].append(run(["embed", w("ds"), "-o", w("emb-full"), *model, "--force"]))
+        times["embed full"].append(wall_and_cpu(["embed", w("ds"), "-o", w("emb-full"), *model, "--force"]))
         shutil.rmtree(w("emb"), ignore_errors=True)
         shutil.copytree(w("emb-old"), w("emb"))
-        times["embed incremental"].append(run(["embed", w("ds"), "-o", w("emb"), *model, "--incremental"]))
-        times["index full"].append(run(["index", w("emb"), "-o", w("idx-full"), "--force"]))
+        times["embed incremental"].append(wall_and_cpu(["embed", w("ds"), "-o", w("emb"), *model, "--incremental"]))
+        times["index full"].append(wall_and_cpu(["index", w("emb"), "-o", w("idx-full"), "--force"]))
         shutil.rmtree(w("idx"), ignore_errors=True)
         shutil.copytree(w("idx-old"), w("idx"))
         # idx-old names emb-old as its input; another input path is just another input change to --incremental
-        times["index incremental"].append(run(["index", w("emb"), "-o", w("idx"), "--incremental"]))
+        times["index incremental"].append(wall_and_cpu(["index", w("emb"), "-o", w("idx"), "--incremental"]))
     computed = json.load(open(w("emb/manifest.json")))["counts"]
     med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
     for k, (wall, cpu) in med.items():

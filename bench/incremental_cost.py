@@ -22,7 +22,6 @@ Ratios compare runs of the same session only (the machine is shared and noisy): 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -31,19 +30,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from measure import run_measured
+from debian_sections import read_corpus
+from measure import run_hfbatch
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpora" / "debian-descriptions.jsonl.gz"
-HFBATCH = "import sys; from hfbatch.cli import main; sys.argv[0] = 'hfbatch'; main()"
 
 
 def hfbatch(args: list, env: dict) -> tuple[dict, float]:
     """Run `hfbatch ARGS --json` as its own process: (its summary, wall seconds). The summary's `seconds`
     is the job's own time (no interpreter start, no import of hfbatch and click)."""
-    run = run_measured([sys.executable, "-c", HFBATCH, *args, "--json"], env)
-    if run.done.returncode != 0:
-        sys.exit(f"failed ({run.done.returncode}): hfbatch {' '.join(map(str, args))}\n{run.done.stderr[-3000:]}")
+    run = run_hfbatch([*args, "--json"], env)
     return json.loads(run.done.stdout.splitlines()[-1]), run.wall_s
 
 
@@ -165,8 +162,7 @@ def main() -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "HFBATCH_CACHE_DIR": str(work / "cache"), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     try:
-        with gzip.open(CORPUS, "rt", encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh]
+        rows = read_corpus(CORPUS)
         NEW_ROWS[:] = new_documents(rows, round(len(rows) / 100))
         corpus = work / "corpus"
         split_corpus(rows, corpus, args.files)

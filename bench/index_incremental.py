@@ -25,7 +25,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from measure import run_hfbatch  # noqa: E402
+from measure import wall_and_cpu  # noqa: E402
 
 
 def publish_embeddings(path: str, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -41,12 +41,6 @@ def publish_embeddings(path: str, ids: np.ndarray, vectors: np.ndarray) -> None:
             job.write_shard(shard, embeddings_table(ids[start:stop].tolist(), vectors[start:stop], vectors.shape[1]))
         job.publish_dataset(-(-len(ids) // 20_000), embeddings_features(datasets.Value("int64"), vectors.shape[1]),
                             extra={"dim": vectors.shape[1]})
-
-
-def run(args: list) -> tuple[float, float]:
-    """(wall, CPU seconds) of `hfbatch ARGS` as its own process."""
-    measured = run_hfbatch(args)
-    return measured.wall_s, measured.cpu_s
 
 
 def main() -> None:
@@ -73,15 +67,15 @@ def main() -> None:
     for kind in args.kinds.split(","):
         old_index, inc, full = (os.path.join(args.workdir, f"{name}-{kind}") for name in ("old", "inc", "full"))
         publish_embeddings(emb, np.arange(args.n), vectors[:args.n])
-        run(["index", emb, "-o", old_index, "--kind", kind])
+        wall_and_cpu(["index", emb, "-o", old_index, "--kind", kind])
         publish_embeddings(emb, np.arange(args.n + added), vectors)
         times = {"full": [], "incremental": []}
         for _ in range(args.repeat):
-            wall, cpu = run(["index", emb, "-o", full, "--kind", kind, "--force"])
+            wall, cpu = wall_and_cpu(["index", emb, "-o", full, "--kind", kind, "--force"])
             times["full"].append((wall, cpu, json.load(open(os.path.join(full, "manifest.json")))["elapsed_s"]))
             shutil.rmtree(inc, ignore_errors=True)
             shutil.copytree(old_index, inc)
-            wall, cpu = run(["index", emb, "-o", inc, "--kind", kind, "--incremental"])
+            wall, cpu = wall_and_cpu(["index", emb, "-o", inc, "--kind", kind, "--incremental"])
             manifest = json.load(open(os.path.join(inc, "manifest.json")))
             assert manifest["update"] and manifest["update"]["added"] == added, manifest.get("update")
             times["incremental"].append((wall, cpu, manifest["elapsed_s"]))

@@ -53,3 +53,9 @@ def run_hfbatch(args: list, env: dict | None = None) -> Measured:
         raise SystemExit(f"hfbatch {' '.join(map(str, args))} failed ({measured.done.returncode}):\n"
                          f"{measured.done.stderr[-3000:]}")
     return measured
+
+
+def wall_and_cpu(args: list, env: dict | None = None) -> tuple[float, float]:
+    """(wall, CPU seconds) of `hfbatch ARGS` as its own process."""
+    measured = run_hfbatch(args, env)
+    return measured.wall_s, measured.cpu_s
