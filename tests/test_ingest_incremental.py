@@ -11,13 +11,15 @@ def assert_same_output(got, want):
     """Rows, ids, order and values; rejects; content hashes; counts: all as a from-scratch run gives."""
     import pyarrow.parquet as pq
 
-    assert load(got).features == load(want).features
-    assert load(got).to_dict() == load(want).to_dict()
+    got_rows, want_rows = load(got), load(want)
+    assert got_rows.features == want_rows.features
+    assert got_rows.to_dict() == want_rows.to_dict()
     assert pq.read_table(got / "content_hashes.parquet").equals(pq.read_table(want / "content_hashes.parquet"))
     rejects = [(p / "rejects.jsonl").read_text() if (p / "rejects.jsonl").exists() else None for p in (got, want)]
     assert rejects[0] == rejects[1]
+    got_manifest, want_manifest = manifest(got), manifest(want)
     for key in ("counts", "sources", "rejects_by_kind", "schema"):
-        assert manifest(got)[key] == manifest(want)[key], key
+        assert got_manifest[key] == want_manifest[key], key
 
 
 @pytest.fixture

@@ -37,10 +37,8 @@ def labelled(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    from conftest import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-base")  # an ST-style encoder, like MiniLM
+def base_model(tiny_model):
+    return tiny_model  # an ST-style encoder, like MiniLM
 
 
 @pytest.fixture(scope="module")
