@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from debian_sections import CORPUS, read_corpus, split_sections  # noqa: E402
+from measure import run_hfbatch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -74,7 +74,7 @@ def run_pipeline(model_dir: Path, texts: list[str], max_length: int, batch_size:
     return scores, seconds
 
 
-def run_hfbatch(model_dir: Path, texts: list[str], max_length: int, precision: str):
+def run_core(model_dir: Path, texts: list[str], max_length: int, precision: str):
     """The classify job's core: tokenizer + encoder + token-budget batches + softmax, as the job runs it."""
     from hfbatch.embedding import TextEmbedder
     from hfbatch.jobs.classify import probabilities
@@ -87,14 +87,9 @@ def run_hfbatch(model_dir: Path, texts: list[str], max_length: int, precision: s
 
 def run_cli(model_dir: Path, texts: list[str], work: Path) -> float:
     """`hfbatch classify` as a user runs it, default settings; the ingest before it is not timed."""
-    exe = [sys.executable, "-c", "from hfbatch.cli import main; main()"]
     (work / "docs.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
-    subprocess.run(exe + ["ingest", str(work / "docs.jsonl"), "-o", str(work / "ds")], check=True,
-                   capture_output=True)
-    _, seconds = timed(lambda: subprocess.run(
-        exe + ["classify", str(work / "ds"), "-o", str(work / "labels"), "--model", str(model_dir)], check=True,
-        capture_output=True))
-    return seconds
+    run_hfbatch(["ingest", work / "docs.jsonl", "-o", work / "ds"])
+    return run_hfbatch(["classify", work / "ds", "-o", work / "labels", "--model", model_dir]).wall_s
 
 
 def main() -> None:
@@ -134,8 +129,8 @@ def main() -> None:
         figures = {}
         reference, figures["pipeline"] = run_pipeline(model_dir, texts, max_length, None)
         _, figures["pipeline_batch32"] = run_pipeline(model_dir, texts, max_length, 32)
-        default, figures["hfbatch_default"], settings = run_hfbatch(model_dir, texts, max_length, "auto")
-        exact, figures["hfbatch_fp32"], _ = run_hfbatch(model_dir, texts, max_length, "fp32")
+        default, figures["hfbatch_default"], settings = run_core(model_dir, texts, max_length, "auto")
+        exact, figures["hfbatch_fp32"], _ = run_core(model_dir, texts, max_length, "fp32")
         figures["hfbatch_cli_default"] = run_cli(model_dir, texts, tmp)
         roof = ceiling(model_dir, texts, roof_dtype, also_measured=roof_before)
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embed_vs_st import CORPUS  # noqa: E402
-from measure import hfbatch_command, run_measured  # noqa: E402
+from measure import run_hfbatch  # noqa: E402
 
 
 def main() -> None:
@@ -34,20 +33,15 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    exe = hfbatch_command()
     results = []
     for n in (int(x) for x in args.n.split(",")):
         ds = work / f"ds-{n}"
-        subprocess.run(exe + ["ingest", args.corpus, "-o", str(ds), "--limit", str(n)], check=True,
-                       capture_output=True)
-        cmd = exe + ["embed", str(ds), "-o", str(work / f"emb-{n}"), "--precision", args.precision, "--force",
-                     "--json"]
+        run_hfbatch(["ingest", args.corpus, "-o", ds, "--limit", n])
+        embed = ["embed", ds, "-o", work / f"emb-{n}", "--precision", args.precision, "--force", "--json"]
         if args.shard_rows:
-            cmd += ["--shard-rows", str(args.shard_rows)]
-        measured = run_measured(cmd)
-        done, wall, peak = measured.done, measured.wall_s, measured.peak_rss_mb
-        if done.returncode != 0:
-            raise SystemExit(f"hfbatch embed failed:\n{done.stderr}")
+            embed += ["--shard-rows", args.shard_rows]
+        measured = run_hfbatch(embed)
+        wall, peak = measured.wall_s, measured.peak_rss_mb
         manifest = json.loads((work / f"emb-{n}" / "manifest.json").read_text())
         shards = -(-n // manifest["config"]["shard_rows"])
         results.append({"n": n, "shards": shards, "shard_rows": manifest["config"]["shard_rows"], "wall_s": wall,

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from measure import hfbatch_command, run_measured
+from measure import run_hfbatch
 
 CORPUS = "/work/shared/corpora/debian-descriptions.jsonl.gz"
 ST_OV_PYTHON = "/tmp/ovst2-venv/bin/python"
@@ -140,23 +140,18 @@ def main() -> None:
     # conversion cache is warm, then each precision as a whole process
     import datasets
 
-    exe = hfbatch_command()
     (work / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    subprocess.run(exe + ["ingest", str(work / "docs.jsonl"), "-o", str(work / "ds"), "--force"], check=True,
-                   capture_output=True)
-    subprocess.run(exe + ["ingest", str(work / "docs.jsonl"), "-o", str(work / "ds64"), "--limit", "64",
-                          "--force"], check=True, capture_output=True)
+    run_hfbatch(["ingest", work / "docs.jsonl", "-o", work / "ds", "--force"])
+    run_hfbatch(["ingest", work / "docs.jsonl", "-o", work / "ds64", "--limit", "64", "--force"])
     precisions = args.precisions.split(",")
     for precision in precisions:
-        subprocess.run(exe + ["embed", str(work / "ds64"), "-o", str(work / "warm"), "--model", args.model,
-                              "--precision", precision, "--force"], check=True, capture_output=True)
+        run_hfbatch(["embed", work / "ds64", "-o", work / "warm", "--model", args.model, "--precision", precision,
+                     "--force"])
     for precision in precisions:
         out = work / f"emb-{precision}"
-        measured = run_measured(exe + ["embed", str(work / "ds"), "-o", str(out), "--model", args.model,
-                                       "--precision", precision, "--force", "--json"])
-        done, wall, peak = measured.done, measured.wall_s, measured.peak_rss_mb
-        if done.returncode != 0:
-            raise SystemExit(f"hfbatch embed failed:\n{done.stderr}")
+        measured = run_hfbatch(["embed", work / "ds", "-o", out, "--model", args.model, "--precision", precision,
+                                "--force", "--json"])
+        wall, peak = measured.wall_s, measured.peak_rss_mb
         manifest = json.loads((out / "manifest.json").read_text())
         vectors = np.asarray(datasets.load_from_disk(str(out)).with_format("numpy")["embedding"])
         add(f"hfbatch embed --precision {precision} (process)", len(texts) / wall, vectors,
