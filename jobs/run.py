@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import tomllib
 from pathlib import Path
 
 import click
-import tomllib
 
 from hfbatch import log
 from hfbatch.errors import InputError
