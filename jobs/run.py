@@ -66,7 +66,9 @@ def _resolve(base: Path, value) -> str:
 def step_state(output: Path) -> str:
     if (output / "manifest.json").exists():
         return "complete (re-checked against its inputs when run)"
-    if output.with_name(output.name + ".partial").exists():
+    from hfbatch.runner import OutputPaths
+
+    if OutputPaths(output).partial.exists():
         return "partial (will resume)"
     return "to do"
 
