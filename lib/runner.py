@@ -235,10 +235,10 @@ class OutputPaths:
 
     def __init__(self, output):
         self.output = Path(output)
-        prefix = f".{self.output.name}.hfbatch-"
-        self.lock = self.output.with_name(prefix + "lock")
-        self.partial = self.output.with_name(prefix + "partial")
-        self._tmp_name = re.compile(re.escape(prefix + "tmp-") + r"\d+(-old)?")
+        self._prefix = f".{self.output.name}.hfbatch-"
+        self.lock = self.output.parent / (self._prefix + "lock")
+        self.partial = self.output.parent / (self._prefix + "partial")
+        self._tmp_name = re.compile(re.escape(self._prefix + "tmp-") + r"\d+(-old)?")
 
     @property
     def shards(self) -> Path:
@@ -246,7 +246,7 @@ class OutputPaths:
 
     def tmp(self, tag=None) -> Path:
         """The temp path of process `tag` (default: this one)."""
-        return self.output.with_name(f".{self.output.name}.hfbatch-tmp-{os.getpid() if tag is None else tag}")
+        return self.output.parent / f"{self._prefix}tmp-{os.getpid() if tag is None else tag}"
 
     def temps(self) -> list[Path]:
         """Every temp path of this output there is, by exact name (an output named `a*` matches no other)."""
