@@ -180,21 +180,21 @@ def is_hfbatch_output(path: Path) -> bool:
     return isinstance(manifest, dict) and {"job", "hfbatch_version"} <= manifest.keys()
 
 
+def _is_empty_dir(path: Path) -> bool:
+    """Whether `path` is a real directory (not a symlink) with nothing in it."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
 def made_by_hfbatch(path: Path) -> bool:
     """Whether `path` is a real directory that hfbatch made: it holds the marker, or is still empty (a run
     killed between creating it and writing the marker, or one that has already removed everything else)."""
     path = Path(path)
-    try:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            return False
-        if stat.S_ISREG(os.lstat(path / MARKER).st_mode):
-            return True
-    except FileNotFoundError:
-        pass
-    except OSError:
+    if os.path.islink(path) or not os.path.isdir(path):
         return False
-    with os.scandir(path) as entries:
-        return next(entries, None) is None
+    return (os.path.isfile(path / MARKER) and not os.path.islink(path / MARKER)) or _is_empty_dir(path)
 
 
 def make_marked_dir(path: Path) -> Path:
@@ -269,13 +269,6 @@ class OutputPaths:
             why = _not_made_by_hfbatch(tmp, outputs_too=True)
             if why:
                 _refuse(tmp, why, "temp directory", self.output)
-
-
-def _is_empty_dir(path: Path) -> bool:
-    if os.path.islink(path) or not os.path.isdir(path):
-        return False
-    with os.scandir(path) as entries:
-        return next(entries, None) is None
 
 
 def _not_made_by_hfbatch(path: Path, outputs_too: bool) -> str | None:
@@ -395,7 +388,7 @@ def publish_dir(tmp: Path, output: Path) -> None:
         if is_hfbatch_output(old):
             remove_made_dir(old)
         else:
-            os.rmdir(old)  # an empty directory the user made for the output; never rmtree what hfbatch did not make
+            os.rmdir(old)  # an empty directory made for the output: rmdir, which cannot remove anything in it
     else:
         os.rename(tmp, output)
     fsync_dir(output.parent)
@@ -598,7 +591,7 @@ class Job(ShardDir):
         make_marked_dir(self.partial)
         self.shard_dir.mkdir()
         write_json_atomic(self.partial / JOB_FILE, {"job": self.name, "fingerprint": self.fingerprint,
-                                     "config": self.config, "inputs": self.inputs})
+                                                    "config": self.config, "inputs": self.inputs})
 
     def shard_records(self, n_shards: int) -> list[dict]:
         missing = self.pending(n_shards)
