@@ -303,8 +303,9 @@ class OutputLock:
         self._fd: int | None = None
 
     def _why_foreign(self, fd: int) -> str | None:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return "not a regular file"
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         text = os.pread(fd, 64, 0).decode(errors="replace")
         return None if text == "" or _LOCK_TEXT.fullmatch(text) else "a file that is not an hfbatch lock"
 
@@ -513,7 +514,7 @@ class Job(ShardDir):
         if not ancestor.is_dir():
             raise InputError(f"--output {out}: {ancestor} is not a directory; choose an output whose parent "
                              f"is a directory")
-        protected = [(p.resolve(), f"the input {p}") for p in self._file_paths + self._dataset_paths]
+        protected = [(p.resolve(), f"the input {p.resolve()}") for p in self._file_paths + self._dataset_paths]
         home = os.environ.get("HOME")
         if home:
             protected.append((Path(home).resolve(), "your home directory ($HOME)"))

@@ -198,12 +198,16 @@ def test_a_symlink_at_a_side_path_is_refused_and_not_followed(runner, tmp_path, 
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("which", ["lock", "partial", "tmp"])
-def test_a_directory_hfbatch_did_not_make_at_a_side_path_is_refused(runner, tmp_path, src, which):
+@pytest.mark.parametrize("which,kind", [("lock", "dir"), ("partial", "dir"), ("tmp", "dir"),
+                                        ("partial", "file"), ("tmp", "file")])
+def test_what_hfbatch_did_not_make_at_a_side_path_is_refused(runner, tmp_path, src, which, kind):
     out = tmp_path / "out"
     side = hfbatch_path(out, which)
-    side.mkdir()
-    (side / "data.csv").write_text("a,b\n")
+    if kind == "dir":
+        side.mkdir()
+        (side / "data.csv").write_text("a,b\n")
+    else:
+        side.write_text("a,b\n")
     before = tree(tmp_path)
     refused(runner, ["ingest", src, "-o", out, "--force"], side)
     assert tree(tmp_path) == before
