@@ -11,6 +11,7 @@ import tomllib
 
 from hfbatch import log
 from hfbatch.errors import InputError
+from hfbatch.runner import OutputPaths
 
 STEP_KEYS = {"job", "inputs", "output", "options", "name"}
 
@@ -66,8 +67,6 @@ def _resolve(base: Path, value) -> str:
 def step_state(output: Path) -> str:
     if (output / "manifest.json").exists():
         return "complete (re-checked against its inputs when run)"
-    from hfbatch.runner import OutputPaths
-
     if OutputPaths(output).partial.exists():
         return "partial (will resume)"
     return "to do"
