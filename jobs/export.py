@@ -83,7 +83,7 @@ def export(dataset, output, fmt, columns):
     """
     from hfbatch.errors import InputError, JobFailed
     from hfbatch.io import open_dataset
-    from hfbatch.runner import OutputLock, fsync_dir
+    from hfbatch.runner import OutputLock, OutputPaths, fsync_dir
 
     path = Path(output).resolve()
     fmt, compression = export_format(path, fmt)
@@ -98,12 +98,15 @@ def export(dataset, output, fmt, columns):
     if not path.parent.is_dir():
         raise InputError(f"{path.parent} does not exist")
 
+    paths = OutputPaths(path)
     lock = OutputLock(path)
     lock.acquire()
     try:
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a killed export's; we hold the lock
-            stale.unlink(missing_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        for stale in paths.temps():  # a killed export's; we hold the lock
+            if not os.path.isfile(stale) or os.path.islink(stale):
+                raise InputError(f"{stale} is not a file left by hfbatch export; move it away and re-run")
+            stale.unlink()
+        tmp = paths.tmp()
         try:
             with open(tmp, "wb") as raw:
                 stream = _compressed(raw, compression)

@@ -11,6 +11,7 @@ import click
 
 from hfbatch import log
 from hfbatch.errors import InputError
+from hfbatch.runner import OutputPaths
 
 STEP_KEYS = {"job", "inputs", "output", "options", "name"}
 
@@ -66,7 +67,7 @@ def _resolve(base: Path, value) -> str:
 def step_state(output: Path) -> str:
     if (output / "manifest.json").exists():
         return "complete (re-checked against its inputs when run)"
-    if output.with_name(output.name + ".partial").exists():
+    if OutputPaths(output).partial.exists():
         return "partial (will resume)"
     return "to do"
 

@@ -49,7 +49,7 @@ def train(dataset, output, label_column, text_column, base_model, epochs, lr, ba
 
     OUTPUT is a complete transformers model directory (config with the labels, safetensors weights,
     tokenizer) with metrics.json and a model card README.md; `hfbatch classify --model OUTPUT` uses it.
-    Checkpoints live in OUTPUT.partial/ while training: a killed run resumes from the newest one.
+    Checkpoints live in .OUTPUT.hfbatch-partial/ while training: a killed run resumes from the newest one.
 
     \b
     Example:

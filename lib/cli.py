@@ -108,7 +108,8 @@ def output_option(f):
 
 def force_option(f):
     return click.option("--force", is_flag=True,
-                        help="Recompute even if OUTPUT exists from other inputs or options.")(f)
+                        help="Recompute OUTPUT and replace it when it is an hfbatch output made from other inputs or "
+                             "options. A directory hfbatch did not make is never replaced.")(f)
 
 
 def model_option(f):

@@ -1,12 +1,18 @@
 """How a job survives being killed: one lock per output, shards with completion records, manifests,
 and atomic publication. Every job goes through `Job`; nothing else writes an output directory.
 
-Layout beside an output `OUT`:
-    OUT.lock                  fcntl lock held by the one writer (the kernel drops it when the process dies)
-    OUT.partial/job.json      fingerprint of the run the shards belong to
-    OUT.partial/shards/00003.arrow + 00003.json   a finished shard: data, then its completion record
-    .OUT.tmp-<pid>/           the output being assembled; renamed to OUT only when complete
+Layout beside an output `OUT` (named in `OutputPaths` only; the `.OUT.hfbatch-` prefix keeps them apart
+from a user's files such as `uv.lock` or `foo.partial/`):
+    .OUT.hfbatch-lock                 fcntl lock held by the one writer (the kernel drops it when the process dies)
+    .OUT.hfbatch-partial/job.json     fingerprint of the run the shards belong to
+    .OUT.hfbatch-partial/shards/00003.arrow + 00003.json   a finished shard: data, then its completion record
+    .OUT.hfbatch-tmp-<pid>/           the output being assembled; renamed to OUT only when complete
 A directory without manifest.json is never complete: readers refuse it.
+
+hfbatch removes only what it made: an output whose manifest.json is an hfbatch manifest, or a partial or temp
+directory holding the marker file `.hfbatch-made`, written right after the directory is created and removed
+last. Anything else at these paths (a symlink, a file, a directory without the marker) is refused, never
+written through or deleted; so is an output that is, or holds, the current directory, $HOME or an input.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import sys
 import time
 import uuid
@@ -30,6 +38,8 @@ from .errors import Busy, InputError
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
+MARKER = ".hfbatch-made"  # in every partial and temp dir hfbatch makes
+JOB_FILE = "job.json"
 
 
 # ---- small durable-file helpers -----------------------------------------------------------------------
@@ -156,27 +166,191 @@ def describe_changes(manifest: dict, job: str, config: dict, inputs: list[dict])
     return changes
 
 
+# ---- hfbatch's own paths beside an output, and what is hfbatch's --------------------------------------
+
+def is_hfbatch_output(path: Path) -> bool:
+    """Whether `path` is a real directory (not a symlink) whose manifest.json is an hfbatch manifest."""
+    path = Path(path)
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode) or not stat.S_ISREG(os.lstat(path / MANIFEST).st_mode):
+            return False
+        manifest = json.loads((path / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"job", "hfbatch_version"} <= manifest.keys()
+
+
+def _is_empty_dir(path: Path) -> bool:
+    """Whether `path` is a real directory (not a symlink) with nothing in it."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
+def made_by_hfbatch(path: Path) -> bool:
+    """Whether `path` is a real directory that hfbatch made: it holds the marker, or is still empty (a run
+    killed between creating it and writing the marker, or one that has already removed everything else)."""
+    path = Path(path)
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    return (os.path.isfile(path / MARKER) and not os.path.islink(path / MARKER)) or _is_empty_dir(path)
+
+
+def make_marked_dir(path: Path) -> Path:
+    """Create `path` (it must not exist; a symlink there is not followed) with hfbatch's marker in it."""
+    os.mkdir(path)
+    (path / MARKER).write_text("made by hfbatch; hfbatch removes this directory when it is done with it\n")
+    return path
+
+
+def remove_made_dir(path: Path) -> None:
+    """Remove a directory that hfbatch made (or an old hfbatch output) without ever leaving one that reads
+    as a user's: the marker is written first (an old output has none) and removed last, and the files that
+    make it usable (job.json, manifest.json) go before the rest, so a kill part-way leaves a marked
+    directory that no run resumes or reads, and the next run removes."""
+    path = Path(path)
+    if not (made_by_hfbatch(path) or is_hfbatch_output(path)):
+        raise RuntimeError(f"refusing to remove {path}: hfbatch did not make it")  # a bug: callers check first
+    marker = path / MARKER
+    if not marker.exists():
+        marker.write_text("made by hfbatch; being removed\n")
+    for name in (JOB_FILE, MANIFEST):
+        (path / name).unlink(missing_ok=True)
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.name == MARKER:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)  # never follows symlinks inside
+            else:
+                os.unlink(entry.path)
+    marker.unlink()
+    os.rmdir(path)
+
+
+class OutputPaths:
+    """The one place that names hfbatch's own paths beside an output OUT (see the module docstring); jobs,
+    workers and tests take them from here instead of spelling them out."""
+
+    def __init__(self, output):
+        self.output = Path(output)
+        self._prefix = f".{self.output.name}.hfbatch-"
+        self.lock = self.output.parent / (self._prefix + "lock")
+        self.partial = self.output.parent / (self._prefix + "partial")
+        self._tmp_name = re.compile(re.escape(self._prefix + "tmp-") + r"\d+(-old)?")
+
+    @property
+    def shards(self) -> Path:
+        return self.partial / "shards"
+
+    def tmp(self, tag=None) -> Path:
+        """The temp path of process `tag` (default: this one)."""
+        return self.output.parent / f"{self._prefix}tmp-{os.getpid() if tag is None else tag}"
+
+    def temps(self) -> list[Path]:
+        """Every temp path of this output there is, by exact name (an output named `a*` matches no other)."""
+        try:
+            names = os.listdir(self.output.parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(self.output.parent / n for n in names if self._tmp_name.fullmatch(n))
+
+    def refuse_foreign(self) -> None:
+        """Refuse (InputError, one line) anything at these paths that hfbatch did not make. Reads only."""
+        OutputLock(self.output).refuse_foreign()
+        if os.path.lexists(self.partial):
+            why = _not_made_by_hfbatch(self.partial, outputs_too=False)
+            if why is None and os.path.islink(self.shards):
+                why = "a directory whose shards/ is a symbolic link"
+            if why:
+                _refuse(self.partial, why, "work directory (its resumable shards)", self.output)
+        for tmp in self.temps():
+            why = _not_made_by_hfbatch(tmp, outputs_too=True)
+            if why:
+                _refuse(tmp, why, "temp directory", self.output)
+
+
+def _not_made_by_hfbatch(path: Path, outputs_too: bool) -> str | None:
+    """Why the directory at `path` is not hfbatch's, in words, or None when it is."""
+    if os.path.islink(path):
+        return "a symbolic link"
+    if not os.path.isdir(path):
+        return "not a directory"
+    if made_by_hfbatch(path) or (outputs_too and is_hfbatch_output(path)):
+        return None
+    return f"a directory that hfbatch did not make (no {MARKER} in it)"
+
+
+def _refuse(path: Path, why: str, role: str, output: Path):
+    raise InputError(f"{path} is {why}, where hfbatch keeps the {role} for {output}; hfbatch neither writes "
+                     f"through nor deletes it: move it away and re-run")
+
+
 # ---- the lock ------------------------------------------------------------------------------------------
 
+_LOCK_TEXT = re.compile(r"hfbatch lock, pid (\d+)\n?")
+
+
 class OutputLock:
-    """One writer per output. fcntl locks vanish with their process, so a kill -9 leaves no stale lock."""
+    """One writer per output. fcntl locks vanish with their process, so a kill -9 leaves no stale lock.
+    The lock file is opened without following a symlink, and only a file that is empty or reads as an
+    hfbatch lock is ever written."""
 
     def __init__(self, output: Path):
-        self.path = output.with_name(output.name + ".lock")
+        self.output = Path(output)
+        self.path = OutputPaths(output).lock
         self._fd: int | None = None
 
+    def _why_foreign(self, fd: int) -> str | None:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        text = os.pread(fd, 64, 0).decode(errors="replace")
+        return None if text == "" or _LOCK_TEXT.fullmatch(text) else "a file that is not an hfbatch lock"
+
+    def _open(self, flags: int) -> int:
+        try:
+            return os.open(self.path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if os.path.islink(self.path):
+                why = "a symbolic link"
+            elif os.path.isdir(self.path):
+                why = "a directory"
+            else:
+                raise InputError(f"{self.path}: cannot open hfbatch's lock for {self.output} "
+                                 f"({exc.strerror}); check the permissions of {self.path.parent}") from None
+            _refuse(self.path, why, "lock", self.output)
+
+    def refuse_foreign(self) -> None:
+        """Refuse a lock path that is not hfbatch's, reading only (nothing is created)."""
+        if not os.path.lexists(self.path):
+            return
+        fd = self._open(os.O_RDONLY)
+        try:
+            why = self._why_foreign(fd)
+        finally:
+            os.close(fd)
+        if why:
+            _refuse(self.path, why, "lock", self.output)
+
     def acquire(self) -> None:
+        self.refuse_foreign()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open(os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            match = _LOCK_TEXT.fullmatch(os.pread(fd, 64, 0).decode(errors="replace"))
             os.close(fd)
-            raise Busy(f"{self.path.with_suffix('')} is being written by another hfbatch run (pid {holder}); "
-                       f"wait for it to finish or stop it")
+            raise Busy(f"{self.output} is being written by another hfbatch run (pid "
+                       f"{match.group(1) if match else 'unknown'}); wait for it to finish or stop it") from None
+        why = self._why_foreign(fd)  # again, now that it is ours: it may have changed since the check
+        if why:
+            os.close(fd)
+            _refuse(self.path, why, "lock", self.output)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"hfbatch lock, pid {os.getpid()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -202,16 +376,20 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def publish_dir(tmp: Path, output: Path) -> None:
-    """Make the finished `tmp` appear at `output` in one step: readers see the old or the new, never half."""
+    """Make the finished `tmp` appear at `output` in one step: readers see the old or the new, never half.
+    The old output (checked by the caller to be an hfbatch output or an empty directory) is then removed."""
     fsync_tree(tmp)
     if output.exists():
         if _exchange(tmp, output):
-            shutil.rmtree(tmp)  # tmp now holds the old output
+            old = tmp  # tmp now holds the old output
         else:
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            old = OutputPaths(output).tmp(f"{os.getpid()}-old")
             os.rename(output, old)
             os.rename(tmp, output)
-            shutil.rmtree(old)
+        if is_hfbatch_output(old):
+            remove_made_dir(old)
+        else:
+            os.rmdir(old)  # an empty directory made for the output: rmdir, which cannot remove anything in it
     else:
         os.rename(tmp, output)
     fsync_dir(output.parent)
@@ -303,8 +481,9 @@ class Job(ShardDir):
         self.force = force
         self._file_paths = [Path(p) for p in files]
         self._dataset_paths = [Path(p) for p in datasets]
-        self.partial = self.output.with_name(self.output.name + ".partial")
-        self.shard_dir = self.partial / "shards"
+        self.paths = OutputPaths(self.output)
+        self.partial = self.paths.partial
+        self.shard_dir = self.paths.shards
         self.lock = OutputLock(self.output)
         self.up_to_date = False
         self.manifest: dict | None = None
@@ -313,8 +492,10 @@ class Job(ShardDir):
 
     # -- lifecycle --
     def __enter__(self) -> Job:
+        self._refuse_unsafe()  # before the lock: a refused run writes nothing
         self.lock.acquire()
         try:
+            self._refuse_unsafe()  # again, now that no other hfbatch run can change these paths
             self._check_existing()
         except BaseException:
             self.lock.release()
@@ -322,22 +503,66 @@ class Job(ShardDir):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.lock.release()  # on failure the .partial stays: the next run resumes from it
+        self.lock.release()  # on failure the work directory stays: the next run resumes from it
+
+    def _refuse_unsafe(self) -> None:
+        """Refuse (InputError, one line) an output that replacing could lose a user's data with. Reads only."""
+        out = self.output
+        if out == Path(out.anchor):
+            raise InputError(f"--output {out} is the root directory; choose a new directory for the output")
+        ancestor = next(p for p in out.parents if os.path.lexists(p))
+        if not ancestor.is_dir():
+            raise InputError(f"--output {out}: {ancestor} is not a directory; choose an output whose parent "
+                             f"is a directory")
+        protected = [(p.resolve(), f"the input {p.resolve()}") for p in self._file_paths + self._dataset_paths]
+        home = os.environ.get("HOME")
+        if home:
+            protected.append((Path(home).resolve(), "your home directory ($HOME)"))
+        try:
+            protected.append((Path.cwd(), "the current directory"))
+        except FileNotFoundError:
+            pass
+        for path, what in protected:
+            if path == out or out in path.parents:
+                raise InputError(f"--output {out} {'is' if path == out else 'holds'} {what}, and hfbatch replaces "
+                                 f"its output as a whole: choose a new directory for the output")
+        if os.path.lexists(out) and not (is_hfbatch_output(out) or _is_empty_dir(out)):
+            raise InputError(f"{out} exists and is not an hfbatch output (no hfbatch {MANIFEST}); hfbatch never "
+                             f"replaces a directory it did not make: choose another --output or move it away")
+        self.paths.refuse_foreign()
+
+    def _partial_job(self) -> dict | None:
+        """The job.json of the work directory (already checked to be hfbatch's), or None where there is none
+        or it cannot be read (a run killed while making or removing it: nothing there to resume)."""
+        try:
+            job = json.loads((self.partial / JOB_FILE).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return job if isinstance(job, dict) else None
+
+    def _discard_partial(self, reason: str | None) -> None:
+        """Remove the work directory (already checked to be hfbatch's); `reason` is logged unless None."""
+        if os.path.lexists(self.partial):
+            if reason:
+                log.event(self.name, "discarding_partial", partial=self.partial, reason=reason)
+            remove_made_dir(self.partial)
 
     def _check_existing(self) -> None:
-        for stale in self.output.parent.glob(f".{self.output.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # a killed run's half-assembled output; we hold the lock
+        for stale in self.paths.temps():
+            remove_made_dir(stale)  # a killed run's half-assembled (or replaced) output; we hold the lock
         existing = read_manifest(self.output) if self.output.exists() else None
-        previous = list((existing or {}).get("inputs", []))
-        previous += json.loads((self.partial / "job.json").read_text()).get("inputs", []) \
-            if (self.partial / "job.json").exists() else []
+        partial_job = self._partial_job()
+        if partial_job is None:
+            self._discard_partial("nothing to resume (no job.json)")
+        elif existing is not None and partial_job.get("fingerprint") == existing.get("fingerprint"):
+            # killed after publishing, before removing its work directory: the output holds all of it
+            self._discard_partial("its run was already published")
+            partial_job = None
+        previous = list((existing or {}).get("inputs", [])) + list((partial_job or {}).get("inputs", []))
         self.inputs = [file_input(p, previous) for p in self._file_paths] + \
                       [output_input(p) for p in self._dataset_paths]
         self.fingerprint = fingerprint({"job": self.name, "config": self.config, "inputs": self.inputs})
 
-        if self.output.exists() and existing is None and not self.force:
-            raise InputError(f"{self.output} exists and is not an hfbatch output (no {MANIFEST}); "
-                             f"choose another --output or pass --force to replace it")
         if existing is not None and not self.force:
             changes = describe_changes(existing, self.name, self.config, self.inputs)
             if not changes:
@@ -353,24 +578,21 @@ class Job(ShardDir):
                         if self.incremental else "pass --force to recompute it (or --incremental where offered)")
                 raise InputError(f"{self.output} was made from other inputs or options ({'; '.join(changes)}); "
                                  f"{hint}")
-        self._prepare_partial()
+        self._prepare_partial(partial_job)
 
-    def _prepare_partial(self) -> None:
-        job_file = self.partial / "job.json"
-        if job_file.exists():
-            old = json.loads(job_file.read_text())
+    def _prepare_partial(self, old: dict | None) -> None:
+        if old is not None:
             if old.get("fingerprint") == self.fingerprint and not self.force:
                 done = len(list(self.shard_dir.glob("*.json")))
                 for stale in self.shard_dir.glob(".*.tmp-*"):
                     stale.unlink(missing_ok=True)  # a killed writer's half shard; we hold the lock
                 log.event(self.name, "resuming", partial=self.partial, shards_done=done)
                 return
-            log.event(self.name, "discarding_partial", partial=self.partial,
-                      reason="force" if self.force else "different inputs or options")
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.shard_dir.mkdir(parents=True)
-        write_json_atomic(job_file, {"job": self.name, "fingerprint": self.fingerprint,
-                                     "config": self.config, "inputs": self.inputs})
+            self._discard_partial("force" if self.force else "different inputs or options")
+        make_marked_dir(self.partial)
+        self.shard_dir.mkdir()
+        write_json_atomic(self.partial / JOB_FILE, {"job": self.name, "fingerprint": self.fingerprint,
+                                                    "config": self.config, "inputs": self.inputs})
 
     def shard_records(self, n_shards: int) -> list[dict]:
         missing = self.pending(n_shards)
@@ -380,9 +602,11 @@ class Job(ShardDir):
 
     # -- publishing --
     def _tmp_output(self) -> Path:
-        tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        return tmp
+        """A new, marked, empty directory beside the output to assemble it in."""
+        tmp = self.paths.tmp()
+        if os.path.lexists(tmp):  # swept at the start; left by an attempt of this run that fell back
+            remove_made_dir(tmp)
+        return make_marked_dir(tmp)
 
     def _manifest(self, rows: int, counts: dict, extra: dict) -> dict:
         return {
@@ -435,7 +659,6 @@ class Job(ShardDir):
         if prepare is not None:
             dataset = prepare(dataset)
         tmp = self._tmp_output()
-        tmp.mkdir(parents=True)
         if fill is not None:  # side files from shard-only columns, written before the atomic rename
             fill(tmp, dataset)
         if set(dataset.column_names) != set(features):
@@ -484,14 +707,13 @@ class Job(ShardDir):
                 return rows
         except (OSError, ValueError, KeyError, TypeError) as exc:  # e.g. no hard links on this filesystem
             log.event(self.name, "copying_shards", reason=f"{type(exc).__name__}: {exc}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_made_dir(tmp)
         return None
 
     def publish_files(self, fill: Callable[[Path], None], rows: int, extra: dict | None = None,
                       counts: dict | None = None) -> dict:
         """For outputs that are not datasets (a FAISS index): `fill(tmp_dir)` writes the files."""
         tmp = self._tmp_output()
-        tmp.mkdir(parents=True)
         fill(tmp)
         return self._finish(tmp, self._manifest(rows, counts or {}, extra or {}))
 
@@ -510,8 +732,11 @@ class Job(ShardDir):
 
     def _finish(self, tmp: Path, manifest: dict) -> dict:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / MARKER).unlink()  # the output is known as hfbatch's by its manifest (a kill here: see temps())
         publish_dir(tmp, self.output)
-        shutil.rmtree(self.partial, ignore_errors=True)
+        # a kill before this is finished leaves a work directory whose fingerprint is the output's own:
+        # the next run removes it (_check_existing)
+        self._discard_partial(None)
         self.manifest = manifest
         log.event(self.name, "published", output=self.output, rows=manifest["rows"],
                   seconds=manifest["elapsed_s"])

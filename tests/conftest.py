@@ -124,7 +124,9 @@ def hits_of(result):
 
 def finished_shards(out: Path) -> int:
     """Shards of OUT's unfinished run that have their completion record."""
-    shards = out.with_name(out.name + ".partial") / "shards"
+    from hfbatch.runner import OutputPaths
+
+    shards = OutputPaths(out).shards
     return len(list(shards.glob("*.json"))) if shards.exists() else 0
 
 

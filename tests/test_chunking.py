@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, hits_of, invoke, load, manifest, sample_rows, write_jsonl
 
+from hfbatch.runner import OutputPaths
+
 N, M = 64, 16  # the tiny tokenizer spells most words out: 388 of sample.jsonl's 400 texts are split
 
 
@@ -189,7 +191,7 @@ def test_a_killed_chunked_run_resumes_from_its_finished_shards(built, runner, ti
     monkeypatch.setattr(Job, "write_shard", dies_on_shard_2)
     invoke(runner, args, expect=1)
     monkeypatch.setattr(Job, "write_shard", real)
-    assert sorted(p.name for p in (tmp_path / "emb.partial" / "shards").glob("*.json")) == ["00000.json", "00001.json"]
+    assert sorted(p.name for p in OutputPaths(tmp_path / "emb").shards.glob("*.json")) == ["00000.json", "00001.json"]
     invoke(runner, args)
     assert load(out)["id"] == load(built / "chunks")["id"]
     assert manifest(out)["counts"]["chunks"] == manifest(built / "chunks")["counts"]["chunks"]

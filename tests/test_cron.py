@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from conftest import HFBATCH, SAMPLE, finished_shards, invoke, sample_rows, write_jsonl
 
+from hfbatch.runner import OutputPaths
+
 
 def run(args, code=0, **kw):
     proc = subprocess.run(HFBATCH + [str(a) for a in args], capture_output=True, text=True, **kw)
@@ -176,4 +178,4 @@ def test_ingest_embed_index_survive_sigkill(tmp_path, tiny_model):
         assert not (work / "idx").exists() or (work / "idx" / "manifest.json").exists()
     run(index_args)
     same_search(None, None)
-    assert not list(work.glob(".*.tmp-*")), "a killed run's temp dir was left behind after the re-run"
+    assert not OutputPaths(work / "idx").temps(), "a killed run's temp dir was left behind after the re-run"

@@ -18,6 +18,7 @@ import pytest
 from conftest import HFBATCH, finished_shards, invoke, load, make_tiny_model, sample_rows, write_jsonl
 
 from hfbatch.devices import parse_devices
+from hfbatch.runner import OutputPaths
 
 
 def test_parse_devices():
@@ -60,7 +61,7 @@ def test_gpus_this_machine_lacks_are_refused_before_anything_runs(tmp_path, runn
     result = invoke(runner, ["embed", dataset, "-o", out, "--model", tiny_model, "--devices", f"{have},{have + 1}"],
                     expect=2)
     assert f"--devices cuda:{have},cuda:{have + 1}: this machine has " in result.output
-    assert "Traceback" not in result.output and not out.exists() and not out.with_name("emb.partial").exists()
+    assert "Traceback" not in result.output and not out.exists() and not OutputPaths(out).partial.exists()
     result = invoke(runner, ["embed", dataset, "-o", out, "--model", tiny_model, "--device", "cuda",
                              "--devices", "cpu,cpu"], expect=2)
     assert "--device cuda contradicts --devices cpu,cpu" in result.output
@@ -142,7 +143,7 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
     args = ["--model", model, "--shard-rows", "10", "--precision", "fp32", "--batch-tokens", "256"]
     subprocess.run(HFBATCH + ["embed", str(dataset), "-o", str(ref), *map(str, args)], check=True,
                    capture_output=True)
-    shards = out.with_name("out.partial") / "shards"
+    shards = OutputPaths(out).shards
     proc = subprocess.Popen(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args),
                                        "--devices", "cpu,cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

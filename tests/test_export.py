@@ -7,6 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE, invoke, load, sample_rows
 
+from hfbatch.runner import OutputPaths
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -68,7 +70,7 @@ def test_export_refuses_an_incomplete_dataset(runner, tmp_path):
 def test_export_is_atomic(runner, tmp_path, dataset, monkeypatch):
     target = tmp_path / "out.jsonl"
     target.write_text("previous export\n")
-    (tmp_path / ".out.jsonl.tmp-999999").write_text("left by a killed export")
+    OutputPaths(target).tmp(999999).write_text("left by a killed export")
 
     import hfbatch.jobs.export as export_job
 
@@ -80,7 +82,7 @@ def test_export_is_atomic(runner, tmp_path, dataset, monkeypatch):
     result = invoke(runner, ["export", dataset, "-o", target], expect=1)
     assert "disk full" in result.output and "unchanged" in result.output
     assert target.read_text() == "previous export\n"  # the old file, untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.lock"]  # no temp file left
+    assert sorted(tmp_path.iterdir()) == [OutputPaths(target).lock, target]  # no temp file left
 
     monkeypatch.undo()
     invoke(runner, ["export", dataset, "-o", target])

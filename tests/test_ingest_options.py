@@ -6,6 +6,8 @@ import json
 import pytest
 from conftest import SAMPLE, invoke, load, manifest, sample_rows, write_jsonl
 
+from hfbatch.runner import OutputPaths
+
 
 @pytest.fixture
 def docs(tmp_path):
@@ -154,7 +156,7 @@ def test_resume_redoes_only_unfinished_ranges(runner, tmp_path):
         fh.write(json.dumps({"id": "dup", "package": "x", "text": "x"}) + "\n")
     args = ["ingest", src, "-o", tmp_path / "ds", "--streaming", "--shard-size", "1MB", "--dedup"]
     invoke(runner, args + ["--max-rejects", "0"], expect=1)  # fails at the end: every shard is done
-    shards = tmp_path / "ds.partial" / "shards"
+    shards = OutputPaths(tmp_path / "ds").shards
     assert len(list(shards.glob("*.json"))) == 4
     for record in sorted(shards.glob("0000[23].json")):  # as if killed during shard 2
         record.unlink()

@@ -7,6 +7,8 @@ import json
 import pytest
 from conftest import invoke, load, manifest
 
+from hfbatch.runner import OutputPaths
+
 
 def rejects_of(out):
     path = out / "rejects.jsonl"
@@ -147,7 +149,7 @@ def test_default_max_rejects_is_one_percent(runner, tmp_path):
     assert "3 of 200 rows were rejected" in message and "--max-rejects 1%" in message
     assert "malformed_json 2" in message and "a.jsonl.gz row 51" in message and "Traceback" not in result.output
     assert not (tmp_path / "bad").exists()  # nothing half-written in place
-    gathered = tmp_path / "bad.partial" / "rejects.jsonl"
+    gathered = OutputPaths(tmp_path / "bad").partial / "rejects.jsonl"
     assert str(gathered) in message and len(gathered.read_text().splitlines()) == 3
 
     # raising the limit finishes from the shards already read

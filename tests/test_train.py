@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import HFBATCH, WORDS, invoke, write_jsonl
 
+from hfbatch.runner import OutputPaths
+
 TOPICS = {"games": ["chess", "game"], "net": ["network", "server"], "code": ["python", "library", "json", "parser"]}
 TRAIN_ARGS = ["--label-column", "topic", "--batch-size", "8", "--lr", "3e-3", "--max-length", "32"]
 
@@ -60,7 +62,7 @@ def test_model_directory_is_complete_and_loadable(trained):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.json",
             "README.md", "manifest.json"} <= names
     assert not any(name.endswith(".bin") for name in names)
-    assert not out.with_name(out.name + ".partial").exists()  # checkpoints are gone once published
+    assert not OutputPaths(out).partial.exists()  # checkpoints are gone once published
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "code", "1": "games", "2": "net"}
     assert config["label2id"] == {"code": 0, "games": 1, "net": 2}
@@ -112,7 +114,7 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tmp_path, labelle
     out = tmp_path / "model"
     args = HFBATCH + ["train", str(labelled), "-o", str(out), "--base-model", str(base_model), "--epochs", "3",
                       "--save-steps", "2", *TRAIN_ARGS]
-    checkpoints = out.with_name("model.partial") / "checkpoints"
+    checkpoints = OutputPaths(out).partial / "checkpoints"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
