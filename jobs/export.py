@@ -1,8 +1,10 @@
 """hfbatch export: an hfbatch dataset -> one JSON Lines, CSV/TSV or Parquet file, written atomically.
 
 The file is written beside its destination under a temporary name, fsynced, then renamed over it: a
-reader (or a cron job killed half-way) sees the old file or the new one, never a part. The writing is
-datasets' own (`to_json`, `to_csv`, `to_parquet`), through a compressor when the name asks for one.
+reader (or a cron job killed half-way) sees the old file or the new one, never a part. An existing file is
+replaced only when it is the one an earlier export wrote (its size, mtime and inode, recorded beside it in
+hfbatch's own `.NAME.hfbatch-export.json`), or with --force: hfbatch never overwrites a user's file unasked.
+The writing is datasets' own (`to_json`, `to_csv`, `to_parquet`), through a compressor when the name asks for one.
 """
 
 from __future__ import annotations
@@ -62,16 +64,45 @@ def write_dataset(dataset, fh, fmt: str) -> None:
         dataset.to_parquet(fh)
 
 
+def file_identity(path: Path) -> dict:
+    """What tells the file an export wrote from one that replaced it since: any rewrite changes one of these."""
+    stat = os.lstat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "device": stat.st_dev}
+
+
+def refuse_foreign_file(path: Path, record: Path, force: bool) -> None:
+    """Refuse (one line) to replace anything at `path` but the file an earlier export wrote, unless --force."""
+    import json
+
+    from hfbatch.errors import InputError
+
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise InputError(f"--output {path} is {'a symbolic link' if os.path.islink(path) else 'not a regular file'}; "
+                         f"hfbatch export writes a new file: choose another --output")
+    try:
+        recorded = json.loads(record.read_text()) if not record.is_symlink() else None
+    except (OSError, ValueError):
+        recorded = None
+    if recorded == file_identity(path) or force:
+        return
+    raise InputError(f"--output {path} exists and hfbatch export did not write it (or it changed since); "
+                     f"choose another --output, or pass --force to replace it")
+
+
 @click.command()
 @click.argument("dataset", type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="File to write (replaced atomically if it exists).")
+              help="File to write, atomically. An existing file is replaced only if an earlier export "
+                   "wrote it (or with --force).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "csv", "tsv", "parquet"]), default="auto",
               show_default=True, help="auto = from the extension (.jsonl/.json, .csv, .tsv, .parquet; "
                                       ".gz/.bz2/.xz/.zst compress it).")
 @click.option("--columns", "columns", multiple=True, metavar="A,B,...", help="Export only these columns.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT even if it is a file that hfbatch export did not write.")
 @json_summary("export")
-def export(dataset, output, fmt, columns):
+def export(dataset, output, fmt, columns, force):
     """Write the hfbatch dataset DATASET to one file, OUTPUT: JSON Lines, CSV/TSV or Parquet.
 
     Rows keep their order and ids, so `hfbatch ingest` of the exported file gives the same dataset.
@@ -83,9 +114,9 @@ def export(dataset, output, fmt, columns):
     """
     from hfbatch.errors import InputError, JobFailed
     from hfbatch.io import open_dataset
-    from hfbatch.runner import OutputLock, OutputPaths, fsync_dir
+    from hfbatch.runner import OutputLock, OutputPaths, write_json_atomic
 
-    path = Path(output).resolve()
+    path = Path(output).parent.resolve() / Path(output).name  # a symlink at OUTPUT is refused, never followed
     fmt, compression = export_format(path, fmt)
     ds, _ = open_dataset(dataset)
     wanted = [c.strip() for v in columns for c in v.split(",") if c.strip()]
@@ -106,6 +137,7 @@ def export(dataset, output, fmt, columns):
             if not os.path.isfile(stale) or os.path.islink(stale):
                 raise InputError(f"{stale} is not a file left by hfbatch export; move it away and re-run")
             stale.unlink()
+        refuse_foreign_file(path, paths.export_record, force)
         tmp = paths.tmp()
         try:
             with open(tmp, "wb") as raw:
@@ -116,7 +148,7 @@ def export(dataset, output, fmt, columns):
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, path)
-            fsync_dir(path.parent)
+            write_json_atomic(paths.export_record, file_identity(path))  # fsyncs the directory too
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError):

@@ -7,6 +7,7 @@ from a user's files such as `uv.lock` or `foo.partial/`):
     .OUT.hfbatch-partial/job.json     fingerprint of the run the shards belong to
     .OUT.hfbatch-partial/shards/00003.arrow + 00003.json   a finished shard: data, then its completion record
     .OUT.hfbatch-tmp-<pid>/           the output being assembled; renamed to OUT only when complete
+    .OUT.hfbatch-export.json          for `hfbatch export`'s single-file OUT: the identity of the file it wrote
 A directory without manifest.json is never complete: readers refuse it.
 
 hfbatch removes only what it made: an output whose manifest.json is an hfbatch manifest, or a partial or temp
@@ -239,6 +240,11 @@ class OutputPaths:
         self.lock = self.output.parent / (self._prefix + "lock")
         self.partial = self.output.parent / (self._prefix + "partial")
         self._tmp_name = re.compile(re.escape(self._prefix + "tmp-") + r"\d+(-old)?")
+
+    @property
+    def export_record(self) -> Path:
+        """What `hfbatch export` wrote at OUT (a file, not a directory: no manifest fits inside it)."""
+        return self.output.parent / (self._prefix + "export.json")
 
     @property
     def shards(self) -> Path:

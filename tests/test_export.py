@@ -79,11 +79,37 @@ def test_export_is_atomic(runner, tmp_path, dataset, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(export_job, "write_dataset", fail_half_way)
-    result = invoke(runner, ["export", dataset, "-o", target], expect=1)
+    result = invoke(runner, ["export", dataset, "-o", target, "--force"], expect=1)
     assert "disk full" in result.output and "unchanged" in result.output
     assert target.read_text() == "previous export\n"  # the old file, untouched
     assert sorted(tmp_path.iterdir()) == [OutputPaths(target).lock, target]  # no temp file left
 
     monkeypatch.undo()
-    invoke(runner, ["export", dataset, "-o", target])
+    invoke(runner, ["export", dataset, "-o", target, "--force"])  # the "previous export" was written by hand
     assert len(target.read_text().splitlines()) == 400
+
+
+def test_export_replaces_only_its_own_file_unless_forced(runner, tmp_path, dataset):
+    users = tmp_path / "labels.jsonl"
+    users.write_text("the user's own labels\n")
+    result = invoke(runner, ["export", dataset, "-o", users], expect=2)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and str(users) in errors[0] and "--force" in errors[0]
+    assert "Traceback" not in result.output and users.read_text() == "the user's own labels\n"
+
+    ours = tmp_path / "out.jsonl"
+    invoke(runner, ["export", dataset, "-o", ours])
+    invoke(runner, ["export", dataset, "-o", ours, "--columns", "id"])  # a re-export replaces its own file
+    assert json.loads(ours.read_text().splitlines()[0]).keys() == {"id"}
+
+    ours.write_text("edited by the user since\n")  # no longer the file the export wrote
+    invoke(runner, ["export", dataset, "-o", ours], expect=2)
+    assert ours.read_text() == "edited by the user since\n"
+
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(users)
+    invoke(runner, ["export", dataset, "-o", link, "--force"], expect=2)  # never written through
+    assert users.read_text() == "the user's own labels\n"
+
+    invoke(runner, ["export", dataset, "-o", users, "--force"])
+    assert len(users.read_text().splitlines()) == 400
