@@ -599,7 +599,7 @@ class IndexRows:
     def outdated(self):
         """(warning name, reason, what to re-run) when what the index was built from changed; else None."""
         emb, index_dir = self.embeddings_path or "EMBEDDINGS", self.index_dir
-        index_cmd = f"hfbatch index {emb} -o {index_dir} --incremental"
+        index_cmd = f"hfbatch index {emb} -o {index_dir}{index_options(self.manifest)} --incremental"
         if self.source is None:
             embed_cmd = f"hfbatch embed {self.source_path} -o {emb} {'--force' if self.chunked else '--incremental'}"
             fix = f"{embed_cmd} (with its options), then {index_cmd}" if self.source_path else \
@@ -672,6 +672,18 @@ class IndexRows:
             return UnitRows(vectors) if unit else vectors
 
         return open_vectors
+
+
+def index_options(manifest) -> str:
+    """The options the index was built with, as command-line text (an --incremental re-run must repeat them)."""
+    import shlex
+
+    config = manifest.get("config") or {}
+    given = [("--kind", config.get("kind"), "auto"), ("--factory", config.get("factory"), None),
+             ("--memory-budget", config.get("memory_budget"), None),
+             ("--target-recall", config.get("target_recall"), 0.95)]
+    return "".join(f" {option} {shlex.quote(str(value))}" for option, value, default in given
+                   if value is not None and value != default)
 
 
 def read_rows_file(path: Path, columns, hint):
