@@ -82,7 +82,10 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
         hfbatch index out/embeddings -o out/index --memory-budget 4GB
         hfbatch index out/embeddings -o out/index --incremental   # after re-embedding a changed corpus
     """
+    from hfbatch.runner import require_complete
+
     budget = parse_bytes(memory_budget)
+    similarity = embeddings_similarity(require_complete(Path(embeddings), "embeddings"), embeddings)  # refused first
     config = {"kind": kind, "factory": factory, "memory_budget": memory_budget, "target_recall": target_recall}
     with Job("index", output, config=config, datasets=[embeddings], force=force, incremental=incremental) as job:
         if job.up_to_date:
@@ -96,7 +99,6 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
         row_table = dataset.data.table.select([c for c in ("id", *CHUNK_COLUMNS) if c in dataset.column_names])
         ids = row_table.column("id").combine_chunks()
         del dataset  # vectors are read straight from the Arrow files below
-        similarity = embeddings_similarity(emb_manifest, embeddings)
         vectors = faiss_index.ArrowVectors(embeddings)
         if similarity == "cosine":  # cosine is inner product over unit vectors; a model may not normalise
             vectors = faiss_index.UnitRows(vectors)
@@ -280,7 +282,7 @@ def update_previous(faiss_index, job, plan, similarity, vectors, ids, phases):
         old = faiss_index.load_index(job.output / INDEX_FILE)
         old_rows = pq.read_table(rows_file)
     except (RuntimeError, OSError, pa.ArrowException) as exc:  # damaged: nothing there can be reused
-        return rebuild(f"the existing index cannot be read ({first_line(exc)})")
+        return rebuild(f"the existing index cannot be read ({one_line(exc)})")
     if "id" not in old_rows.column_names or "vector_hash" not in old_rows.column_names \
             or old_rows.num_rows != old.ntotal:
         return rebuild(f"{rows_file} does not describe the index's rows")
@@ -318,5 +320,10 @@ def write_rows_file(path, row_table, hashes):
     pq.write_table(row_table.append_column("vector_hash", pa.array(hashes, pa.int64())), path)
 
 
-def first_line(exc):
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+def one_line(exc):
+    """An exception's message in one line: faiss's last `Error: ...` part, without its C++ location."""
+    import re
+
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
+    return text.rpartition("Error: ")[2] or text

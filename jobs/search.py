@@ -337,7 +337,7 @@ def query_embedder(manifest, *, model, trust_remote_code, device, precision):
 def open_index_file(index_dir: Path, manifest):
     """index.faiss, memory-mapped; missing or unreadable is a clear error naming the file."""
     from hfbatch.index import load_index
-    from hfbatch.jobs.index import INDEX_FILE, first_line
+    from hfbatch.jobs.index import INDEX_FILE, one_line
 
     path = index_dir / INDEX_FILE
     if not path.is_file():
@@ -345,7 +345,7 @@ def open_index_file(index_dir: Path, manifest):
     try:
         index = load_index(path, mmap=True)
     except RuntimeError as exc:  # faiss: bad magic, truncated, ...
-        raise InputError(f"{path} is not a readable FAISS index ({first_line(exc)}); "
+        raise InputError(f"{path} is not a readable FAISS index ({one_line(exc)}); "
                          f"{rebuild_hint(index_dir, manifest)}")
     if manifest.get("count") is not None and index.ntotal != manifest["count"]:
         raise InputError(f"{path} holds {index.ntotal:,} vectors, its manifest says {manifest['count']:,}; "
@@ -691,7 +691,7 @@ def read_rows_file(path: Path, columns, hint):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hfbatch.jobs.index import first_line
+    from hfbatch.jobs.index import one_line
 
     if not path.is_file():
         raise InputError(f"{path} is missing: the index cannot name its hits; {hint}")
@@ -702,7 +702,7 @@ def read_rows_file(path: Path, columns, hint):
             raise InputError(f"{path} lacks the column(s) {', '.join(missing)} (made by an older hfbatch); {hint}")
         return pq.read_table(path, columns=list(columns))
     except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"{path} is not a readable Parquet file ({first_line(exc)}); {hint}")
+        raise InputError(f"{path} is not a readable Parquet file ({one_line(exc)}); {hint}")
 
 
 def current_manifest_hash(path) -> str | None:

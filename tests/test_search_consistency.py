@@ -206,13 +206,8 @@ def synthetic_embeddings(path, n, dim, seed=0):
     return vectors
 
 
-@pytest.mark.parametrize("dim,codes", [(33, "PQ11x4fs"), (31, "PQ31x4fs"), (384, "PQ96x4fs")])
+@pytest.mark.parametrize("dim,codes", [(33, "PQ11x4fs"), (31, "PQ31x4fs")])   # odd; prime: 1 dim per code
 def test_ivfpq_picks_sub_quantizers_that_divide_any_dimension(tmp_path, runner, dim, codes):
-    from hfbatch.index import plan_for_kind
-
-    assert codes in plan_for_kind("ivfpq", 2000, dim).factory
-    if dim > 64:
-        return  # the plan is the point; building 384-d vectors adds nothing
     synthetic_embeddings(tmp_path / "emb", 2000, dim)
     invoke(runner, ["index", tmp_path / "emb", "-o", tmp_path / "index", "--kind", "ivfpq", "--target-recall", "0.9"])
     index_manifest = manifest(tmp_path / "index")
