@@ -78,6 +78,9 @@ def test_a_corpus_changed_under_the_index_gives_the_indexed_ids_and_no_other_row
     assert "text_withheld" in warning and str(out / "dataset") in warning
     rerun = f"hfbatch index {out / 'emb'} -o {out / 'index'} --kind flat --incremental"
     assert rerun in warning
+    qrels = write_jsonl(out / "q.jsonl", [{"query": rows[i]["text"], "relevant": [rows[i]["id"]]} for i in PICKS])
+    result = invoke(runner, ["evaluate", out / "index", "--queries", qrels, "--json"])   # ranks the indexed ids
+    assert json.loads(result.stdout.splitlines()[-1])["recall@1"] == 1.0
 
     # re-indexing as the warning says brings the text back, from the current version
     invoke(runner, rerun.split()[1:])
