@@ -211,7 +211,7 @@ def build(faiss_index, plan, vectors, phases):
             built = faiss_index.build_index(plan, n, dim, vectors, on_chunk=hash_chunk,
                                             progress=lambda done: progress.update(done - progress.done))
     except RuntimeError as exc:  # faiss rejects a factory string or its training
-        raise InputError(f"faiss could not build {plan.factory!r}: {str(exc).splitlines()[0]}")
+        raise InputError(f"faiss could not build {plan.factory!r}: {one_line(exc)}")
     phases["build_s"] = time.monotonic() - started
     return built, hashes
 

@@ -193,7 +193,7 @@ def read_query_records(path: Path) -> list[dict]:
 
 def _query_records(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
-    data = path.read_bytes().decode("utf-8")  # whole, so that an encoding error names its offset
+    data = path.read_bytes().decode("utf-8-sig")  # whole, so that an encoding error names its offset; BOM dropped
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(data, newline=""))
         if "query" not in (reader.fieldnames or []):
@@ -224,7 +224,7 @@ class Searcher:
 
     def __init__(self, index_dir, *, model=None, trust_remote_code=False, nprobe=None, ef=None, filters=None,
                  device="auto", precision="auto"):
-        from hfbatch.index import apply_search_params
+        from hfbatch.index import apply_search_params, search_param_grid
         from hfbatch.runner import require_complete
 
         self.index_dir = Path(index_dir)
@@ -246,6 +246,12 @@ class Searcher:
                                      precision=precision)
         self._embedder = None
         overrides = {key: value for key, value in (("nprobe", nprobe), ("efSearch", ef)) if value is not None}
+        knobs = search_param_grid(self.index)
+        for key, option in (("nprobe", "--nprobe"), ("efSearch", "--ef")):
+            if key in overrides and key not in knobs:
+                raise InputError(f"{option}: {index_dir} is a {manifest.get('kind')} index "
+                                 f"({manifest.get('factory')}), which has no {key}; {option} applies to "
+                                 f"{'IVF' if key == 'nprobe' else 'HNSW'} indexes")
         apply_search_params(self.index, {**(manifest.get("params") or {}), **overrides})
 
     @property
@@ -328,7 +334,7 @@ def query_embedder(manifest, *, model, trust_remote_code, device, precision):
     settings = manifest.get("embedding_settings") or {}  # max_length is the model's, not the hardware's
     embedder = TextEmbedder(model_dir, device=device, precision=query_precision(precision, device),
                             max_length=settings.get("max_length"), trust_remote_code=trust_remote_code)
-    if embedder.dim != manifest["dim"]:
+    if embedder.dim != manifest.get("dim"):
         raise InputError(f"--model {model_dir} makes {embedder.dim}-d vectors but the index holds "
                          f"{manifest['dim']}-d ones")
     return embedder

@@ -288,3 +288,20 @@ def test_a_queries_file_that_is_not_utf8_is_one_error_naming_it(small_index, tmp
     result = invoke(runner, [job, small_index / "index", "--queries", queries], expect=2)
     assert_one_error(result, str(queries))
     assert "UTF-8" in result.output
+
+
+@pytest.mark.parametrize("job", ["search", "evaluate"])
+@pytest.mark.parametrize("option", [["--nprobe", "4"], ["--ef", "32"]])
+def test_a_search_knob_the_index_lacks_is_one_error_naming_the_option(small_index, tmp_path, runner, job, option):
+    qrels = write_jsonl(tmp_path / "q.jsonl", [{"query": "chess", "relevant": [1]}])
+    args = ["search", small_index / "index", "chess"] if job == "search" else \
+        ["evaluate", small_index / "index", "--queries", qrels]
+    result = invoke(runner, [*args, *option], expect=2)               # a flat index has neither knob
+    assert_one_error(result, option[0])
+
+
+def test_a_csv_queries_file_with_a_byte_order_mark_is_read(small_index, tmp_path, runner):
+    queries = tmp_path / "q.csv"
+    queries.write_bytes("query\nchess game\n".encode("utf-8-sig"))       # as spreadsheets save CSV
+    hits = hits_of(invoke(runner, ["search", small_index / "index", "--queries", queries, "-k", "2"]))
+    assert [h["query"] for h in hits] == ["chess game"] * 2
