@@ -146,7 +146,7 @@ def plan_for_kind(kind: str, n: int, dim: int, memory_budget_bytes: int | None =
         # m must divide dim: a dim with no even divisor near the target (an odd
         # or prime one) takes the nearest odd divisor (faiss pads odd m).
         target_bytes = dim / 8 if dim >= 256 else dim / 4
-        m = _pq_m(dim, target_bytes) if dim % 2 == 0 else _pq_m_near(dim, 2 * target_bytes)
+        m = (_pq_m(dim, target_bytes) or _pq_m(dim, dim)) if dim % 2 == 0 else _pq_m_near(dim, 2 * target_bytes)
         budget = memory_budget_bytes or float("inf")
         for refine in ("SQfp16", "SQ8", ""):
             if _est_bytes("ivfpq", n, dim, m, refine) <= budget:
