@@ -19,7 +19,7 @@ from hfbatch.cli import (
     text_column_option,
     trust_remote_code_option,
 )
-from hfbatch.embedding import ModelRun, embeddings_features, embeddings_table
+from hfbatch.embedding import ModelRun, embeddings_features, embeddings_table, read_similarity
 from hfbatch.hashing import HASH_FILE, SCHEME, read_hash_file, text_hashes, write_hash_file
 from hfbatch.runner import Job
 
@@ -73,6 +73,7 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         raise click.BadParameter(f"{shard_index} is not below --num-shards {num_shards}", param_hint="--shard-index")
     chunking = chunking_config(chunk_tokens, chunk_overlap, incremental)
     model_dir = resolve_model_dir(model)
+    similarity = read_similarity(model_dir)  # a broken config is refused before any work
     config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
               "text_column": text_column, "device": device, "precision": precision, "backend": backend,
               "max_length": max_length, "shard_rows": shard_rows}
@@ -101,7 +102,9 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         info = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress)
         progress.close()
         extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
-                 "model": str(model_dir), **info}
+                 "model": str(model_dir), **info,
+                 # how `hfbatch index` compares these vectors (pooling.normalize says whether they are unit-length)
+                 "similarity": similarity}
         if chunking:
             from hfbatch.chunking import chunk_features
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from hfbatch import log
-from hfbatch.cli import json_summary, model_option, trust_remote_code_option
+from hfbatch.cli import json_summary, model_option, query_device_options, trust_remote_code_option
 from hfbatch.errors import InputError
 
 
@@ -22,12 +22,15 @@ from hfbatch.errors import InputError
 @click.option("--ef", type=click.IntRange(min=1), default=None, help="Override the tuned efSearch (HNSW).")
 @model_option
 @trust_remote_code_option
+@query_device_options
 @json_summary("evaluate")
-def evaluate(index_dir, queries_file, k, nprobe, ef, model, trust_remote_code):
+def evaluate(index_dir, queries_file, k, nprobe, ef, model, trust_remote_code, device, precision):
     """Measure recall@1/10/100, MRR@10 and nDCG@10 (binary relevance) of INDEX_DIR on --queries.
 
     All queries are embedded and searched in one batch with the index's tuned search parameters. Ids are
-    compared as text, so 15 and "15" match. Over an index of chunks (`embed --chunk-tokens`), documents are
+    compared as text, so 15 and "15" match; they are the index's own (what was indexed, whatever happened to
+    the embeddings since). The queries are embedded on --device in --precision, as `hfbatch search` does.
+    Over an index of chunks (`embed --chunk-tokens`), documents are
     ranked by their best chunk and relevance is by document id. Prints a table, or with --json one JSON object.
 
     \b
@@ -50,12 +53,13 @@ def evaluate(index_dir, queries_file, k, nprobe, ef, model, trust_remote_code):
             raise InputError(f"{path}:{record['line']}: expected a non-empty `relevant` list of ids")
         relevant.append({str(i) for i in ids})
 
-    searcher = Searcher(index_dir, model=model, trust_remote_code=trust_remote_code, nprobe=nprobe, ef=ef)
+    searcher = Searcher(index_dir, model=model, trust_remote_code=trust_remote_code, nprobe=nprobe, ef=ef,
+                        device=device, precision=precision)
     started = time.monotonic()
     _, positions = searcher.search([r["query"] for r in records], k)
     search_s = time.monotonic() - started
     ranked = [[str(i) for i in searcher.rows.ids([p for p in row if p >= 0])] for row in positions]
-    known = {str(i) for i in searcher.rows.ids(range(len(searcher.rows.embeddings)))}
+    known = {str(i) for i in searcher.rows.all_ids()}
     unknown = sum(len(ids - known) for ids in relevant)
     if unknown:
         log.warn("evaluate", "unknown_relevant_ids", count=unknown,

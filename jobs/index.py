@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import click
 
@@ -12,8 +13,12 @@ from hfbatch.cli import force_option, json_summary, output_option
 from hfbatch.errors import InputError
 from hfbatch.runner import Job
 
+SIMILARITY_METRICS = ("cosine", "dot", "euclidean")  # lib/index.py SIMILARITY_METRIC, without importing faiss
 INDEX_FILE = "index.faiss"
-ROWS_FILE = "rows.parquet"  # faiss id -> embeddings id and vector hash, for --incremental
+ROWS_FILE = "rows.parquet"  # faiss id -> the row's id (and chunk), for search; its vector hash, for --incremental
+CHUNK_COLUMNS = ("doc_id", "chunk", "char_start", "char_end")  # embed --chunk-tokens: which window a row is
+EMBEDDINGS_KEY = "embeddings_manifest_sha256"  # manifest keys: the versions of the inputs that were indexed
+SOURCE_KEY = "source_manifest_sha256"
 TUNING_QUERIES = 300
 FLAT_QPS_QUERIES = 100     # a Flat index's recall is 1 by construction; the batch only checks it and times QPS
 
@@ -77,7 +82,10 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
         hfbatch index out/embeddings -o out/index --memory-budget 4GB
         hfbatch index out/embeddings -o out/index --incremental   # after re-embedding a changed corpus
     """
+    from hfbatch.runner import require_complete
+
     budget = parse_bytes(memory_budget)
+    similarity = embeddings_similarity(require_complete(Path(embeddings), "embeddings"), embeddings)  # refused first
     config = {"kind": kind, "factory": factory, "memory_budget": memory_budget, "target_recall": target_recall}
     with Job("index", output, config=config, datasets=[embeddings], force=force, incremental=incremental) as job:
         if job.up_to_date:
@@ -87,18 +95,24 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
 
         dataset, emb_manifest = open_dataset(embeddings, "embeddings")
         require_column(dataset, "embedding", embeddings, option="hfbatch embed")
-        ids = dataset.data.column("id").combine_chunks() if "id" in dataset.column_names else None
+        require_column(dataset, "id", embeddings, option="hfbatch embed")  # search names its hits by id
+        row_table = dataset.data.table.select([c for c in ("id", *CHUNK_COLUMNS) if c in dataset.column_names])
+        ids = row_table.column("id").combine_chunks()
         del dataset  # vectors are read straight from the Arrow files below
         vectors = faiss_index.ArrowVectors(embeddings)
+        if similarity == "cosine":  # cosine is inner product over unit vectors; a model may not normalise
+            vectors = faiss_index.UnitRows(vectors)
         n, dim = vectors.n, vectors.dim
         if n == 0:
             raise InputError(f"{embeddings}: no vectors to index")
-        plan = make_plan(faiss_index, n, dim, kind, factory, budget or default_budget(), target_recall)
-        log.event("index", "plan", kind=plan.kind, factory=plan.factory, vectors=n, dim=dim, why=plan.reasons)
+        metric = faiss_index.SIMILARITY_METRIC[similarity]
+        plan = make_plan(faiss_index, n, dim, kind, factory, budget or default_budget(), target_recall, metric)
+        log.event("index", "plan", kind=plan.kind, factory=plan.factory, vectors=n, dim=dim, why=plan.reasons,
+                  similarity=similarity)
 
         phases, update = {}, None
         if job.previous is not None:
-            update = update_previous(faiss_index, job, plan, vectors, ids, phases)
+            update = update_previous(faiss_index, job, plan, similarity, vectors, ids, phases)
         if update is None:
             built, hashes = build(faiss_index, plan, vectors, phases)
             lineage = {"trained_on": n if plan.train_size else None, "added_since_training": 0}
@@ -113,11 +127,14 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
 
         params = {k: v for k, v in search.items() if k not in ("recall", "qps")}
         extra = {
-            "kind": plan.kind, "factory": plan.factory, "metric": plan.metric, "reasons": plan.reasons,
+            "kind": plan.kind, "factory": plan.factory, "metric": plan.metric, "similarity": similarity,
+            "reasons": plan.reasons,
             "params": params, "recall_at_10": round(search["recall"], 4), "qps": round(search["qps"], 1),
             "train_size": plan.train_size, "dim": dim, "count": n, **lineage,
             "update": counts,
             "embeddings": str(job.inputs[0]["path"]), "source_dataset": emb_manifest.get("source_dataset"),
+            # which versions were indexed: search trusts their rows only while they are still these
+            EMBEDDINGS_KEY: job.inputs[0]["manifest_sha256"], SOURCE_KEY: source_manifest_hash(emb_manifest),
             "text_column": emb_manifest.get("text_column"), "model": emb_manifest.get("model"),
             "chunking": emb_manifest.get("chunking"),  # set: rows are windows of documents (embed --chunk-tokens)
             "embedding_settings": {k: emb_manifest.get(k)
@@ -126,7 +143,7 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
         def fill(tmp):
             started = time.monotonic()
             faiss_index.save_index(built, tmp / INDEX_FILE)
-            write_rows_file(tmp / ROWS_FILE, ids, hashes)
+            write_rows_file(tmp / ROWS_FILE, row_table, hashes)
             phases["save_s"] = time.monotonic() - started
             extra.update({k: round(v, 3) for k, v in phases.items()})  # the manifest is written after fill
 
@@ -137,12 +154,45 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
                 "updated_in_place": update is not None}
 
 
-def make_plan(faiss_index, n, dim, kind, factory, budget, target_recall):
+def make_plan(faiss_index, n, dim, kind, factory, budget, target_recall, metric="ip"):
     if factory:
-        return faiss_index.plan_for_factory(factory, n, dim)
+        return faiss_index.plan_for_factory(factory, n, dim, metric)
     if kind == "auto":
-        return faiss_index.choose_index(n, dim, budget, target_recall)
-    return faiss_index.plan_for_kind(kind, n, dim, budget)
+        return faiss_index.choose_index(n, dim, budget, target_recall, metric)
+    return faiss_index.plan_for_kind(kind, n, dim, budget, metric)
+
+
+def embeddings_similarity(emb_manifest, embeddings):
+    """How the model compares its vectors: as `hfbatch embed` recorded it, else as the model directory's
+    sentence-transformers config says (outputs of an older embed, or merged ones), else cosine."""
+    from hfbatch.embedding import read_similarity
+
+    similarity = emb_manifest.get("similarity")
+    model = emb_manifest.get("model")
+    if similarity is None and model and Path(model).is_dir():
+        similarity = read_similarity(model)
+    similarity = similarity or "cosine"
+    if similarity not in SIMILARITY_METRICS:
+        raise InputError(f"{embeddings}: the model compares vectors by {similarity!r} similarity; hfbatch index "
+                         f"supports {', '.join(SIMILARITY_METRICS)}")
+    return similarity
+
+
+def source_manifest_hash(emb_manifest, depth=2):
+    """The manifest hash of the dataset the embeddings were made from, as their job recorded it when it read
+    that dataset (merged embeddings: as their parts recorded it); None where it cannot be told."""
+    from hfbatch.runner import read_manifest
+
+    source = emb_manifest.get("source_dataset")
+    inputs = [i for i in emb_manifest.get("inputs", []) if isinstance(i, dict)]
+    for record in inputs:
+        if source and record.get("path") == source and record.get("manifest_sha256"):
+            return record["manifest_sha256"]
+    if depth and emb_manifest.get("merged_from") and source:
+        found = {source_manifest_hash(read_manifest(Path(i["path"])) or {}, depth - 1) for i in inputs}
+        if len(found) == 1:
+            return found.pop()
+    return None
 
 
 def build(faiss_index, plan, vectors, phases):
@@ -161,7 +211,7 @@ def build(faiss_index, plan, vectors, phases):
             built = faiss_index.build_index(plan, n, dim, vectors, on_chunk=hash_chunk,
                                             progress=lambda done: progress.update(done - progress.done))
     except RuntimeError as exc:  # faiss rejects a factory string or its training
-        raise InputError(f"faiss could not build {plan.factory!r}: {str(exc).splitlines()[0]}")
+        raise InputError(f"faiss could not build {plan.factory!r}: {one_line(exc)}")
     phases["build_s"] = time.monotonic() - started
     return built, hashes
 
@@ -179,8 +229,9 @@ def measure_quality(faiss_index, built, vectors, plan, target_recall, phases, ke
     # faiss searches a Flat index query by query (BLAS only from 128k queries in this build): a batch scan
     # of the vectors (exact_neighbors) finds the probes' neighbours faster there, and one small batch
     # times it
-    queries = faiss_index.tuning_queries(vectors, n, num=min(TUNING_QUERIES, n), index=None if exact else built)
-    _, truth = faiss_index.exact_neighbors(vectors, n, queries, k)
+    queries = faiss_index.tuning_queries(vectors, n, num=min(TUNING_QUERIES, n), index=None if exact else built,
+                                         metric=plan.metric)
+    _, truth = faiss_index.exact_neighbors(vectors, n, queries, k, metric=plan.metric)
     phases["gt_s"] = time.monotonic() - started
     started = time.monotonic()
     try:
@@ -201,10 +252,11 @@ def measure_quality(faiss_index, built, vectors, plan, target_recall, phases, ke
 
 # ---- --incremental ------------------------------------------------------------------------------------
 
-def update_previous(faiss_index, job, plan, vectors, ids, phases):
+def update_previous(faiss_index, job, plan, similarity, vectors, ids, phases):
     """Update the index in OUTPUT to the new embeddings in place: (index, hashes, lineage, counts), or None,
     with a log line saying why, where it must be rebuilt instead."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -217,17 +269,26 @@ def update_previous(faiss_index, job, plan, vectors, ids, phases):
         return rebuild(f"{n:,} rows call for a {plan.kind} index, the existing one is {previous.get('kind')}")
     if previous.get("dim") != vectors.dim:
         return rebuild(f"the vectors have {vectors.dim} dimensions, the index {previous.get('dim')}")
-    if ids is None or pc.count_distinct(ids).as_py() != len(ids):
-        return rebuild("the embeddings' ids are missing or not unique, so rows cannot be matched")
+    if (previous.get("similarity") or "cosine", previous.get("metric")) != (similarity, plan.metric):
+        return rebuild(f"the vectors are compared by {similarity} similarity, the index by "
+                       f"{previous.get('similarity') or 'cosine'}")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        return rebuild("the embeddings' ids are not unique, so rows cannot be matched")
     rows_file = job.output / ROWS_FILE
     if not rows_file.exists():
         return rebuild(f"{rows_file} is missing (made by an older hfbatch)")
     started = time.monotonic()
-    old = faiss_index.load_index(job.output / INDEX_FILE)
+    try:
+        old = faiss_index.load_index(job.output / INDEX_FILE)
+        old_rows = pq.read_table(rows_file)
+    except (RuntimeError, OSError, pa.ArrowException) as exc:  # damaged: nothing there can be reused
+        return rebuild(f"the existing index cannot be read ({one_line(exc)})")
+    if "id" not in old_rows.column_names or "vector_hash" not in old_rows.column_names \
+            or old_rows.num_rows != old.ntotal:
+        return rebuild(f"{rows_file} does not describe the index's rows")
     blocker = faiss_index.update_blocker(old)
     if blocker:
         return rebuild(f"{blocker} ({plan.kind})")
-    old_rows = pq.read_table(rows_file)
     hashes = np.empty(n, dtype=np.int64)
     for start in range(0, n, faiss_index.CHUNK_ROWS):
         stop = min(n, start + faiss_index.CHUNK_ROWS)
@@ -248,13 +309,21 @@ def update_previous(faiss_index, job, plan, vectors, ids, phases):
     return updated, hashes, lineage, counts
 
 
-def write_rows_file(path, ids, hashes):
-    """Row r of the index (faiss id r) is row r of the embeddings: its id and vector hash, for the next
-    --incremental run to match rows against (Parquet; the embeddings themselves will have been replaced)."""
+def write_rows_file(path, row_table, hashes):
+    """Row r of the index (faiss id r) is row r of the embeddings it was built from: its `id` (and over
+    chunks `doc_id`, `chunk`, `char_start`, `char_end`), which search names hits by, and its vector hash, for
+    the next --incremental run to match rows against. The index carries them itself (Parquet), because the
+    embeddings may be replaced while the index stays."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = {"vector_hash": pa.array(hashes, pa.int64())}
-    if ids is not None:
-        columns = {"id": ids, **columns}
-    pq.write_table(pa.table(columns), path)
+    pq.write_table(row_table.append_column("vector_hash", pa.array(hashes, pa.int64())), path)
+
+
+def one_line(exc):
+    """An exception's message in one line: faiss's last `Error: ...` part, without its C++ location."""
+    import re
+
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
+    return text.rpartition("Error: ")[2] or text

@@ -122,18 +122,33 @@ def trust_remote_code_option(f):
                         help="Allow the model directory's own Python code to run (off by default).")(f)
 
 
+DEVICES = ["auto", "cpu", "cuda"]
+PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
+
+
 def device_options(f):
-    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="auto = CUDA when available, else CPU.")(f)
     f = click.option("--devices", default=None, metavar="LIST", callback=_parse_devices,
                      help="Several devices at once, one worker process each, shards shared among them and "
                           "merged in order: GPU indices (0,1) or cuda:N; `cpu,cpu` splits the cores.")(f)
-    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+    f = click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                      show_default=True,
                      help="auto = bf16 where the hardware has it (AVX512-BF16/AMX CPUs, CUDA), fp16 on older "
                           "CUDA, else fp32. fp32 is exact.")(f)
     f = click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
                      show_default=True, help="Inference engine. auto = OpenVINO on CPU, torch on CUDA.")(f)
+    return f
+
+
+def query_device_options(f):
+    """search and evaluate: where the query encoder runs, whatever device made the index's vectors."""
+    f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                     help="Device for embedding the queries: auto = CUDA when available, else CPU (whatever "
+                          "device embedded the corpus).")(f)
+    f = click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                     help="Precision of the query encoder: auto = fp32 on CPU (queries are few: exact costs "
+                          "little), bf16 on CUDA (fp16 on older CUDA). Not inherited from the embeddings.")(f)
     return f
 
 

@@ -88,3 +88,29 @@ def embeddings_table(ids, vectors, dim, text_hashes=None):
     if text_hashes is not None:
         columns["text_hash"] = pa.array(text_hashes, pa.int64())
     return pa.table(columns)
+
+
+ST_CONFIG = "config_sentence_transformers.json"
+SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")  # sentence-transformers' similarity_fn_name values
+
+
+def read_similarity(model_dir) -> str:
+    """The similarity function the model's sentence-transformers config names (`similarity_fn_name`), or
+    "cosine", sentence-transformers' own default, where the config has none."""
+    import json
+    from pathlib import Path
+
+    from .errors import InputError
+
+    path = Path(model_dir) / ST_CONFIG
+    if not path.is_file():
+        return "cosine"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc})")
+    name = config.get("similarity_fn_name") if isinstance(config, dict) else None
+    name = {"dot_product": "dot"}.get(name, name)
+    if name is not None and name not in SIMILARITIES:
+        raise InputError(f"{path}: similarity_fn_name {name!r} is not one of {', '.join(SIMILARITIES)}")
+    return name or "cosine"

@@ -1,9 +1,13 @@
 """FAISS indexes for hfbatch: choose, build, tune, save and load.
 
 Pure library (numpy + faiss, pyarrow only for ArrowVectors). The vectors are
-float32 and L2-normalised, so the metric is inner product (== cosine). They
-never have to fit in memory: everything reads through
+float32; they never have to fit in memory: everything reads through
 `read_chunk(start, stop) -> float32 [stop - start, dim]`.
+
+Metrics (IndexPlan.metric), from the model's own similarity function:
+  ip   inner product: "dot", and "cosine" over unit vectors (UnitRows makes rows
+       unit-length where the model did not); larger is closer
+  l2   squared euclidean distance: "euclidean"; smaller is closer
 
 Kinds, from exact to most compressed:
   flat   exact brute force ("Flat")                      small n
@@ -46,6 +50,9 @@ FLAT_MAX_N = 100_000       # below this, exact search is fast enough and needs n
 TRAIN_PER_LIST = 40        # k-means wants >= 39 points per centroid (faiss warns below)
 TRAIN_BLOCKS = 256         # the training sample is read as this many evenly spaced blocks
 ID_BYTES = 8               # inverted lists store an int64 id per vector
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+SIMILARITY_METRIC = {"cosine": "ip", "dot": "ip", "euclidean": "l2"}  # sentence-transformers' names
+UNIT_TOLERANCE = 1e-4      # a row whose norm is this close to 1 is left as it is (bit for bit)
 
 
 @dataclass
@@ -71,11 +78,28 @@ def _nlist(n: int) -> int:
     return int(min(65_536, max(16, 2 ** round(math.log2(math.sqrt(n))))))
 
 
+def _code_bytes(m: int) -> int:
+    return (m + 1) // 2       # 4-bit codes, packed in pairs (an odd m pads half a byte)
+
+
 def _pq_m(dim: int, max_bytes: float) -> int:
-    """Sub-quantizers for 4-bit codes (m/2 bytes): the largest even divisor of
-    dim that fits max_bytes, 0 if none does. Fast-scan packs codes in pairs."""
-    fits = [m for m in range(2, dim + 1, 2) if dim % m == 0 and m / 2 <= max_bytes]
-    return max(fits, default=0)
+    """Sub-quantizers for 4-bit codes: the largest divisor of dim whose codes fit
+    max_bytes, an even one where there is one (fast-scan packs codes in pairs);
+    0 if none fits."""
+    fits = [m for m in range(1, dim + 1) if dim % m == 0 and _code_bytes(m) <= max_bytes]
+    return max([m for m in fits if m % 2 == 0] or fits, default=0)
+
+
+def _pq_m_near(dim: int, target: float) -> int:
+    """The divisor of dim nearest to `target` sub-quantizers (by ratio): for a
+    dim without a suitable even divisor (odd, or prime: then 1 or dim)."""
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    return min(divisors, key=lambda m: abs(math.log(m / target)))
+
+
+def _smallest_m(dim: int) -> int:
+    """The fewest sub-quantizers above one: the smallest divisor of dim above 1 (2 for an even dim)."""
+    return next((m for m in range(2, dim + 1) if dim % m == 0), 1)
 
 
 def _train_size(n: int, nlist: int) -> int:
@@ -92,21 +116,22 @@ def _est_bytes(kind: str, n: int, dim: int, m: int = 0, refine: str = "") -> int
     if kind == "hnsw":
         return n * (dim * 4 + 32 * 2 * 4)           # vectors + ~2M int32 links
     refine_bytes = {"": 0, "SQ8": dim, "SQfp16": dim * 2, "Flat": dim * 4}[refine]
-    return n * (m // 2 + ID_BYTES + refine_bytes)
+    return n * (_code_bytes(m) + ID_BYTES + refine_bytes)
 
 
-def plan_for_kind(kind: str, n: int, dim: int, memory_budget_bytes: int | None = None) -> IndexPlan:
+def plan_for_kind(kind: str, n: int, dim: int, memory_budget_bytes: int | None = None,
+                  metric: str = "ip") -> IndexPlan:
     """The plan for an explicitly requested kind, sized for n vectors of dim."""
     if kind == "flat":
-        return IndexPlan("flat", "Flat", est_bytes=_est_bytes("flat", n, dim),
+        return IndexPlan("flat", "Flat", metric, est_bytes=_est_bytes("flat", n, dim),
                          reasons="exact search requested")
     if kind == "hnsw":
-        return IndexPlan("hnsw", "HNSW32", est_bytes=_est_bytes("hnsw", n, dim),
+        return IndexPlan("hnsw", "HNSW32", metric, est_bytes=_est_bytes("hnsw", n, dim),
                          reasons="graph index requested (no training; slow to build for large n)")
     nlist = min(_nlist(n), max(1, n // TRAIN_PER_LIST))   # never more lists than we can train
     train = _train_size(n, nlist)
     if kind == "ivf":
-        return IndexPlan("ivf", f"IVF{nlist},Flat", train_size=train,
+        return IndexPlan("ivf", f"IVF{nlist},Flat", metric, train_size=train,
                          est_bytes=_est_bytes("ivf", n, dim), reasons=f"IVF requested; {nlist} lists")
     if kind == "ivfpq":
         # dim/4 sub-quantizers (4 dims per 4-bit code, 48 bytes at dim 384):
@@ -118,34 +143,35 @@ def plan_for_kind(kind: str, n: int, dim: int, memory_budget_bytes: int | None =
         # is far below the gap between neighbours) at half the memory; SQ8
         # (slightly worse) and then no re-ranking are the fallbacks for tight
         # budgets, with codes as large as the budget allows in the last case.
-        if dim % 2:
-            raise ValueError("4-bit fast-scan PQ needs an even dimension")
-        m = _pq_m(dim, dim / 8 if dim >= 256 else dim / 4) or _pq_m(dim, dim)
+        # m must divide dim: a dim with no even divisor near the target (an odd
+        # or prime one) takes the nearest odd divisor (faiss pads odd m).
+        target_bytes = dim / 8 if dim >= 256 else dim / 4
+        m = (_pq_m(dim, target_bytes) or _pq_m(dim, dim)) if dim % 2 == 0 else _pq_m_near(dim, 2 * target_bytes)
         budget = memory_budget_bytes or float("inf")
         for refine in ("SQfp16", "SQ8", ""):
             if _est_bytes("ivfpq", n, dim, m, refine) <= budget:
                 break
-        else:
-            m = _pq_m(dim, budget / max(n, 1) - ID_BYTES) or 2     # smallest codes if nothing fits
+        else:                                                      # smallest codes if nothing fits
+            m = _pq_m(dim, budget / max(n, 1) - ID_BYTES) or _smallest_m(dim)
         factory = f"IVF{nlist},PQ{m}x4fs" + (f",Refine({refine})" if refine else "")
         why = f"{nlist} lists, {m}x4-bit fast-scan codes" + (
             f", shortlist re-ranked with {refine} vectors" if refine
             else ", no re-ranking (budget too small; recall will be lower)")
-        return IndexPlan("ivfpq", factory, train_size=train,
+        return IndexPlan("ivfpq", factory, metric, train_size=train,
                          est_bytes=_est_bytes("ivfpq", n, dim, m, refine), reasons=why)
     raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
 
 
-def plan_for_factory(factory: str, n: int, dim: int) -> IndexPlan:
+def plan_for_factory(factory: str, n: int, dim: int, metric: str = "ip") -> IndexPlan:
     """An expert's faiss.index_factory string, passed through as is."""
     needs_training = bool(re.search(r"IVF|IMI|PQ|SQ[48]|LSH|RQ|LSQ|PCA|OPQ|ITQ", factory))
     nlist = re.search(r"IVF(\d+)", factory)
     train = (_train_size(n, int(nlist.group(1)) if nlist else 0)) if needs_training else 0
-    return IndexPlan("custom", factory, train_size=train, reasons="factory string given")
+    return IndexPlan("custom", factory, metric, train_size=train, reasons="factory string given")
 
 
 def choose_index(n: int, dim: int, memory_budget_bytes: int | None = None,
-                 target_recall: float = 0.95) -> IndexPlan:
+                 target_recall: float = 0.95, metric: str = "ip") -> IndexPlan:
     """Pick an index for n vectors of dim, like autofaiss but measured on this workload.
 
     - small n, or target_recall 1.0: exact Flat (nothing to train, recall 1.0);
@@ -162,11 +188,11 @@ def choose_index(n: int, dim: int, memory_budget_bytes: int | None = None,
     flat_bytes = _est_bytes("flat", n, dim)
     fits = memory_budget_bytes is None or flat_bytes <= memory_budget_bytes
     if fits and (n < FLAT_MAX_N or target_recall >= 1.0):
-        plan = plan_for_kind("flat", n, dim)
+        plan = plan_for_kind("flat", n, dim, metric=metric)
         plan.reasons = (f"n={n:,} < {FLAT_MAX_N:,}: exact search is fast enough" if n < FLAT_MAX_N
                         else "recall 1.0 asked for: exact search")
         return plan
-    plan = plan_for_kind("ivfpq", n, dim, memory_budget_bytes)
+    plan = plan_for_kind("ivfpq", n, dim, memory_budget_bytes, metric)
     head = f"n={n:,}" if fits else f"flat vectors ({flat_bytes / 2**30:.2f} GiB) exceed the budget"
     plan.reasons = f"{head}: {plan.reasons}"
     return plan
@@ -185,6 +211,38 @@ def use_all_cores() -> int:
 
 def _f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """x with every row scaled to unit length, so that inner product is cosine. Rows already within
+    UNIT_TOLERANCE of it (a model with a Normalize module) are left bit for bit as they are; zero rows stay
+    zero. Copies only when a row changes."""
+    x = _f32(x)
+    norms = np.linalg.norm(x, axis=1)
+    off = np.flatnonzero((np.abs(norms - 1) > UNIT_TOLERANCE) & (norms > 0))
+    if not len(off):
+        return x
+    x = x.copy()
+    x[off] /= norms[off, None]
+    return x
+
+
+class UnitRows:
+    """A read_chunk whose rows come out unit-length (normalize_rows): cosine similarity as inner product over
+    vectors that a model without a Normalize module made. Keeps the reader's n and dim."""
+
+    def __init__(self, read_chunk: ReadChunk):
+        self.read_chunk = read_chunk
+        self.n, self.dim = getattr(read_chunk, "n", None), getattr(read_chunk, "dim", None)
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        return normalize_rows(self.read_chunk(start, stop))
+
+
+def faiss_metric(metric: str) -> int:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)}")
+    return METRICS[metric]
 
 
 def read_sample(read_chunk: ReadChunk, n: int, size: int, blocks: int = TRAIN_BLOCKS) -> np.ndarray:
@@ -218,7 +276,7 @@ def build_index(plan: IndexPlan, n: int, dim: int, read_chunk: ReadChunk,
     second read of the data.
     """
     use_all_cores()
-    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, plan.factory, faiss_metric(plan.metric))
     if not index.is_trained:
         sample = read_sample(read_chunk, n, plan.train_size or min(n, 65_536))
         index.train(sample)
@@ -239,11 +297,11 @@ def build_index(plan: IndexPlan, n: int, dim: int, read_chunk: ReadChunk,
 
 
 def exact_neighbors(read_chunk: ReadChunk, n: int, queries: np.ndarray, k: int,
-                    chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-k by inner product over all n rows, one chunk in memory at a time."""
+                    chunk_rows: int = CHUNK_ROWS, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by `metric` over all n rows, one chunk in memory at a time: (distances, rows)."""
     use_all_cores()
     queries = _f32(queries)
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)   # keep_max: larger IP is closer
+    heap = faiss.ResultHeap(len(queries), k, keep_max=metric == "ip")   # larger IP, smaller L2 is closer
     # faiss.knn switches to BLAS only above a query count that this build sets
     # high (128000 in the 1.15 wheel): 200 queries ran at 1/10 of BLAS speed
     old = faiss.cvar.distance_compute_blas_threshold
@@ -251,7 +309,7 @@ def exact_neighbors(read_chunk: ReadChunk, n: int, queries: np.ndarray, k: int,
     try:
         for start in range(0, n, chunk_rows):
             chunk = _f32(read_chunk(start, min(n, start + chunk_rows)))
-            D, I = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+            D, I = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss_metric(metric))
             heap.add_result(D, np.where(I >= 0, I + start, -1))
     finally:
         faiss.cvar.distance_compute_blas_threshold = old
@@ -260,14 +318,16 @@ def exact_neighbors(read_chunk: ReadChunk, n: int, queries: np.ndarray, k: int,
 
 
 def tuning_queries(read_chunk: ReadChunk, n: int, num: int = 1000, seed: int = 0,
-                   index: faiss.Index | None = None) -> np.ndarray:
+                   index: faiss.Index | None = None, metric: str = "ip") -> np.ndarray:
     """Queries for tune_search_params that behave like unseen ones, made from database rows.
 
     A row used as is sits in the index: an HNSW search lands on its node, whose
     edges are its neighbours, so recall comes out optimistic (0.98 against 0.96
     on held-out queries). Each row is therefore moved away from itself, in a
-    random direction, as far as a typical row is from its nearest neighbour.
-    On IVF this errs slightly the safe way (0.954 against 0.961 held-out).
+    random direction, as far (in angle) as a typical row is from its nearest
+    neighbour under `metric`, keeping its length (which matters to ip and l2
+    over vectors that are not unit-length). On IVF this errs slightly the safe
+    way (0.954 against 0.961 held-out).
 
     That typical distance is measured on 200 of the rows: exactly (a pass over
     all n rows), or, given the built `index` (whose ids are row numbers), by
@@ -278,26 +338,34 @@ def tuning_queries(read_chunk: ReadChunk, n: int, num: int = 1000, seed: int = 0
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=min(num, n), replace=False))
     x = np.concatenate([read_chunk(int(i), int(i) + 1) for i in rows]).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    cos = float(np.clip(_nearest_cosine(read_chunk, n, x, rows, index), 0.3, 0.95))  # duplicates would make it 1
+    lengths = np.linalg.norm(x, axis=1, keepdims=True)
+    cos = _nearest_cosine(read_chunk, n, x, rows, index, metric)
+    cos = float(np.clip(cos, 0.3, 0.95))                        # duplicates would make it 1
+    x = x / np.maximum(lengths, 1e-30)
     noise = rng.standard_normal(x.shape, dtype=np.float32)
     noise -= (noise * x).sum(1, keepdims=True) * x             # orthogonal, so cos(q, x) = cos
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    return x * cos + noise * math.sqrt(1 - cos * cos)
+    return (x * cos + noise * math.sqrt(1 - cos * cos)) * lengths
 
 
 def _nearest_cosine(read_chunk: ReadChunk, n: int, x: np.ndarray, rows: np.ndarray,
-                    index: faiss.Index | None, probes: int = 200) -> float:
-    """Median cosine between a row and its nearest other row, over `probes` of the rows x
+                    index: faiss.Index | None, metric: str = "ip", probes: int = 200) -> float:
+    """Median cosine between a row and its nearest other row under `metric`, over `probes` of the rows x
     (spread over the corpus: `rows` is sorted)."""
     pick = np.linspace(0, len(x) - 1, min(probes, len(x))).astype(np.int64)
     if index is None:
-        D, I = exact_neighbors(read_chunk, n, x[pick], 3)
+        _, I = exact_neighbors(read_chunk, n, x[pick], 3, metric=metric)
     else:
         apply_search_params(index, accurate_params(index))
-        D, I = index.search(_f32(x[pick]), 3)
-    D = np.where(I == rows[pick, None], -np.inf, D)            # the row itself does not count
-    return float(np.median(D.max(axis=1)))
+        _, I = index.search(_f32(x[pick]), 3)
+    others = np.where((I == rows[pick, None]) | (I < 0), np.iinfo(np.int64).max, np.arange(3)[None, :])
+    first = I[np.arange(len(pick)), others.argmin(axis=1)]     # the best hit that is not the row itself
+    found = others.min(axis=1) < 3
+    if not found.any():
+        return 0.5
+    probe, near = x[pick][found], np.concatenate([read_chunk(int(i), int(i) + 1) for i in first[found]])
+    cos = (probe * near).sum(1) / np.maximum(np.linalg.norm(probe, axis=1) * np.linalg.norm(near, axis=1), 1e-30)
+    return float(np.median(cos))
 
 
 def recall_at_k(found: np.ndarray, ground_truth_ids: np.ndarray, k: int = 10) -> float:
