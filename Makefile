@@ -6,7 +6,7 @@ OUT    ?= out
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast quality style ingest embed index search demo-queries demo-classify clean
+.PHONY: help install run test test-fast docs quality style ingest embed index search demo-queries demo-classify clean
 
 help:  ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ test: $(STAMP)  ## Run the whole test suite (slow tests included)
 
 test-fast: $(STAMP)  ## Tests without the slow ones
 	$(BIN)/python -m pytest -q -m "not slow"
+
+docs: $(STAMP)  ## Regenerate docs/cli.md (every command's --help) with cog
+	$(BIN)/cog -r docs/cli.md
 
 quality: $(STAMP)  ## Lint
 	$(BIN)/python -m ruff check lib jobs tests bench || $(BIN)/python -m pip install -q ruff && $(BIN)/python -m ruff check lib jobs tests bench
