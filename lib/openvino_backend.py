@@ -31,7 +31,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -450,8 +449,7 @@ def get_ir(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | 
 class OpenVINOEncoder:
     """A compiled OpenVINO model for one model directory and one set of graph options.
 
-    ``run`` is thread-safe (one infer request, under a lock); ``run_many`` pipelines batches over several
-    infer requests, which only pays with ``performance_hint="THROUGHPUT"`` (several streams).
+    ``run`` is thread-safe (one infer request, under a lock).
     """
 
     def __init__(
@@ -557,36 +555,3 @@ class OpenVINOEncoder:
         with self._lock:
             out = self._request.infer(feed, share_inputs=True, share_outputs=False)
             return np.asarray(out[0], dtype=np.float32)
-
-    def run_many(self, batches: Iterable[tuple], jobs: int | None = None) -> Iterator[np.ndarray]:
-        """Run ``(input_ids, attention_mask[, token_type_ids])`` batches, yielding outputs in input order.
-
-        Keeps up to ``jobs`` (default: the compiled model's optimal number of requests) batches in flight.
-        """
-        import collections
-
-        jobs = jobs or max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        if jobs == 1:
-            for b in batches:
-                yield self.run(*b)
-            return
-        free = collections.deque(self.compiled.create_infer_request() for _ in range(jobs))
-        pending: collections.deque = collections.deque()
-        try:
-            for b in batches:
-                feed = self._inputs(*b)
-                if not free:
-                    req = pending.popleft()
-                    req.wait()
-                    yield np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
-                    free.append(req)
-                req = free.popleft()
-                req.start_async(feed, share_inputs=False)
-                pending.append(req)
-            while pending:
-                req = pending.popleft()
-                req.wait()
-                yield np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
-        finally:
-            for req in pending:
-                req.wait()

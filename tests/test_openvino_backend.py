@@ -192,16 +192,6 @@ def test_classification_logits_match_torch(cls_model_dir, cache_dir):
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_run_many_keeps_order(model_dir, cache_dir):
-    enc = OpenVINOEncoder(model_dir, pooling="mean", normalize=True, precision="fp32",
-                          performance_hint="THROUGHPUT", num_streams=2, cache_dir=cache_dir)
-    batches = [_batch(model_dir, [t]) for t in TEXTS] * 2
-    outs = list(enc.run_many(batches))
-    singles = [enc.run(*b) for b in batches]
-    for a, b in zip(outs, singles):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-
-
 def test_precision_and_options(model_dir, cache_dir):
     assert isinstance(cpu_has_bf16(), bool)
     enc = OpenVINOEncoder(model_dir, pooling="mean", normalize=True, precision="bf16", cache_dir=cache_dir,
