@@ -66,7 +66,7 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         hfbatch embed out/dataset -o out/chunks --chunk-tokens 128 --chunk-overlap 32
     """
     from hfbatch.devices import check_devices, devices_kind, run_shards
-    from hfbatch.io import open_dataset, require_column
+    from hfbatch.io import open_dataset, require_text_column
     from hfbatch.models import model_fingerprint, resolve_model_dir
 
     if shard_index >= num_shards:
@@ -89,7 +89,7 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
         source, _ = open_dataset(dataset)
-        require_column(source, text_column, dataset)
+        require_text_column(source, text_column, dataset)
         start, stop = slice_bounds(len(source), num_shards, shard_index)
         plan = EmbedPlan(dataset=str(dataset), text_column=text_column, model_dir=str(model_dir), device=device,
                          precision=precision, backend=backend, max_length=max_length, batch_tokens=batch_tokens,

@@ -64,13 +64,13 @@ def tokenize(dataset, output, model, text_column, text_pair_column, max_length, 
             return job.summary()
         import datasets
 
-        from hfbatch.io import open_dataset, require_column
+        from hfbatch.io import open_dataset, require_text_column
         from hfbatch.tokenized import TokenizeBatch, cached_tokenizer, expected_tokenization, token_features
 
         source, _ = open_dataset(dataset)
-        require_column(source, text_column, dataset)
+        require_text_column(source, text_column, dataset)
         if text_pair_column:
-            require_column(source, text_pair_column, dataset, option="--text-pair-column")
+            require_text_column(source, text_pair_column, dataset, option="--text-pair-column")
         taken = [c for c in source.column_names if c in ("input_ids", "attention_mask", "token_type_ids",
                                                           "offset_mapping", "truncated")]
         if taken:

@@ -76,7 +76,7 @@ def _train(job, dataset, base_dir, bundled, config, save_steps, trust_remote_cod
     from transformers import set_seed
 
     from hfbatch.batching import tokenize
-    from hfbatch.io import open_dataset, require_column
+    from hfbatch.io import open_dataset, require_column, require_text_column
     from hfbatch.models import choose_device, choose_precision, load_tokenizer, load_torch_model
     from hfbatch.training import (
         Settings,
@@ -90,7 +90,7 @@ def _train(job, dataset, base_dir, bundled, config, save_steps, trust_remote_cod
 
     text_column, label_column = config["text_column"], config["label_column"]
     source, _ = open_dataset(dataset)
-    require_column(source, text_column, dataset)
+    require_text_column(source, text_column, dataset)
     require_column(source, label_column, dataset, option="--label-column")
     texts, labels, unlabelled = labelled_rows(source, text_column, label_column)
     counts = Counter(labels)

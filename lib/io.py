@@ -667,6 +667,10 @@ def open_dataset(path, what: str = "dataset"):
         dataset = datasets.load_from_disk(str(path))
     except FileNotFoundError as exc:
         raise InputError(f"{what} {path} is not a saved dataset ({exc})")
+    except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:
+        # a damaged state.json / dataset_info.json (JSONDecodeError is a ValueError) or .arrow file
+        raise InputError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                         f"re-run `hfbatch {manifest['job']}` that made it, with --force")
     if not isinstance(dataset, datasets.Dataset):
         raise InputError(f"{what} {path} holds several splits; give one split's directory")
     return dataset, manifest
@@ -676,3 +680,18 @@ def require_column(dataset, column: str, path, option: str = "--text-column") ->
     if column not in dataset.column_names:
         raise InputError(f"{path}: no column {column!r}; available: {', '.join(dataset.column_names)} "
                          f"(choose one with {option})")
+
+
+def require_text_column(dataset, column: str, path, option: str = "--text-column") -> None:
+    """A column a model reads: text in every row. A missing value is refused, not skipped, because the
+    output has one row per input row, in its order (ingest already rejects rows without text)."""
+    require_column(dataset, column, path, option)
+    kind = dataset.data.schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise InputError(f"{path}: column {column!r} holds {kind}, not text (choose another with {option})")
+    nulls = dataset.data.column(column).null_count
+    if nulls:
+        first = dataset.data.column(column).is_null().index(True).as_py()
+        raise InputError(f"{path}: column {column!r} has {nulls} missing value(s), the first in row {first + 1}; "
+                         f"re-run `hfbatch ingest --text-column {column}` (it rejects rows without text) or "
+                         f"choose another column with {option}")

@@ -53,7 +53,51 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     if missing:
         raise InputError(f"model directory {path} is incomplete: missing {', '.join(missing)}; "
                          f"save it with save_pretrained() for both the model and its tokenizer")
+    read_json_object(path / "config.json")
+    for file in safetensors_files(path):
+        safetensors_tensors(file)  # a damaged header fails here, in the first second, not at load
     return path.resolve()
+
+
+def read_json_object(file: Path) -> dict:
+    """A model directory's JSON file (config.json, ...), refused with its name when it is not an object."""
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{file} is not valid JSON ({type(exc).__name__}: {exc}); save the model again with "
+                         f"save_pretrained()")
+    if not isinstance(data, dict):
+        raise InputError(f"{file} holds a JSON {type(data).__name__}, not an object; save the model again with "
+                         f"save_pretrained()")
+    return data
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors weight files of a model directory (those a sharded checkpoint's index names)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index} has no `weight_map` object; save the model again with save_pretrained()")
+        files = [path / name for name in sorted(set(map(str, weight_map.values())))]
+        for file in files:
+            if not file.is_file():
+                raise InputError(f"{path}: weight shard {file.name} (named in {index.name}) is missing")
+        return files
+    return [path / "model.safetensors"] if (path / "model.safetensors").exists() else []
+
+
+def safetensors_tensors(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) of a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as weights:
+            return {name: (weights.get_slice(name).get_dtype(), weights.get_slice(name).get_shape())
+                    for name in weights.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{file} is not a valid safetensors file ({exc}); save the model again with "
+                         f"save_pretrained(), or copy it again")
 
 
 def model_fingerprint(path: Path) -> str:

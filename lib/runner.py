@@ -77,13 +77,25 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+MANIFEST_KEYS = ("job", "rows", "config", "inputs")  # what every manifest `Job` writes holds, and readers use
+
+
 def read_manifest(path: Path) -> dict | None:
+    file = Path(path) / MANIFEST
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}/{MANIFEST} is corrupt ({exc}); re-run the job that made {path} with --force")
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
+        manifest, problem = None, f"{type(exc).__name__}: {exc}"
+    else:
+        missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else None
+        problem = f"a JSON {type(manifest).__name__}, not an object" if missing is None else \
+            f"no {', '.join(missing)}" if missing else None
+    if problem:
+        raise InputError(f"{file} is not an hfbatch manifest ({problem}); re-run the job that made {path} "
+                         f"with --force")
+    return manifest
 
 
 def require_complete(path: Path, what: str = "input") -> dict:
@@ -307,6 +319,7 @@ class Job(ShardDir):
         self.shard_dir = self.partial / "shards"
         self.lock = OutputLock(self.output)
         self.up_to_date = False
+        self._made_partial = False  # this run (not an earlier, killed one) made self.partial
         self.manifest: dict | None = None
         self.inputs: list[dict] = []
         self.started = time.monotonic()
@@ -321,8 +334,19 @@ class Job(ShardDir):
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.lock.release()  # on failure the .partial stays: the next run resumes from it
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                self._discard_unfinished(exc)
+        finally:
+            self.lock.release()  # on failure the .partial stays: the next run resumes from it
+
+    def _discard_unfinished(self, exc) -> None:
+        """A failed run leaves no half-assembled output, and a run refused for its input leaves no .partial
+        it made itself with nothing finished in it: nothing of it was worth keeping."""
+        self._tmp_output()  # (removes it)
+        if isinstance(exc, InputError) and self._made_partial and not any(self.shard_dir.glob("*.json")):
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def _check_existing(self) -> None:
         for stale in self.output.parent.glob(f".{self.output.name}.tmp-*"):
@@ -369,6 +393,7 @@ class Job(ShardDir):
                       reason="force" if self.force else "different inputs or options")
         shutil.rmtree(self.partial, ignore_errors=True)
         self.shard_dir.mkdir(parents=True)
+        self._made_partial = True
         write_json_atomic(job_file, {"job": self.name, "fingerprint": self.fingerprint,
                                      "config": self.config, "inputs": self.inputs})
 
