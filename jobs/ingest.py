@@ -176,6 +176,10 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
     raw = sniff_schema(first, "text" if by_file else fmt, json_field)
     if raw is None or not raw.names:
         raise InputError(f"{first}: no row of the first block could be read as {fmt}; is it really {fmt}?")
+    repeated = sorted({name for name in raw.names if raw.names.count(name) > 1})
+    if repeated:
+        raise InputError(f"{first}: more than one column is named {', '.join(map(repr, repeated))}; give each "
+                         f"column its own name in the file")
     unknown = [old for old in rename if old not in raw.names]
     if unknown:
         raise InputError(f"--rename: no column {', '.join(map(repr, unknown))}; available: {', '.join(raw.names)}")
@@ -203,6 +207,9 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
         raise InputError(f"--columns: no column {', '.join(map(repr, missing))}; available: {available}")
 
     id_type = renamed.field(id_source).type if id_source else pa.string()
+    if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_floating(id_type)):
+        raise InputError(f"{first}: column {id_source!r} holds {id_type}; ids must be numbers or strings "
+                         f"(choose another with --id-column, or rename it: --rename {id_source}=other_name)")
     id_field = pa.field("id", pa.int64() if pa.types.is_integer(id_type) else pa.string())
     keep = [c for c in (columns or renamed.names) if c not in ("id", id_source)]
     keep += [text_column] if text_column not in keep else []  # the text is always kept
@@ -530,7 +537,13 @@ def open_previous(job: Job, plan: Plan, names: list[str], base: Path, options: d
         return None
     old = {i["path"]: i.get("sha256") for i in manifest.get("inputs", [])}
     unchanged = {name for name, new in zip(names, job.inputs) if old.get(new["path"]) == new["sha256"]}
-    return PreviousOutput(job.output, manifest, unchanged)
+    import pyarrow as pa
+
+    try:
+        return PreviousOutput(job.output, manifest, unchanged)
+    except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:  # (JSONDecodeError: a ValueError)
+        raise InputError(f"{job.output}, the output --incremental updates, is damaged ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]}); rebuild it with --force")
 
 
 def admit_carried(carry: Carry, plan: Plan, state: State) -> bool:

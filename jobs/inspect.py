@@ -37,7 +37,7 @@ def inspect(model_dir, as_json):
     """
     from hfbatch.models import resolve_model_dir
 
-    path = resolve_model_dir(model_dir)  # names a missing config.json, weights or tokenizer files
+    path = resolve_model_dir(model_dir, "MODEL_DIR")  # names a missing config.json, weights or tokenizer files
     info = describe(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))

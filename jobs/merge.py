@@ -60,12 +60,12 @@ def merge(parts, output, force):
     with Job("merge", output, config=config, datasets=ordered, force=force) as job:
         if job.up_to_date:
             return job.summary()
-        import datasets
+        from hfbatch.io import open_dataset
 
         for i, path in enumerate(ordered):
             if not job.is_done(i):
-                job.write_shard(i, datasets.load_from_disk(str(path)).data.table)
-        features = datasets.load_from_disk(str(ordered[0])).features
+                job.write_shard(i, open_dataset(path, "part")[0].data.table)
+        features = open_dataset(ordered[0], "part")[0].features
         job.publish_dataset(count, features, extra={
             "merged_from": first.get("job"), **{k: first[k] for k in COPIED if k in first}})
         return job.summary()

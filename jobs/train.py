@@ -57,7 +57,7 @@ def train(dataset, output, label_column, text_column, base_model, epochs, lr, ba
     """
     from hfbatch.models import model_fingerprint, resolve_model_dir
 
-    base_dir = resolve_model_dir(base_model)
+    base_dir = resolve_model_dir(base_model, "--base-model")
     config = {"base_model": str(base_dir), "base_model_fingerprint": model_fingerprint(base_dir),
               "text_column": text_column, "label_column": label_column, "epochs": epochs, "lr": lr,
               "batch_size": batch_size, "eval_fraction": eval_fraction, "seed": seed, "max_length": max_length,

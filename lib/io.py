@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import InputError
-from .runner import require_complete
+from .runner import read_manifest, require_complete
 
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
@@ -69,6 +69,9 @@ def expand_sources(sources: list[str], any_name: bool = False) -> list[Path]:
                 raise InputError(f"{source}: the pattern matches no file")
             paths += matches
         elif Path(source).is_dir():
+            if _is_hfbatch_output(Path(source)):  # its files are hfbatch's own, not a corpus
+                raise InputError(f"{source} is an hfbatch output, not a directory of source files; give it to "
+                                 f"embed, classify or tokenize as it is, or write it out with `hfbatch export`")
             found = sorted(p for p in Path(source).rglob("*") if p.is_file() and not _hidden(p, Path(source))
                            and (any_name or _known(p)))
             if not found:
@@ -80,6 +83,13 @@ def expand_sources(sources: list[str], any_name: bool = False) -> list[Path]:
         else:
             raise InputError(f"{source}: no such file or directory")
     return list({p.resolve(): p for p in paths}.values())  # first occurrence wins, order kept
+
+
+def _is_hfbatch_output(directory: Path) -> bool:
+    try:
+        return read_manifest(directory) is not None
+    except InputError:  # a manifest.json of the user's own, in a corpus
+        return False
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -670,7 +680,7 @@ def open_dataset(path, what: str = "dataset"):
     except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:
         # a damaged state.json / dataset_info.json (JSONDecodeError is a ValueError) or .arrow file
         raise InputError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                         f"re-run `hfbatch {manifest['job']}` that made it, with --force")
+                         f"re-run the `hfbatch {manifest['job']}` that made it, with --force")
     if not isinstance(dataset, datasets.Dataset):
         raise InputError(f"{what} {path} holds several splits; give one split's directory")
     return dataset, manifest

