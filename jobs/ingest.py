@@ -755,7 +755,7 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
         # are still written in order (each waits for the one before), so after a kill the finished
         # shards are always the first ones.
         with log.Progress("ingest", None) as progress, ThreadPoolExecutor(1) as recorder:
-            recording, end_row = None, 1
+            recording, recording_rejects, end_row = None, 0, 1
             # rejects of the recorded shards, kept up to date as they are recorded (re-reading every record
             # after each unit made a many-unit run quadratic)
             rejected = sum(_shard_record(job, i)["rejects"] for i in range(len(units)) if job.is_done(i)) \

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import click
 
-
 HEADS = {  # architecture name suffix -> what the head does
     "ForSequenceClassification": "sequence classification",
     "ForTokenClassification": "token classification",
@@ -123,7 +122,8 @@ def parameter_count(path: Path) -> dict:
             if dtype in FLOAT_DTYPES:
                 count += math.prod(shape)
                 dtypes.add(dtype)
-    return {"count": count, "dtypes": sorted(dtypes), "files": [f.relative_to(path).as_posix() for f in files], "bytes": size}
+    names = [f.relative_to(path).as_posix() for f in files]
+    return {"count": count, "dtypes": sorted(dtypes), "files": names, "bytes": size}
 
 
 def text_lines(info: dict):
