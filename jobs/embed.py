@@ -269,7 +269,7 @@ class PreviousVectors:
         import pandas as pd
 
         from hfbatch.errors import InputError
-        from hfbatch.io import open_dataset
+        from hfbatch.io import load_saved_dataset
 
         stored = read_hash_file(path)
         if stored is None:
@@ -279,7 +279,7 @@ class PreviousVectors:
         self.hashes = np.asarray(stored.hashes, dtype=np.int64)
         rows = pd.Series(np.arange(len(self.hashes)), index=stored.ids.to_pandas())
         self.rows = rows[~rows.index.duplicated(keep="last")]  # a repeated id: its last row, as a dict would
-        column = open_dataset(path, "the output --incremental updates")[0].data.table.column("embedding")
+        column = load_saved_dataset(path, "the output --incremental updates", "embed").data.table.column("embedding")
         self.dim = column.type.list_size
         # zero-copy [rows, dim] views of the memory-mapped chunks (pyarrow's ChunkedArray.take would first
         # concatenate them: a copy of every old vector per call)

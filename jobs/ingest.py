@@ -214,6 +214,10 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
     keep = [c for c in (columns or renamed.names) if c not in ("id", id_source)]
     keep += [text_column] if text_column not in keep else []  # the text is always kept
     schema = pa.schema([id_field] + [renamed.field(c) for c in keep])
+    for column in keep:
+        if not _storable(renamed.field(column).type):
+            raise InputError(f"{first}: column {column!r} holds {renamed.field(column).type}, which a dataset cannot "
+                             f"store (maps and unions have no datasets type); leave it out with --columns")
 
     expression, used = None, set()
     if filter_text:
@@ -222,6 +226,15 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
     read_schema = pa.schema([f for f in raw if rename.get(f.name, f.name) in needed])
     return Plan(read_schema, rename, schema, text_column, id_source, expression, dedup, limit, by_file,
                 sorted(text_like & needed))
+
+
+def _storable(kind) -> bool:
+    """Whether datasets has a type for it (it has none for maps or unions, at any depth)."""
+    import pyarrow as pa
+
+    if pa.types.is_map(kind) or pa.types.is_union(kind):
+        return False
+    return all(_storable(kind.field(i).type) for i in range(kind.num_fields))
 
 
 def _is_text_like(kind) -> bool:

@@ -20,7 +20,7 @@ import time
 import click
 
 from . import __version__, log
-from .errors import EXIT_FAILED, JobFailed
+from .errors import EXIT_FAILED, InputError, JobFailed
 
 # name -> "module:attribute"; a new job is one line here plus its file in jobs/.
 JOBS = {
@@ -97,7 +97,7 @@ def main() -> None:
     except Exception as exc:  # a bug or an environment failure: still no traceback by default
         if os.environ.get("HFBATCH_DEBUG"):
             raise
-        failed = disk_full(exc)
+        failed = environment_failure(exc)
         if failed is not None:
             failed.show()
             sys.exit(failed.exit_code)
@@ -108,16 +108,22 @@ def main() -> None:
 
 NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is too large for its filesystem",
            errno.EDQUOT: "the disk quota is used up"}
+NO_ACCESS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+             errno.EROFS: "the filesystem is read-only"}
 
 
-def disk_full(exc: BaseException) -> JobFailed | None:
-    """A write that ran out of room, as a job failure naming the path (None for any other exception). The
-    previous output is untouched (outputs are replaced only when complete) and finished shards are kept."""
-    if not isinstance(exc, OSError) or exc.errno not in NO_ROOM:
+def environment_failure(exc: BaseException) -> click.ClickException | None:
+    """A read or write the system refused, as one line naming the path (None for any other exception). Out
+    of room is a job failure: the previous output is untouched (outputs are replaced only when complete)
+    and finished shards are kept; a path hfbatch may not use is bad usage."""
+    if not isinstance(exc, OSError) or exc.errno not in NO_ROOM | NO_ACCESS:
         return None
-    where = f" writing {exc.filename}" if exc.filename else ""
-    return JobFailed(f"{NO_ROOM[exc.errno]}{where} ({exc.strerror}); make room and run the job again: it "
-                     f"resumes from the shards it finished")
+    path = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in NO_ACCESS:
+        return InputError(f"cannot use{path}: {NO_ACCESS[exc.errno]}; choose a path this user may read or write, "
+                          f"or change its permissions")
+    return JobFailed(f"cannot write{path}: {NO_ROOM[exc.errno]}; make room and run the job again (it resumes "
+                     f"from the shards it finished)")
 
 
 # ---- shared options ----------------------------------------------------------------------------------
@@ -243,7 +249,7 @@ def json_summary(job_name: str):
                 try:
                     result = f(*args, **kwargs) or {}
                 except OSError as exc:  # a full disk is a job failure like the others, with its summary
-                    failed = disk_full(exc)
+                    failed = environment_failure(exc)
                     if failed is None:
                         raise
                     raise failed from exc

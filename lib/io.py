@@ -670,9 +670,15 @@ def read_json(path: Path, source, schema: pa.Schema, json_field: str | None) -> 
 
 def open_dataset(path, what: str = "dataset"):
     """A finished hfbatch dataset, memory-mapped (refused without a manifest)."""
-    import datasets
 
     manifest = require_complete(Path(path), what)
+    return load_saved_dataset(path, what, manifest["job"]), manifest
+
+
+def load_saved_dataset(path, what: str = "dataset", job: str | None = None):
+    """`datasets.load_from_disk`, memory-mapped; a damaged one is refused with what to re-run."""
+    import datasets
+
     try:
         dataset = datasets.load_from_disk(str(path))
     except FileNotFoundError as exc:
@@ -680,10 +686,10 @@ def open_dataset(path, what: str = "dataset"):
     except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:
         # a damaged state.json / dataset_info.json (JSONDecodeError is a ValueError) or .arrow file
         raise InputError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                         f"re-run the `hfbatch {manifest['job']}` that made it, with --force")
+                         f"re-run the {f'`hfbatch {job}`' if job else 'job'} that made it, with --force")
     if not isinstance(dataset, datasets.Dataset):
         raise InputError(f"{what} {path} holds several splits; give one split's directory")
-    return dataset, manifest
+    return dataset
 
 
 def require_column(dataset, column: str, path, option: str = "--text-column") -> None:

@@ -89,13 +89,24 @@ def read_manifest(path: Path) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
         manifest, problem = None, f"{type(exc).__name__}: {exc}"
     else:
-        missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else None
-        problem = f"a JSON {type(manifest).__name__}, not an object" if missing is None else \
-            f"no {', '.join(missing)}" if missing else None
+        problem = _manifest_problem(manifest)
     if problem:
         raise InputError(f"{file} is not an hfbatch manifest ({problem}); re-run the job that made {path} "
                          f"with --force")
     return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        return f"no {', '.join(missing)}"
+    inputs = manifest["inputs"]
+    if not isinstance(manifest["config"], dict) or not isinstance(inputs, list) or \
+            not all(isinstance(i, dict) and isinstance(i.get("path"), str) for i in inputs):
+        return "its config or inputs are not what hfbatch writes"
+    return None
 
 
 def require_complete(path: Path, what: str = "input") -> dict:

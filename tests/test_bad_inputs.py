@@ -183,6 +183,11 @@ def _(w, tmp):
     return with_manifest(w, tmp, b'{"created_at": "today"}')
 
 
+@case("manifest-inputs-not-a-list")  # (beyond the issue: `info` and every reader broke on it)
+def _(w, tmp):
+    return with_manifest(w, tmp, b'{"job": "ingest", "rows": 6, "config": {}, "inputs": 5}')
+
+
 @case("dataset-state-json-corrupt")
 def _(w, tmp):
     dataset = copy_of(w.ds, tmp)
@@ -315,6 +320,17 @@ def _(w, tmp):
     return ["ingest", path, "-o", tmp / "out"], [path, "'text'"]
 
 
+@case("parquet-map-column")  # (beyond the issue: failed at publish, after reading everything)
+def _(w, tmp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp / "maps.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "tags": pa.array([[("k", 1)], [("j", 2)]],
+                                                                   pa.map_(pa.string(), pa.int64()))}), path)
+    return ["ingest", path, "-o", tmp / "out"], [path, "'tags'", "--columns"]
+
+
 @case("id-column-of-lists")  # ArrowNotImplementedError
 def _(w, tmp):
     path = write_jsonl(tmp / "ids.jsonl", [{"id": [1], "text": "a"}, {"id": [2], "text": "b"}])
@@ -393,6 +409,25 @@ def test_a_full_disk_fails_the_job_naming_the_path_and_keeps_the_previous_output
     assert summary["status"] == "failed" and summary["exit_code"] == 1 and written["path"] in summary["error"]
     assert manifest(out)["build_id"] == previous and load(out)["text"][0] == "row 0"  # the previous output
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []  # no half-assembled output
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS], ids=["EACCES", "EROFS"])
+def test_a_path_the_system_refuses_is_bad_usage_naming_it(code, monkeypatch, tmp_path, runner):
+    import hfbatch.runner
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": "a b"}])
+    refused = tmp_path / ".out.tmp-1" / "state.json"
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(refused))
+
+    monkeypatch.setattr(hfbatch.runner, "publish_dir", refuse)
+    result = runner.invoke(cli, ["ingest", str(docs), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and str(refused) in errors[0] and "internal error" not in result.output
+    assert not (tmp_path / "out").exists()
 
 
 # ---- what bad input used to break, now read as it should be -------------------------------------------
