@@ -343,7 +343,8 @@ def sniff_schema(path: Path, fmt: str, json_field: str | None = None) -> pa.Sche
             tables = []
             for line in lines:
                 try:
-                    tables.append(pj.read_json(pa.BufferReader(line)))
+                    tables.append(pj.read_json(pa.BufferReader(line),  # (a line longer than a default block)
+                                               read_options=pj.ReadOptions(block_size=len(line) + 1)))
                 except pa.ArrowInvalid:
                     pass
             schema = _unify(tables)

@@ -497,3 +497,10 @@ def test_division_by_a_column_holding_zero_is_a_float_not_an_error(tmp_path, run
     docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"t{i}", "n": i, "m": i % 2} for i in range(4)])
     invoke(runner, ["ingest", docs, "-o", tmp_path / "out", "--filter", "n / m >= 1"])
     assert load(tmp_path / "out")["text"] == ["t1", "t2", "t3"]  # 0/0 is nan (false), 2/0 is inf (true)
+
+
+def test_a_first_jsonl_line_longer_than_a_parse_block_is_read(tmp_path, runner):
+    long_text = "word " * (1 << 20)  # 5 MiB: refused as "no row could be read" when the types were sniffed
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": long_text}, {"text": "short"}])
+    invoke(runner, ["ingest", docs, "-o", tmp_path / "out"])
+    assert load(tmp_path / "out")["text"] == [long_text, "short"]
