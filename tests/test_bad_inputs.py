@@ -188,6 +188,30 @@ def _(w, tmp):
     return with_manifest(w, tmp, b'{"job": "ingest", "rows": 6, "config": {}, "inputs": 5}')
 
 
+def merge_of_edited_slice(w, tmp, recorded):
+    parts = []
+    for index in range(2):
+        parts.append(tmp / f"part{index}")
+        invoke(CliRunner(), ["embed", w.ds, "-o", parts[-1], "--model", w.model, "--backend", "torch",
+                             "--num-shards", "2", "--shard-index", str(index)])
+    record = json.loads((parts[1] / "manifest.json").read_text())
+    (parts[1] / "manifest.json").write_text(json.dumps({**record, "slice": recorded}))
+    return ["merge", *parts, "-o", tmp / "out"], [parts[1] / "manifest.json"]
+
+
+@case("merge-slice-without-index")  # (beyond the issue: KeyError; a huge count also tried range(count))
+def _(w, tmp):
+    return merge_of_edited_slice(w, tmp, {"count": 2})
+
+
+@case("info-of-a-hand-edited-manifest")  # (beyond the issue: AttributeError)
+def _(w, tmp):
+    dataset = copy_of(w.ds, tmp)
+    record = json.loads((dataset / "manifest.json").read_text())
+    (dataset / "manifest.json").write_text(json.dumps({**record, "counts": [1, 2]}))
+    return ["info", dataset], [dataset / "manifest.json", "--json"]
+
+
 @case("dataset-state-json-corrupt")
 def _(w, tmp):
     dataset = copy_of(w.ds, tmp)
