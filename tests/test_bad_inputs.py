@@ -254,6 +254,43 @@ for _job in ("inspect", "embed"):
         case(f"{_job}-safetensors-{_name}")(_make)
 
 
+def embed_with_model_file(w, tmp, file: str, content, *names, backend="auto"):
+    model = damaged_model(w, tmp, file, content.encode() if isinstance(content, str) else content)
+    return ["embed", w.ds, "-o", tmp / "out", "--model", model, "--backend", backend], [model, *names]
+
+
+# (beyond the issue: each of these reached the catch-all when the model was loaded, inside the job)
+MODEL_FILES = {
+    "pooling-config-not-json": ("1_Pooling/config.json", "{bad", "1_Pooling/config.json"),
+    "modules-json-not-a-list": ("modules.json", '{"a": 1}', "modules.json"),
+    "max-seq-length-not-a-number": ("sentence_bert_config.json", '{"max_seq_length": "long"}', "max_seq_length"),
+    "tokenizer-config-a-list": ("tokenizer_config.json", "[1]", "tokenizer"),
+}
+for _name, (_file, _content, _named) in MODEL_FILES.items():
+    case(f"embed-model-{_name}")(lambda w, tmp, f=_file, c=_content, n=_named: embed_with_model_file(w, tmp, f, c, n))
+
+
+@case("embed-model-config-without-model-type")  # (beyond the issue: ValueError from the OpenVINO conversion)
+def _(w, tmp):
+    config = {k: v for k, v in json.loads((w.model / "config.json").read_text()).items() if k != "model_type"}
+    return embed_with_model_file(w, tmp, "config.json", json.dumps(config), "model_type")
+
+
+@case("embed-model-weights-of-other-shapes")  # (beyond the issue: RuntimeError)
+def _(w, tmp):
+    config = {**json.loads((w.model / "config.json").read_text()), "hidden_size": 64}
+    return embed_with_model_file(w, tmp, "config.json", json.dumps(config), "shapes", backend="torch")
+
+
+@case("embed-tokenized-manifest-entry-edited")  # (beyond the issue: AttributeError)
+def _(w, tmp):
+    tokens = tmp / "tokens"
+    invoke(CliRunner(), ["tokenize", w.ds, "-o", tokens, "--model", w.model])
+    record = json.loads((tokens / "manifest.json").read_text())
+    (tokens / "manifest.json").write_text(json.dumps({**record, "tokenized": "x"}))
+    return ["embed", tokens, "-o", tmp / "out", "--model", w.model], [tokens / "manifest.json", "tokenized"]
+
+
 @case("embed-text-column-with-nulls")
 def _(w, tmp):
     return ["embed", w.ds, "-o", tmp / "out", "--model", w.model, "--text-column", "other"], \
