@@ -254,8 +254,11 @@ def _write_hashes(scheme):
     def fill(tmp, joined):
         """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a
         Parquet side file for the next --incremental run."""
-        table = joined.data.table
-        write_hash_file(tmp, table.column("id"), table.column("text_hash").to_numpy(), scheme=scheme)
+        import numpy as np
+
+        table = joined.data.table  # (no rows: joined from no shard, without the shards' text_hash)
+        hashes = table.column("text_hash").to_numpy() if "text_hash" in table.column_names else np.zeros(0, np.int64)
+        write_hash_file(tmp, table.column("id"), hashes, scheme=scheme)
     return fill
 
 

@@ -698,7 +698,8 @@ def _content_hash_writer(job: Job, n_units: int, plan: Plan, keep: np.ndarray | 
               help="Keep a random sample of N rows (in their original order; the same for the same --seed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @click.option("--max-rejects", default="1%", show_default=True,
-              help="Fail when more rows than this are rejected: a count (100) or a fraction (0.01, 1%).")
+              help="Fail when more rows than this are rejected: a count (100) or a fraction (0.01, 1%); 100% "
+                   "accepts any number.")
 @click.option("--streaming/--no-streaming", default=None,
               help="Read in blocks and write shards as they fill, so memory does not grow with the input. "
                    f"Default: on when the inputs exceed {STREAMING_THRESHOLD >> 20} MB.")

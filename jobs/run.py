@@ -158,8 +158,9 @@ def step_state(output: Path) -> str:
 def run(pipeline, dry_run, force):
     """Run the jobs of a PIPELINE file in order, stopping at the first failure.
 
-    Each [[step]] has `job`, `inputs` (list), `output` and an `options` table of the job's own options.
-    Finished steps whose inputs and options did not change are skipped (each job's own no-op check); a
+    Each [[step]] has `job`, `inputs` (list), `output` and an `options` table of the job's own options
+    (switches as true or false, repeatable options as lists). The whole file is checked before any step
+    runs. Finished steps whose inputs and options did not change are skipped (each job's own no-op check); a
     killed step resumes. The exit code is the failing step's (1 failed, 2 bad input, 75 locked).
 
     \b

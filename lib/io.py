@@ -684,8 +684,9 @@ def load_saved_dataset(path, what: str = "dataset", job: str | None = None):
         dataset = datasets.load_from_disk(str(path))
     except FileNotFoundError as exc:
         raise InputError(f"{what} {path} is not a saved dataset ({exc})")
-    except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:
-        # a damaged state.json / dataset_info.json (JSONDecodeError is a ValueError) or .arrow file
+    except (ValueError, KeyError, IndexError, TypeError, OSError, pa.ArrowException) as exc:
+        # a damaged state.json / dataset_info.json (JSONDecodeError is a ValueError) or .arrow file; an
+        # IndexError: no data file (how datasets saved no rows, before hfbatch saved those as one empty file)
         raise InputError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                          f"re-run the {f'`hfbatch {job}`' if job else 'job'} that made it, with --force")
     if not isinstance(dataset, datasets.Dataset):

@@ -476,7 +476,8 @@ class Job(ShardDir):
             fill(tmp, dataset)
         if set(dataset.column_names) != set(features):
             dataset = dataset.select_columns(list(features))
-        dataset.save_to_disk(str(tmp), max_shard_size=max_shard_size)
+        # (datasets saves no data file at all for no rows, and then cannot load what it saved)
+        dataset.save_to_disk(str(tmp), **({"max_shard_size": max_shard_size} if len(dataset) else {"num_shards": 1}))
         if side_files is not None:
             side_files(tmp)
         n_rejects = self._gather_rejects(n_shards, tmp)

@@ -565,3 +565,17 @@ def test_a_first_jsonl_line_longer_than_a_parse_block_is_read(tmp_path, runner):
     docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": long_text}, {"text": "short"}])
     invoke(runner, ["ingest", docs, "-o", tmp_path / "out"])
     assert load(tmp_path / "out")["text"] == [long_text, "short"]
+
+
+def test_a_dataset_with_no_rows_goes_through_every_job(world, tmp_path, runner):
+    """(beyond the issue) `ingest --limit 0` (or a filter keeping nothing) saved a dataset no job could open:
+    datasets writes no data file for no rows and then fails to load it (IndexError)."""
+    empty = tmp_path / "empty"
+    invoke(runner, ["ingest", world.docs, "-o", empty, "--limit", "0"])
+    assert len(load(empty)) == 0
+    invoke(runner, ["embed", empty, "-o", tmp_path / "emb", "--model", world.model, "--backend", "torch"])
+    invoke(runner, ["tokenize", empty, "-o", tmp_path / "tok", "--model", world.model])
+    invoke(runner, ["classify", empty, "-o", tmp_path / "cls", "--model", world.classifier, "--backend", "torch"])
+    invoke(runner, ["export", empty, "-o", tmp_path / "empty.jsonl"])
+    assert [len(load(tmp_path / name)) for name in ("emb", "tok", "cls")] == [0, 0, 0]
+    assert (tmp_path / "empty.jsonl").read_text() == ""
