@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import shlex
 from pathlib import Path
@@ -75,12 +74,9 @@ def load_step(where: str, number: int, step: dict, base: Path) -> dict:
 
 
 def _command(job: str) -> click.Command | None:
-    from hfbatch.cli import JOBS
+    from hfbatch.cli import cli
 
-    if job not in JOBS:
-        return None
-    module, attr = JOBS[job].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return cli.get_command(None, job)  # (the lazy group imports the job's module)
 
 
 def _steppable() -> list[str]:

@@ -168,7 +168,6 @@ class SizeType(click.ParamType):
         return ByteSize(size, text)
 
 
-
 def output_option(f):
     return click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
                         help="Output directory (published atomically with a manifest.json).")(f)

@@ -350,7 +350,7 @@ class Job(ShardDir):
             if exc_type is not None:
                 self._discard_unfinished(exc)
         finally:
-            self.lock.release()  # on failure the .partial stays: the next run resumes from it
+            self.lock.release()  # otherwise, on failure the .partial stays: the next run resumes from it
 
     def _discard_unfinished(self, exc) -> None:
         """A failed run leaves no half-assembled output, and a run refused for its input leaves no .partial
