@@ -432,11 +432,24 @@ def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
         ids = table.column("__source")
     else:  # SOURCE:ROW, stable across runs (unlike a counter, it does not move when a row before is bad)
         ids = pc.binary_join_element_wise(name, table.column("__row").cast(pa.string()), ":")
-    columns = [ids.cast(plan.schema.field("id").type)]
+    columns = [_cast(ids, plan.schema.field("id"), unit)]
     for f in list(plan.schema)[1:]:
-        columns.append(table.column(f.name).cast(f.type) if f.name in table.column_names
+        columns.append(_cast(table.column(f.name), f, unit) if f.name in table.column_names
                        else pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(columns, schema=plan.schema)
+
+
+def _cast(values, field, unit: Unit):
+    """A block's column in the output's type. JSON Lines and CSV are read in the first file's types, but a
+    Parquet file keeps its own, which may not convert."""
+    import pyarrow as pa
+
+    try:
+        return values.cast(field.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InputError(f"{unit.paths[0]}: column {field.name!r} holds {values.type}, which does not convert to "
+                         f"the first file's {field.type} ({str(exc).splitlines()[0]}); make the files agree, or "
+                         f"leave the column out with --columns")
 
 
 def _count_by(sources, name: str, n: int):

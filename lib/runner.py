@@ -354,9 +354,10 @@ class Job(ShardDir):
 
     def _discard_unfinished(self, exc) -> None:
         """A failed run leaves no half-assembled output, and a run refused for its input leaves no .partial
-        it made itself with nothing finished in it: nothing of it was worth keeping."""
+        that it made itself: the fix changes an input or an option, and with them the fingerprint its
+        shards would be resumed under."""
         self._tmp_output()  # (removes it)
-        if isinstance(exc, InputError) and self._made_partial and not any(self.shard_dir.glob("*.json")):
+        if isinstance(exc, InputError) and self._made_partial:
             shutil.rmtree(self.partial, ignore_errors=True)
 
     def _check_existing(self) -> None:

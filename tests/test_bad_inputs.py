@@ -392,6 +392,16 @@ def _(w, tmp):
     return ["ingest", path, "-o", tmp / "out"], [path, "'tags'", "--columns"]
 
 
+@case("parquet-column-of-another-type-than-the-first-file")  # (beyond the issue: ArrowNotImplementedError)
+def _(w, tmp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp / "second.parquet"
+    pq.write_table(pa.table({"text": ["a"], "n": pa.array([[1]]), "other": ["x"]}), path)
+    return ["ingest", tmp / "docs.jsonl", path, "-o", tmp / "out"], [path, "'n'", "--columns"]
+
+
 @case("id-column-of-lists")  # ArrowNotImplementedError
 def _(w, tmp):
     path = write_jsonl(tmp / "ids.jsonl", [{"id": [1], "text": "a"}, {"id": [2], "text": "b"}])
