@@ -207,7 +207,8 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
         raise InputError(f"--columns: no column {', '.join(map(repr, missing))}; available: {available}")
 
     id_type = renamed.field(id_source).type if id_source else pa.string()
-    if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_floating(id_type)):
+    if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_floating(id_type)
+            or pa.types.is_null(id_type)):  # (null: no id in the first block; its rows are rejected)
         raise InputError(f"{first}: column {id_source!r} holds {id_type}; ids must be numbers or strings "
                          f"(choose another with --id-column, or rename it: --rename {id_source}=other_name)")
     id_field = pa.field("id", pa.int64() if pa.types.is_integer(id_type) else pa.string())
