@@ -58,6 +58,10 @@ def compile_filter(text: str, schema: pa.Schema) -> tuple[pc.Expression, set[str
     return expression, compiler.used
 
 
+def _as_float(expression) -> pc.Expression:
+    return expression.cast(pa.float64(), safe=False)  # (rounds integers beyond 2**53, as Python's float() does)
+
+
 def _short(text: str) -> str:
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
@@ -120,7 +124,10 @@ class _Compiler:
         if isinstance(node.op, ast.Not):
             return ~self.visit(node.operand)
         if isinstance(node.op, ast.USub):
-            return pc.negate(self.visit(node.operand))
+            operand = node.operand
+            if isinstance(operand, ast.Constant) and type(operand.value) in (int, float):  # -2**63 fits
+                return pc.scalar(self.literal(ast.copy_location(ast.Constant(-operand.value), node)))
+            return pc.negate(self.visit(operand))
         self.fail(node, "only `not` and `-` work on one value")
 
     def visit_BinOp(self, node):
@@ -135,8 +142,17 @@ class _Compiler:
                 kind = self.type_of(value)
                 if kind is not None and not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
                     self.fail(side, f"/ divides numbers, and this is {kind}")
-            return pc.divide(left.cast(pa.float64()), right.cast(pa.float64()))
-        return getattr(pc, name)(left, right)
+            return pc.divide(_as_float(left), _as_float(right))
+        return getattr(pc, name)(*self.common(left, right))
+
+    def common(self, left, right) -> tuple:
+        """An integer and a float as two floats: Arrow would cast the integers safely, to float32 even, and
+        fail in mid-job on the first one beyond 2**24. (Python's float comparison rounds, as this does.)"""
+        kinds = [self.type_of(left), self.type_of(right)]
+        if all(k is not None and (pa.types.is_integer(k) or pa.types.is_floating(k)) for k in kinds) \
+                and any(pa.types.is_integer(k) for k in kinds) and any(pa.types.is_floating(k) for k in kinds):
+            return _as_float(left), _as_float(right)
+        return left, right
 
     def visit_Compare(self, node):
         result, left = None, node.left
@@ -150,7 +166,7 @@ class _Compiler:
                 test = self.visit(left).is_null()
                 test = ~test if isinstance(op, ast.IsNot) else test
             else:
-                test = getattr(pc, _COMPARE[type(op)])(self.visit(left), self.visit(right))
+                test = getattr(pc, _COMPARE[type(op)])(*self.common(self.visit(left), self.visit(right)))
             result = test if result is None else result & test
             left = right
         return result

@@ -589,3 +589,14 @@ def test_a_dataset_with_no_rows_goes_through_every_job(world, tmp_path, runner):
     invoke(runner, ["export", empty, "-o", tmp_path / "empty.jsonl"])
     assert [len(load(tmp_path / name)) for name in ("emb", "tok", "cls")] == [0, 0, 0]
     assert (tmp_path / "empty.jsonl").read_text() == ""
+
+
+def test_a_filter_mixing_integers_and_floats_compares_them_as_floats(tmp_path, runner):
+    """(beyond the issue) Arrow cast an integer column to float32 safely for `n > 1.5` and failed in mid-job on
+    the first value beyond 2**24; `-2**63` was refused as too large."""
+    rows = [{"text": "big", "n": 2**40}, {"text": "huge", "n": 2**60 + 1}, {"text": "low", "n": -(2**63)}]
+    docs = write_jsonl(tmp_path / "docs.jsonl", rows)
+    invoke(runner, ["ingest", docs, "-o", tmp_path / "out", "--filter", "n > 1.5 and n / 2 > 1"])
+    assert load(tmp_path / "out")["text"] == ["big", "huge"]
+    invoke(runner, ["ingest", docs, "-o", tmp_path / "low", "--filter", "n == -9223372036854775808"])
+    assert load(tmp_path / "low")["text"] == ["low"]
