@@ -137,7 +137,7 @@ def _(w, tmp):
                         "step 2", "shard_rows")
 
 
-@case("toml-switch-given-a-string")  # (beyond the issue: `dedup = "no"` turned --dedup on)
+@case("toml-switch-given-a-string")  # (beyond the issue: `force = "no"` became `--force no`, failing when run)
 def _(w, tmp):
     return run_pipeline(tmp, 'job = "embed"\ninputs = ["out"]\noutput = "emb"\noptions = { force = "no" }',
                         "step 2", "force")
