@@ -72,12 +72,12 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
         from hfbatch.devices import run_shards
-        from hfbatch.io import open_dataset, require_column
+        from hfbatch.io import open_dataset, require_text_column
 
         source, _ = open_dataset(dataset)
-        require_column(source, text_column, dataset)
+        require_text_column(source, text_column, dataset)
         if text_pair_column:
-            require_column(source, text_pair_column, dataset, option="--text-pair-column")
+            require_text_column(source, text_pair_column, dataset, option="--text-pair-column")
         plan = ClassifyPlan(dataset=str(dataset), text_column=text_column, text_pair_column=text_pair_column,
                             model_dir=str(model_dir), device=device, precision=precision, backend=backend,
                             max_length=max_length, batch_tokens=batch_tokens, trust_remote_code=trust_remote_code,
@@ -140,9 +140,9 @@ class ClassifyShards:
 
 def read_head(model_dir) -> dict:
     """The classification head the config declares; refuses a bare encoder, whose head would be random."""
-    import json
+    from hfbatch.models import read_json_object
 
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_json_object(model_dir / "config.json")
     architectures = config.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise InputError(f"{model_dir} has no sequence-classification head (architectures: "

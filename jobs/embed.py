@@ -66,7 +66,7 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         hfbatch embed out/dataset -o out/chunks --chunk-tokens 128 --chunk-overlap 32
     """
     from hfbatch.devices import check_devices, devices_kind, run_shards
-    from hfbatch.io import open_dataset, require_column
+    from hfbatch.io import open_dataset, require_text_column
     from hfbatch.models import model_fingerprint, resolve_model_dir
 
     if shard_index >= num_shards:
@@ -90,7 +90,7 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
         source, _ = open_dataset(dataset)
-        require_column(source, text_column, dataset)
+        require_text_column(source, text_column, dataset)
         start, stop = slice_bounds(len(source), num_shards, shard_index)
         plan = EmbedPlan(dataset=str(dataset), text_column=text_column, model_dir=str(model_dir), device=device,
                          precision=precision, backend=backend, max_length=max_length, batch_tokens=batch_tokens,
@@ -257,8 +257,11 @@ def _write_hashes(scheme):
     def fill(tmp, joined):
         """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a
         Parquet side file for the next --incremental run."""
-        table = joined.data.table
-        write_hash_file(tmp, table.column("id"), table.column("text_hash").to_numpy(), scheme=scheme)
+        import numpy as np
+
+        table = joined.data.table  # (no rows: joined from no shard, without the shards' text_hash)
+        hashes = table.column("text_hash").to_numpy() if "text_hash" in table.column_names else np.zeros(0, np.int64)
+        write_hash_file(tmp, table.column("id"), hashes, scheme=scheme)
     return fill
 
 
@@ -268,11 +271,11 @@ class PreviousVectors:
     into memory (and each --devices worker maps the same pages)."""
 
     def __init__(self, path):
-        import datasets
         import numpy as np
         import pandas as pd
 
         from hfbatch.errors import InputError
+        from hfbatch.io import load_saved_dataset
 
         stored = read_hash_file(path)
         if stored is None:
@@ -282,7 +285,7 @@ class PreviousVectors:
         self.hashes = np.asarray(stored.hashes, dtype=np.int64)
         rows = pd.Series(np.arange(len(self.hashes)), index=stored.ids.to_pandas())
         self.rows = rows[~rows.index.duplicated(keep="last")]  # a repeated id: its last row, as a dict would
-        column = datasets.load_from_disk(str(path)).data.table.column("embedding")
+        column = load_saved_dataset(path, "the output --incremental updates", "embed").data.table.column("embedding")
         self.dim = column.type.list_size
         # zero-copy [rows, dim] views of the memory-mapped chunks (pyarrow's ChunkedArray.take would first
         # concatenate them: a copy of every old vector per call)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from hfbatch import log
-from hfbatch.cli import force_option, json_summary, output_option
+from hfbatch.cli import SizeType, force_option, json_summary, output_option
 from hfbatch.errors import InputError
 from hfbatch.runner import Job
 
@@ -21,25 +21,6 @@ EMBEDDINGS_KEY = "embeddings_manifest_sha256"  # manifest keys: the versions of 
 SOURCE_KEY = "source_manifest_sha256"
 TUNING_QUERIES = 300
 FLAT_QPS_QUERIES = 100     # a Flat index's recall is 1 by construction; the batch only checks it and times QPS
-
-
-def parse_bytes(value: str | None) -> int | None:
-    """'4GB', '512MiB', '2.5G' or a plain number of bytes."""
-    if value is None:
-        return None
-    text = value.strip().upper().replace("IB", "B")
-    units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10,
-             "B": 1}
-    for unit, scale in units.items():
-        if text.endswith(unit):
-            text, factor = text[: -len(unit)], scale
-            break
-    else:
-        factor = 1
-    try:
-        return int(float(text) * factor)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give a size like 4GB or 512MB", param_hint="--memory-budget")
 
 
 def default_budget() -> int:
@@ -60,8 +41,9 @@ def default_budget() -> int:
               show_default=True, help="auto: exact Flat for small sets, IVF+PQ with re-ranking for large ones.")
 @click.option("--factory", default=None, metavar="STRING",
               help="Any faiss.index_factory string (experts; overrides --kind), e.g. 'IVF1024,PQ96x4fs,RFlat'.")
-@click.option("--memory-budget", default=None, metavar="SIZE",
-              help="Largest index to build, e.g. 4GB (default: half the available memory).")
+@click.option("--memory-budget", type=SizeType(), default=None, metavar="SIZE",
+              help="Largest index to build, e.g. 4GB (10^9 bytes) or 4GiB (2^30) (default: half the available "
+                   "memory).")
 @click.option("--target-recall", type=click.FloatRange(0.01, 1.0), default=0.95, show_default=True,
               help="recall@10 against exact search that nprobe/efSearch are tuned to reach.")
 @force_option
@@ -84,9 +66,10 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
     """
     from hfbatch.runner import require_complete
 
-    budget = parse_bytes(memory_budget)
+    budget = memory_budget and int(memory_budget)
     similarity = embeddings_similarity(require_complete(Path(embeddings), "embeddings"), embeddings)  # refused first
-    config = {"kind": kind, "factory": factory, "memory_budget": memory_budget, "target_recall": target_recall}
+    config = {"kind": kind, "factory": factory, "memory_budget": memory_budget and memory_budget.text,
+              "target_recall": target_recall}
     with Job("index", output, config=config, datasets=[embeddings], force=force, incremental=incremental) as job:
         if job.up_to_date:
             return job.summary()

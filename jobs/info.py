@@ -38,12 +38,24 @@ def info(path, as_json):
         hfbatch info out/dataset
         hfbatch info out/embeddings --json | jq .rows
     """
-    from hfbatch.runner import REJECTS, require_complete
+    from hfbatch.runner import require_complete
 
     manifest = require_complete(Path(path), "output")
     if as_json:
         click.echo(json.dumps(manifest, indent=2, sort_keys=True))
         return
+    try:
+        show(path, manifest)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a manifest edited by hand
+        from hfbatch.errors import InputError
+
+        raise InputError(f"{Path(path) / 'manifest.json'} holds something hfbatch does not write "
+                         f"({type(exc).__name__}: {exc}); `hfbatch info --json {path}` shows it as it is")
+
+
+def show(path, manifest: dict) -> None:
+    from hfbatch.runner import REJECTS
+
     echo = click.echo
     echo(f"{path}: hfbatch {manifest.get('job')} output, {manifest.get('rows')} rows, "
          f"made {manifest.get('created_at')} in {manifest.get('elapsed_s')} s")

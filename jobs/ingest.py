@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import queue
-import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +25,7 @@ import click
 import numpy as np
 
 from hfbatch import log
-from hfbatch.cli import force_option, json_summary, output_option, text_column_option
+from hfbatch.cli import SizeType, force_option, json_summary, output_option, text_column_option
 from hfbatch.errors import InputError, JobFailed
 from hfbatch.hashing import HASH_FILE
 from hfbatch.runner import Job
@@ -40,27 +40,15 @@ def parse_max_rejects(value: str) -> tuple[str, float]:
     """'100' (rows), '0.01' or '1%' (fraction of rows read)."""
     text = value.strip()
     try:
-        if text.endswith("%"):
-            return "fraction", float(text[:-1]) / 100
-        number = float(text)
+        number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
-        raise click.BadParameter(f"{value!r}: give a row count (100) or a fraction (0.01 or 1%)")
+        number = math.nan
+    if not math.isfinite(number):  # nan compares false with everything: it would switch the limit off
+        raise click.BadParameter(f"{value!r}: give a row count (100) or a fraction (0.01 or 1%); 100% accepts "
+                                 f"any number of rejects", param_hint="--max-rejects")
     if number < 0:
-        raise click.BadParameter(f"{value!r}: must not be negative")
-    return ("fraction", number) if number < 1 else ("count", number)
-
-
-def parse_size(value: str) -> int:
-    """'128MB', '1GB', '512KiB' -> bytes (the units of datasets' max_shard_size)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", value, re.IGNORECASE)
-    if not match:
-        raise click.BadParameter(f"{value!r}: give a size like 128MB or 1GB", param_hint="--shard-size")
-    unit = (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    size = int(float(match.group(1)) * scale)
-    if size < 10**6:
-        raise click.BadParameter(f"{value!r}: at least 1MB", param_hint="--shard-size")
-    return size
+        raise click.BadParameter(f"{value!r}: must not be negative", param_hint="--max-rejects")
+    return ("fraction", number) if text.endswith("%") or number < 1 else ("count", number)
 
 
 def parse_rename(values: tuple[str, ...]) -> dict[str, str]:
@@ -125,7 +113,7 @@ class SeenHashes:
 
     def _seen(self, hashes: np.ndarray) -> np.ndarray:
         seen = np.zeros(len(hashes), bool)
-        for run in self.runs:
+        for run in self.runs:  # (never empty: add_new keeps no empty run)
             at = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
             seen |= run[at] == hashes
         return seen
@@ -142,7 +130,8 @@ class SeenHashes:
         first &= ~self._seen(ordered)
         fresh = np.empty(len(hashes), bool)
         fresh[order] = first
-        self.runs.append(ordered[first])
+        if first.any():  # a block of nothing but repeats adds no run (an empty one has no last element)
+            self.runs.append(ordered[first])
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
             last = self.runs.pop()  # (a stable sort of two sorted runs is a linear merge)
             self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]), kind="stable")
@@ -172,6 +161,7 @@ class Plan:
     dedup: bool = False
     limit: int | None = None
     by_file: bool = False
+    as_strings: list = field(default_factory=list)  # output columns read as another text type: cast first
 
 
 def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns, rename, filter_text,
@@ -186,10 +176,18 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
     raw = sniff_schema(first, "text" if by_file else fmt, json_field)
     if raw is None or not raw.names:
         raise InputError(f"{first}: no row of the first block could be read as {fmt}; is it really {fmt}?")
+    repeated = sorted({name for name in raw.names if raw.names.count(name) > 1})
+    if repeated:
+        raise InputError(f"{first}: more than one column is named {', '.join(map(repr, repeated))}; give each "
+                         f"column its own name in the file")
     unknown = [old for old in rename if old not in raw.names]
     if unknown:
         raise InputError(f"--rename: no column {', '.join(map(repr, unknown))}; available: {', '.join(raw.names)}")
+    # Text as polars and Arrow writers also store it (large_string, string_view, dictionary<string>) is read
+    # as plain strings: the output's and the filter's type, and what datasets can save.
+    text_like = {rename.get(f.name, f.name) for f in raw if _is_text_like(f.type) and f.type != pa.string()}
     renamed = pa.schema([f.with_name(rename.get(f.name, f.name)) for f in raw])
+    renamed = pa.schema([f.with_type(pa.string()) if f.name in text_like else f for f in renamed])
     if len(set(renamed.names)) != len(renamed.names):
         raise InputError(f"--rename gives two columns the same name: {', '.join(renamed.names)}")
     available = ", ".join(renamed.names)
@@ -209,17 +207,43 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
         raise InputError(f"--columns: no column {', '.join(map(repr, missing))}; available: {available}")
 
     id_type = renamed.field(id_source).type if id_source else pa.string()
+    if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_floating(id_type)
+            or pa.types.is_null(id_type)):  # (null: no id in the first block; its rows are rejected)
+        raise InputError(f"{first}: column {id_source!r} holds {id_type}; ids must be numbers or strings "
+                         f"(choose another with --id-column, or rename it: --rename {id_source}=other_name)")
     id_field = pa.field("id", pa.int64() if pa.types.is_integer(id_type) else pa.string())
     keep = [c for c in (columns or renamed.names) if c not in ("id", id_source)]
     keep += [text_column] if text_column not in keep else []  # the text is always kept
     schema = pa.schema([id_field] + [renamed.field(c) for c in keep])
+    for column in keep:
+        if not _storable(renamed.field(column).type):
+            raise InputError(f"{first}: column {column!r} holds {renamed.field(column).type}, which a dataset cannot "
+                             f"store (maps and unions have no datasets type); leave it out with --columns")
 
     expression, used = None, set()
     if filter_text:
         expression, used = compile_filter(filter_text, renamed)
     needed = set(keep) | used | {text_column} | ({id_source} if id_source else set())
     read_schema = pa.schema([f for f in raw if rename.get(f.name, f.name) in needed])
-    return Plan(read_schema, rename, schema, text_column, id_source, expression, dedup, limit, by_file)
+    return Plan(read_schema, rename, schema, text_column, id_source, expression, dedup, limit, by_file,
+                sorted(text_like & needed))
+
+
+def _storable(kind) -> bool:
+    """Whether datasets has a type for it (it has none for maps or unions, at any depth)."""
+    import pyarrow as pa
+
+    if pa.types.is_map(kind) or pa.types.is_union(kind):
+        return False
+    return all(_storable(kind.field(i).type) for i in range(kind.num_fields))
+
+
+def _is_text_like(kind) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
 
 
 # ---- one unit -------------------------------------------------------------------------------------------
@@ -345,6 +369,10 @@ def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
     name = unit.names[0]
     sources = table.column("__source") if plan.by_file else None
     table = table.rename_columns([plan.rename.get(c, c) for c in table.column_names])
+    for column in plan.as_strings:
+        if column in table.column_names:
+            table = table.set_column(table.column_names.index(column), column,
+                                     table.column(column).cast(pa.string()))
     for source, count in _count_by(sources, name, n):
         tally.source(source)["read"] += count
     tally.read += n
@@ -405,11 +433,24 @@ def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
         ids = table.column("__source")
     else:  # SOURCE:ROW, stable across runs (unlike a counter, it does not move when a row before is bad)
         ids = pc.binary_join_element_wise(name, table.column("__row").cast(pa.string()), ":")
-    columns = [ids.cast(plan.schema.field("id").type)]
+    columns = [_cast(ids, plan.schema.field("id"), unit)]
     for f in list(plan.schema)[1:]:
-        columns.append(table.column(f.name).cast(f.type) if f.name in table.column_names
+        columns.append(_cast(table.column(f.name), f, unit) if f.name in table.column_names
                        else pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(columns, schema=plan.schema)
+
+
+def _cast(values, field, unit: Unit):
+    """A block's column in the output's type. JSON Lines and CSV are read in the first file's types, but a
+    Parquet file keeps its own, which may not convert."""
+    import pyarrow as pa
+
+    try:
+        return values.cast(field.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InputError(f"{unit.paths[0]}: column {field.name!r} holds {values.type}, which does not convert to "
+                         f"the first file's {field.type} ({str(exc).splitlines()[0]}); make the files agree, or "
+                         f"leave the column out with --columns")
 
 
 def _count_by(sources, name: str, n: int):
@@ -523,7 +564,13 @@ def open_previous(job: Job, plan: Plan, names: list[str], base: Path, options: d
         return None
     old = {i["path"]: i.get("sha256") for i in manifest.get("inputs", [])}
     unchanged = {name for name, new in zip(names, job.inputs) if old.get(new["path"]) == new["sha256"]}
-    return PreviousOutput(job.output, manifest, unchanged)
+    import pyarrow as pa
+
+    try:
+        return PreviousOutput(job.output, manifest, unchanged)
+    except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:  # (JSONDecodeError: a ValueError)
+        raise InputError(f"{job.output}, the output --incremental updates, is damaged ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]}); rebuild it with --force")
 
 
 def admit_carried(carry: Carry, plan: Plan, state: State) -> bool:
@@ -665,12 +712,14 @@ def _content_hash_writer(job: Job, n_units: int, plan: Plan, keep: np.ndarray | 
               help="Keep a random sample of N rows (in their original order; the same for the same --seed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @click.option("--max-rejects", default="1%", show_default=True,
-              help="Fail when more rows than this are rejected: a count (100) or a fraction (0.01, 1%).")
+              help="Fail when more rows than this are rejected: a count (100) or a fraction (0.01, 1%); 100% "
+                   "accepts any number.")
 @click.option("--streaming/--no-streaming", default=None,
               help="Read in blocks and write shards as they fill, so memory does not grow with the input. "
                    f"Default: on when the inputs exceed {STREAMING_THRESHOLD >> 20} MB.")
-@click.option("--shard-size", default="128MB", show_default=True,
-              help="Size of the output's shard files, and of the byte ranges a big file is cut into.")
+@click.option("--shard-size", type=SizeType(minimum=10**6), default="128MB", show_default=True,
+              help="Size of the output's shard files, and of the byte ranges a big file is cut into (at least "
+                   "1MB; MB = 10^6 bytes, MiB = 2^20).")
 @force_option
 @click.option("--incremental", is_flag=True,
               help="OUTPUT exists from other versions of SOURCES: carry the rows of unchanged files over "
@@ -694,7 +743,7 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
     from hfbatch.io import detect_format, expand_sources, split_compression
 
     limit_kind, reject_limit = parse_max_rejects(max_rejects)
-    shard_bytes = parse_size(shard_size)
+    shard_bytes = int(shard_size)
     rename_map = parse_rename(rename)
     column_list = parse_columns(columns)
     by_file = by == "file"
@@ -710,7 +759,7 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
     config = {"format": fmt, "by": by, "field": json_field, "text_column": text_column, "id_column": id_column,
               "columns": column_list, "rename": rename_map, "filter": filter_text, "dedup": dedup,
               "limit": limit, "sample": sample, "seed": seed if sample is not None else None,
-              "streaming": streaming, "shard_size": shard_size}
+              "streaming": streaming, "shard_size": shard_size.text}
 
     # `datasets` takes a second of CPU to import and is only needed to publish: import it in a thread,
     # alongside hashing and parsing (hashlib and pyarrow let go of the GIL). Everything this thread needs
@@ -734,7 +783,11 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
         # are still written in order (each waits for the one before), so after a kill the finished
         # shards are always the first ones.
         with log.Progress("ingest", None) as progress, ThreadPoolExecutor(1) as recorder:
-            recording, end_row = None, 1
+            recording, recording_rejects, end_row = None, 0, 1
+            # rejects of the recorded shards, kept up to date as they are recorded (re-reading every record
+            # after each unit made a many-unit run quadratic)
+            rejected = sum(_shard_record(job, i)["rejects"] for i in range(len(units)) if job.is_done(i)) \
+                if limit_kind == "count" else 0
             for index in job.pending(len(units)):
                 unit = units[index]
                 first_row = 1 if unit.start == 0 else end_row if recording else _first_row(job, index)
@@ -756,9 +809,11 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
                                   "first_row": first_row, "carried": carry is not None}
                 if recording:
                     recording.result()
-                    if limit_kind == "count":  # a count is known to be exceeded early: stop now
+                    rejected += recording_rejects
+                    if limit_kind == "count" and rejected > reject_limit:  # known to be exceeded early: stop now
                         _check_rejects(job, units, limit_kind, reject_limit, max_rejects, final=False)
                 recording = recorder.submit(_finish_shard, job, index, rows, hashes, rejects, record)
+                recording_rejects = len(rejects)
                 end_row = record["position"]["end_row"]
                 log.event("ingest", "unit_done", source=unit.names[0], shard=index, rows=rows,
                           rejects=len(rejects), carried=carry is not None)
@@ -784,7 +839,7 @@ def ingest(sources, output, fmt, by, json_field, text_column, id_column, columns
             extra["sampled_from"] = sum(r["rows"] for r in records)
             keep = _sample_indices(extra["sampled_from"], sample, seed)
             prepare = (lambda dataset: dataset.select(keep)) if keep is not None else None
-        job.publish_dataset(len(units), features, extra=extra, max_shard_size=shard_size, prepare=prepare,
+        job.publish_dataset(len(units), features, extra=extra, max_shard_size=shard_bytes, prepare=prepare,
                             reuse_shards=True, side_files=_content_hash_writer(job, len(units), plan, keep))
         return {**job.summary(), **work}
 
@@ -817,8 +872,11 @@ def _progress(tables, progress) -> Iterator:
 def _first_row(job: Job, index: int) -> int:
     """A byte range goes on counting lines where the previous range of its file stopped (on resume, from
     that range's record: units are done in order, so it has one)."""
-    record = json.loads(job.shard_file(index - 1, ".json").read_text())
-    return record["position"]["end_row"]
+    return _shard_record(job, index - 1)["position"]["end_row"]
+
+
+def _shard_record(job: Job, index: int) -> dict:
+    return json.loads(job.shard_file(index, ".json").read_text())
 
 
 def _resume_state(job: Job, units: list[Unit], plan: Plan) -> State:
@@ -841,7 +899,7 @@ def _resume_state(job: Job, units: list[Unit], plan: Plan) -> State:
 
 def _check_rejects(job: Job, units, kind: str, limit: float, option: str, final: bool) -> list[dict]:
     n = len(units)
-    records = [json.loads(job.shard_file(i, ".json").read_text()) for i in range(n) if job.is_done(i)]
+    records = [_shard_record(job, i) for i in range(n) if job.is_done(i)]
     read = sum(r["rows_read"] for r in records)
     rejected = sum(r["rejects"] for r in records)
     allowed = limit if kind == "count" else limit * read

@@ -9,8 +9,6 @@ from types import SimpleNamespace
 
 import click
 
-from hfbatch.errors import InputError
-
 HEADS = {  # architecture name suffix -> what the head does
     "ForSequenceClassification": "sequence classification",
     "ForTokenClassification": "token classification",
@@ -38,7 +36,7 @@ def inspect(model_dir, as_json):
     """
     from hfbatch.models import resolve_model_dir
 
-    path = resolve_model_dir(model_dir)  # names a missing config.json, weights or tokenizer files
+    path = resolve_model_dir(model_dir, "MODEL_DIR")  # names a missing config.json, weights or tokenizer files
     info = describe(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -103,36 +101,29 @@ def describe(path: Path) -> dict:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON ({exc})")
+    from hfbatch.models import read_json_object
+
+    return read_json_object(path)
 
 
 def parameter_count(path: Path) -> dict:
     """Weights counted from the safetensors headers (the first 8 bytes give the JSON header's length):
     no tensor is read. A pickled pytorch_model.bin cannot be counted without loading it."""
-    if (path / "model.safetensors.index.json").exists():
-        files = sorted(set(read_json(path / "model.safetensors.index.json")["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
+    from hfbatch.models import safetensors_files, safetensors_tensors
+
+    files = safetensors_files(path)
+    if not files:
         return {"count": None, "files": [p.name for p in sorted(path.glob("pytorch_model*.bin"))],
                 "note": "pickled weights: not counted without loading them (save as safetensors to see it)"}
     count, dtypes, size = 0, set(), 0
-    for name in files:
-        file = path / name
-        if not file.exists():
-            raise InputError(f"{path}: weight shard {name} (named in model.safetensors.index.json) is missing")
+    for file in files:
         size += file.stat().st_size
-        with open(file, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        header.pop("__metadata__", None)
-        for tensor in header.values():
-            if tensor["dtype"] in FLOAT_DTYPES:
-                count += math.prod(tensor["shape"])
-                dtypes.add(tensor["dtype"])
-    return {"count": count, "dtypes": sorted(dtypes), "files": files, "bytes": size}
+        for dtype, shape in safetensors_tensors(file).values():
+            if dtype in FLOAT_DTYPES:
+                count += math.prod(shape)
+                dtypes.add(dtype)
+    names = [f.relative_to(path).as_posix() for f in files]
+    return {"count": count, "dtypes": sorted(dtypes), "files": names, "bytes": size}
 
 
 def text_lines(info: dict):

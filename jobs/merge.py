@@ -34,9 +34,9 @@ def merge(parts, output, force):
     """
     manifests = [require_complete(Path(p), "part") for p in parts]
     first = manifests[0]
-    count = first.get("slice", {}).get("count")
-    if not count:
+    if not isinstance(first.get("slice"), dict) or not first["slice"].get("count"):
         raise InputError(f"{parts[0]} was not made with --num-shards; nothing to merge")
+    count = slice_of(parts[0], first)[1]
     by_index = {}
     for path, manifest in zip(parts, manifests):
         if manifest.get("job") != first.get("job"):
@@ -47,25 +47,39 @@ def merge(parts, output, force):
         if differing or manifest.get("inputs") != first.get("inputs"):
             what = f"options {', '.join(differing)}" if differing else "inputs"
             raise InputError(f"{path} and {parts[0]} differ in their {what}: they are not slices of one run")
-        index = manifest["slice"]["index"]
+        index, its_count = slice_of(path, manifest)
+        if its_count != count:
+            raise InputError(f"{path} is a slice of {its_count}, {parts[0]} of {count}: they are not slices of one run")
         if index in by_index:
             raise InputError(f"slice {index} is given twice: {by_index[index]} and {path}")
         by_index[index] = path
-    missing = sorted(set(range(count)) - set(by_index))
-    if missing:
-        raise InputError(f"slices {missing} of {count} are missing; run them with --shard-index, then merge")
+    if len(by_index) < count:
+        # (count comes from a file: list the first few missing, never range(count) whole)
+        missing = [i for i in range(min(count, len(by_index) + 10)) if i not in by_index][:10]
+        raise InputError(f"slices {missing}{' ...' if count - len(by_index) > 10 else ''} of {count} are missing; "
+                         f"run them with --shard-index, then merge")
 
     ordered = [by_index[i] for i in range(count)]
     config = {k: v for k, v in first["config"].items() if k not in PER_SLICE | {"num_shards"}}
     with Job("merge", output, config=config, datasets=ordered, force=force) as job:
         if job.up_to_date:
             return job.summary()
-        import datasets
+        from hfbatch.io import open_dataset
 
         for i, path in enumerate(ordered):
             if not job.is_done(i):
-                job.write_shard(i, datasets.load_from_disk(str(path)).data.table)
-        features = datasets.load_from_disk(str(ordered[0])).features
+                job.write_shard(i, open_dataset(path, "part")[0].data.table)
+        features = open_dataset(ordered[0], "part")[0].features
         job.publish_dataset(count, features, extra={
             "merged_from": first.get("job"), **{k: first[k] for k in COPIED if k in first}})
         return job.summary()
+
+
+def slice_of(path, manifest: dict) -> tuple[int, int]:
+    """(index, count) of a --num-shards slice, as its manifest records it."""
+    part = manifest.get("slice")
+    index, count = (part.get("index"), part.get("count")) if isinstance(part, dict) else (None, None)
+    if not (type(index) is int and type(count) is int and 0 <= index < count):  # (bool is no count)
+        raise InputError(f"{path}/manifest.json records no valid slice (index below count) but {part!r}; re-run "
+                         f"that slice with --force")
+    return index, count

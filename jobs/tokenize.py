@@ -64,13 +64,13 @@ def tokenize(dataset, output, model, text_column, text_pair_column, max_length, 
             return job.summary()
         import datasets
 
-        from hfbatch.io import open_dataset, require_column
+        from hfbatch.io import open_dataset, require_text_column
         from hfbatch.tokenized import TokenizeBatch, cached_tokenizer, expected_tokenization, token_features
 
         source, _ = open_dataset(dataset)
-        require_column(source, text_column, dataset)
+        require_text_column(source, text_column, dataset)
         if text_pair_column:
-            require_column(source, text_pair_column, dataset, option="--text-pair-column")
+            require_text_column(source, text_pair_column, dataset, option="--text-pair-column")
         taken = [c for c in source.column_names if c in ("input_ids", "attention_mask", "token_type_ids",
                                                           "offset_mapping", "truncated")]
         if taken:
@@ -94,7 +94,8 @@ def tokenize(dataset, output, model, text_column, text_pair_column, max_length, 
                               num_proc=num_proc if num_proc > 1 and len(part) > 1 else None,
                               cache_file_name=str(cache), load_from_cache_file=False,
                               new_fingerprint=f"{job.fingerprint}-{i:05d}", desc="tokenize")
-            table = mapped.data.table
+            # (map adds no column to no rows: an empty part is written in the output's schema)
+            table = mapped.data.table if len(part) else features.arrow_schema.empty_table()
             rows = job.write_shard_stream(i, table.schema, table.to_batches(max_chunksize=10_000))
             truncated = int(table.column("truncated").to_numpy(zero_copy_only=False).sum())
             job.finish_shard(i, rows, truncated=truncated)

@@ -57,7 +57,7 @@ def train(dataset, output, label_column, text_column, base_model, epochs, lr, ba
     """
     from hfbatch.models import model_fingerprint, resolve_model_dir
 
-    base_dir = resolve_model_dir(base_model)
+    base_dir = resolve_model_dir(base_model, "--base-model")
     config = {"base_model": str(base_dir), "base_model_fingerprint": model_fingerprint(base_dir),
               "text_column": text_column, "label_column": label_column, "epochs": epochs, "lr": lr,
               "batch_size": batch_size, "eval_fraction": eval_fraction, "seed": seed, "max_length": max_length,
@@ -76,7 +76,7 @@ def _train(job, dataset, base_dir, bundled, config, save_steps, trust_remote_cod
     from transformers import set_seed
 
     from hfbatch.batching import tokenize
-    from hfbatch.io import open_dataset, require_column
+    from hfbatch.io import open_dataset, require_column, require_text_column
     from hfbatch.models import choose_device, choose_precision, load_tokenizer, load_torch_model
     from hfbatch.training import (
         Settings,
@@ -90,7 +90,7 @@ def _train(job, dataset, base_dir, bundled, config, save_steps, trust_remote_cod
 
     text_column, label_column = config["text_column"], config["label_column"]
     source, _ = open_dataset(dataset)
-    require_column(source, text_column, dataset)
+    require_text_column(source, text_column, dataset)
     require_column(source, label_column, dataset, option="--label-column")
     texts, labels, unlabelled = labelled_rows(source, text_column, label_column)
     counts = Counter(labels)

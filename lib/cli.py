@@ -7,17 +7,20 @@ for importing torch.
 
 from __future__ import annotations
 
+import decimal
+import errno
 import functools
 import importlib
 import json
 import os
+import re
 import sys
 import time
 
 import click
 
 from . import __version__, log
-from .errors import EXIT_FAILED
+from .errors import EXIT_FAILED, InputError, JobFailed
 
 # name -> "module:attribute"; a new job is one line here plus its file in jobs/.
 JOBS = {
@@ -94,12 +97,76 @@ def main() -> None:
     except Exception as exc:  # a bug or an environment failure: still no traceback by default
         if os.environ.get("HFBATCH_DEBUG"):
             raise
+        failed = environment_failure(exc)
+        if failed is not None:
+            failed.show()
+            sys.exit(failed.exit_code)
         click.echo(f"Error: internal error: {type(exc).__name__}: {exc} (set HFBATCH_DEBUG=1 for the traceback)",
                    err=True)
         sys.exit(EXIT_FAILED)
 
 
+NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is too large for its filesystem",
+           errno.EDQUOT: "the disk quota is used up"}
+NO_ACCESS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+             errno.EROFS: "the filesystem is read-only"}
+
+
+def environment_failure(exc: BaseException) -> click.ClickException | None:
+    """A read or write the system refused, as one line naming the path (None for any other exception). Out
+    of room is a job failure: the previous output is untouched (outputs are replaced only when complete)
+    and finished shards are kept; a path hfbatch may not use is bad usage."""
+    if not isinstance(exc, OSError) or exc.errno not in NO_ROOM | NO_ACCESS:
+        return None
+    path = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in NO_ACCESS:
+        return InputError(f"cannot use{path}: {NO_ACCESS[exc.errno]}; choose a path this user may read or write, "
+                          f"or change its permissions")
+    return JobFailed(f"cannot write{path}: {NO_ROOM[exc.errno]}; make room and run the job again (it resumes "
+                     f"from the shards it finished)")
+
+
 # ---- shared options ----------------------------------------------------------------------------------
+
+class ByteSize(int):
+    """A number of bytes that remembers how it was written: a manifest records `--shard-size 128MB` as the
+    user wrote it, so outputs stay up to date across hfbatch versions."""
+
+    text: str
+
+    def __new__(cls, number: int, text: str):
+        size = super().__new__(cls, number)
+        size.text = text
+        return size
+
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class SizeType(click.ParamType):
+    """A size with explicit units: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, B or a bare
+    number is bytes (`128MB`, `1.5GiB`, `4000000`). The value is a ByteSize."""
+
+    name = "size"
+
+    def __init__(self, minimum: int = 1):
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, ByteSize):
+            return value
+        text = str(value).strip()
+        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)", text)
+        unit = match and (match.group(2).upper() or "B")
+        if not match or unit not in SIZE_UNITS:
+            self.fail(f"{value!r}: give a size like 4GB or 512MiB (KB, MB, GB = 1000s of bytes; KiB, MiB, GiB "
+                      f"= 1024s; B or no unit = bytes)", param, ctx)
+        size = int(decimal.Decimal(match.group(1)) * SIZE_UNITS[unit])
+        if size < self.minimum:
+            self.fail(f"{value!r}: at least {self.minimum:,} bytes", param, ctx)
+        return ByteSize(size, text)
+
 
 def output_option(f):
     return click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
@@ -194,7 +261,13 @@ def json_summary(job_name: str):
             start = time.monotonic()
             summary = {"job": job_name, "status": "ok"}
             try:
-                result = f(*args, **kwargs) or {}
+                try:
+                    result = f(*args, **kwargs) or {}
+                except OSError as exc:  # a full disk is a job failure like the others, with its summary
+                    failed = environment_failure(exc)
+                    if failed is None:
+                        raise
+                    raise failed from exc
                 summary.update(result)
             except click.ClickException as exc:
                 if as_json:

@@ -77,13 +77,20 @@ def write_hash_file(directory: Path, ids, hashes: np.ndarray, text_column: str |
 
 def read_hash_file(directory: Path, with_ids: bool = True) -> HashFile | None:
     """An output's content hashes, or None where it has none (made by an older hfbatch)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(directory) / HASH_FILE
     if not path.exists():
         return None
     # (ParquetFile, not read_table: that imports pyarrow.dataset, seconds on a loaded machine)
-    table = pq.ParquetFile(path).read(columns=["id", "text_hash"] if with_ids else ["text_hash"])
+    try:
+        table = pq.ParquetFile(path).read(columns=["id", "text_hash"] if with_ids else ["text_hash"])
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        from .errors import InputError
+
+        raise InputError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); re-run the job "
+                         f"that made {directory} with --force")
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return HashFile(table.column("id") if with_ids else None,
                     table.column("text_hash").to_numpy().astype(np.int64, copy=False),

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import InputError
-from .runner import require_complete
+from .runner import read_manifest, require_complete
 
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
@@ -69,6 +69,9 @@ def expand_sources(sources: list[str], any_name: bool = False) -> list[Path]:
                 raise InputError(f"{source}: the pattern matches no file")
             paths += matches
         elif Path(source).is_dir():
+            if _is_hfbatch_output(Path(source)):  # its files are hfbatch's own, not a corpus
+                raise InputError(f"{source} is an hfbatch output, not a directory of source files; give it to "
+                                 f"embed, classify or tokenize as it is, or write it out with `hfbatch export`")
             found = sorted(p for p in Path(source).rglob("*") if p.is_file() and not _hidden(p, Path(source))
                            and (any_name or _known(p)))
             if not found:
@@ -80,6 +83,13 @@ def expand_sources(sources: list[str], any_name: bool = False) -> list[Path]:
         else:
             raise InputError(f"{source}: no such file or directory")
     return list({p.resolve(): p for p in paths}.values())  # first occurrence wins, order kept
+
+
+def _is_hfbatch_output(directory: Path) -> bool:
+    try:
+        return read_manifest(directory) is not None
+    except InputError:  # a manifest.json of the user's own, in a corpus
+        return False
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -333,7 +343,8 @@ def sniff_schema(path: Path, fmt: str, json_field: str | None = None) -> pa.Sche
             tables = []
             for line in lines:
                 try:
-                    tables.append(pj.read_json(pa.BufferReader(line)))
+                    tables.append(pj.read_json(pa.BufferReader(line),  # (a line longer than a default block)
+                                               read_options=pj.ReadOptions(block_size=len(line) + 1)))
                 except pa.ArrowInvalid:
                     pass
             schema = _unify(tables)
@@ -660,19 +671,45 @@ def read_json(path: Path, source, schema: pa.Schema, json_field: str | None) -> 
 
 def open_dataset(path, what: str = "dataset"):
     """A finished hfbatch dataset, memory-mapped (refused without a manifest)."""
-    import datasets
 
     manifest = require_complete(Path(path), what)
+    return load_saved_dataset(path, what, manifest["job"]), manifest
+
+
+def load_saved_dataset(path, what: str = "dataset", job: str | None = None):
+    """`datasets.load_from_disk`, memory-mapped; a damaged one is refused with what to re-run."""
+    import datasets
+
     try:
         dataset = datasets.load_from_disk(str(path))
     except FileNotFoundError as exc:
         raise InputError(f"{what} {path} is not a saved dataset ({exc})")
+    except (ValueError, KeyError, IndexError, TypeError, OSError, pa.ArrowException) as exc:
+        # a damaged state.json / dataset_info.json (JSONDecodeError is a ValueError) or .arrow file; an
+        # IndexError: no data file (how datasets saved no rows, before hfbatch saved those as one empty file)
+        raise InputError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                         f"re-run the {f'`hfbatch {job}`' if job else 'job'} that made it, with --force")
     if not isinstance(dataset, datasets.Dataset):
         raise InputError(f"{what} {path} holds several splits; give one split's directory")
-    return dataset, manifest
+    return dataset
 
 
 def require_column(dataset, column: str, path, option: str = "--text-column") -> None:
     if column not in dataset.column_names:
         raise InputError(f"{path}: no column {column!r}; available: {', '.join(dataset.column_names)} "
                          f"(choose one with {option})")
+
+
+def require_text_column(dataset, column: str, path, option: str = "--text-column") -> None:
+    """A column a model reads: text in every row. A missing value is refused, not skipped, because the
+    output has one row per input row, in its order (ingest already rejects rows without text)."""
+    require_column(dataset, column, path, option)
+    kind = dataset.data.schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise InputError(f"{path}: column {column!r} holds {kind}, not text (choose another with {option})")
+    nulls = dataset.data.column(column).null_count
+    if nulls:
+        first = dataset.data.column(column).is_null().index(True).as_py()
+        raise InputError(f"{path}: column {column!r} has {nulls} missing value(s), the first in row {first + 1}; "
+                         f"re-run `hfbatch ingest --text-column {column}` (it rejects rows without text) or "
+                         f"choose another column with {option}")

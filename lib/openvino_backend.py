@@ -198,12 +198,15 @@ def _load_torch_model(model_dir: Path, task: str):
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
+    from .models import loading
+
     cls = AutoModel if task == "embed" else AutoModelForSequenceClassification
     kwargs: dict[str, Any] = {"dtype": torch.float32}
-    try:
-        model = cls.from_pretrained(str(model_dir), attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
-    except (ValueError, ImportError, TypeError):  # architecture without SDPA support
-        model = cls.from_pretrained(str(model_dir), attn_implementation="eager", **kwargs)
+    with loading(model_dir):
+        try:
+            model = cls.from_pretrained(str(model_dir), attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
+        except (ValueError, ImportError, TypeError):  # architecture without SDPA support
+            model = cls.from_pretrained(str(model_dir), attn_implementation="eager", **kwargs)
     return model.eval()
 
 

@@ -18,6 +18,7 @@ written through or deleted; so is an output that is, or holds, the current direc
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
@@ -88,13 +89,36 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+MANIFEST_KEYS = ("job", "rows", "config", "inputs")  # what every manifest `Job` writes holds, and readers use
+
+
 def read_manifest(path: Path) -> dict | None:
+    file = Path(path) / MANIFEST
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}/{MANIFEST} is corrupt ({exc}); re-run the job that made {path} with --force")
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
+        manifest, problem = None, f"{type(exc).__name__}: {exc}"
+    else:
+        problem = _manifest_problem(manifest)
+    if problem:
+        raise InputError(f"{file} is not an hfbatch manifest ({problem}); re-run the job that made {path} "
+                         f"with --force")
+    return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        return f"no {', '.join(missing)}"
+    inputs = manifest["inputs"]
+    if not isinstance(manifest["config"], dict) or not isinstance(inputs, list) or \
+            not all(isinstance(i, dict) and isinstance(i.get("path"), str) for i in inputs):
+        return "its config or inputs are not what hfbatch writes"
+    return None
 
 
 def require_complete(path: Path, what: str = "input") -> dict:
@@ -492,6 +516,7 @@ class Job(ShardDir):
         self.shard_dir = self.paths.shards
         self.lock = OutputLock(self.output)
         self.up_to_date = False
+        self._made_partial = False  # this run (not an earlier, killed one) made self.partial
         self.manifest: dict | None = None
         self.inputs: list[dict] = []
         self.started = time.monotonic()
@@ -508,8 +533,23 @@ class Job(ShardDir):
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.lock.release()  # on failure the work directory stays: the next run resumes from it
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                self._discard_unfinished(exc)
+        finally:
+            self.lock.release()  # otherwise, on failure the work directory stays: the next run resumes from it
+
+    def _discard_unfinished(self, exc) -> None:
+        """A failed run leaves no half-assembled output, and a run refused for its input leaves no work
+        directory that it made itself: the fix changes an input or an option, and with them the fingerprint
+        its shards would be resumed under."""
+        with contextlib.suppress(OSError):  # the job's own error is the one to report
+            tmp = self.paths.tmp()
+            if os.path.isdir(tmp) and not os.path.islink(tmp) and made_by_hfbatch(tmp):
+                remove_made_dir(tmp)
+            if isinstance(exc, InputError) and self._made_partial:
+                self._discard_partial(None)
 
     def _refuse_unsafe(self) -> None:
         """Refuse (InputError, one line) an output that replacing could lose a user's data with. Reads only."""
@@ -597,6 +637,7 @@ class Job(ShardDir):
             self._discard_partial("force" if self.force else "different inputs or options")
         make_marked_dir(self.partial)
         self.shard_dir.mkdir()
+        self._made_partial = True
         write_json_atomic(self.partial / JOB_FILE, {"job": self.name, "fingerprint": self.fingerprint,
                                                     "config": self.config, "inputs": self.inputs})
 
@@ -669,7 +710,8 @@ class Job(ShardDir):
             fill(tmp, dataset)
         if set(dataset.column_names) != set(features):
             dataset = dataset.select_columns(list(features))
-        dataset.save_to_disk(str(tmp), max_shard_size=max_shard_size)
+        # (datasets saves no data file at all for no rows, and then cannot load what it saved)
+        dataset.save_to_disk(str(tmp), **({"max_shard_size": max_shard_size} if len(dataset) else {"num_shards": 1}))
         if side_files is not None:
             side_files(tmp)
         n_rejects = self._gather_rejects(n_shards, tmp)

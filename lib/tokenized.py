@@ -42,14 +42,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def expected_tokenization(model_dir, max_length: int | None, trust_remote_code: bool = False) -> dict:
     """Tokenizer fingerprint and effective max_length for a model directory, without loading its weights."""
-    from transformers import AutoConfig
-
-    from .models import default_max_length
+    from .models import effective_max_length, load_config
 
     tokenizer = cached_tokenizer(model_dir, trust_remote_code)
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    config = load_config(Path(model_dir), trust_remote_code)
     return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "max_length": max_length or default_max_length(Path(model_dir), tokenizer, config)}
+            "max_length": effective_max_length(Path(model_dir), tokenizer, config, max_length)}
 
 
 def truncation_flags(tokenizer, texts, pairs, ids, max_length: int) -> list[bool]:
@@ -157,6 +155,9 @@ def tokenized_source(path, manifest: dict, dataset) -> TokenizedSource | None:
     info = (manifest or {}).get("tokenized")
     if not info:
         return None
+    if not isinstance(info, dict):
+        raise InputError(f"{path}/manifest.json: its `tokenized` entry is {info!r}, not what `hfbatch tokenize` "
+                         f"writes; re-run `hfbatch tokenize` with --force")
     missing = [c for c in ("input_ids", "truncated") if c not in dataset.column_names]
     if missing:
         raise InputError(f"{path}: its manifest says it is tokenized, but it has no column "
