@@ -20,7 +20,7 @@ import time
 import click
 
 from . import __version__, log
-from .errors import EXIT_FAILED, InputError, JobFailed
+from .errors import EXIT_FAILED, HfbatchError, InputError, JobFailed
 
 # name -> "module:attribute"; a new job is one line here plus its file in jobs/.
 JOBS = {
@@ -55,6 +55,25 @@ class LazyGroup(click.Group):
             module_name, attr = self.lazy_commands[name].split(":")
             return getattr(importlib.import_module(module_name), attr)
         return super().get_command(ctx, name)
+
+    def invoke(self, ctx):
+        """The one place where the library's errors become Click's: one line and the documented exit code."""
+        try:
+            return super().invoke(ctx)
+        except HfbatchError as exc:
+            raise click_error(exc) from exc
+
+
+class CommandError(click.ClickException):
+    """An hfbatch error as Click shows it: `Error: <message>`, exiting with the error's code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def click_error(exc: HfbatchError) -> CommandError:
+    return CommandError(exc.message, exc.exit_code)
 
 
 @click.group(cls=LazyGroup, lazy_commands=JOBS, context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,7 +118,7 @@ def main() -> None:
             raise
         failed = environment_failure(exc)
         if failed is not None:
-            failed.show()
+            click_error(failed).show()
             sys.exit(failed.exit_code)
         click.echo(f"Error: internal error: {type(exc).__name__}: {exc} (set HFBATCH_DEBUG=1 for the traceback)",
                    err=True)
@@ -112,7 +131,7 @@ NO_ACCESS = {errno.EACCES: "permission denied", errno.EPERM: "operation not perm
              errno.EROFS: "the filesystem is read-only"}
 
 
-def environment_failure(exc: BaseException) -> click.ClickException | None:
+def environment_failure(exc: BaseException) -> HfbatchError | None:
     """A read or write the system refused, as one line naming the path (None for any other exception). Out
     of room is a job failure: the previous output is untouched (outputs are replaced only when complete)
     and finished shards are kept; a path hfbatch may not use is bad usage."""
@@ -269,9 +288,10 @@ def json_summary(job_name: str):
                         raise
                     raise failed from exc
                 summary.update(result)
-            except click.ClickException as exc:
+            except (HfbatchError, click.ClickException) as exc:
                 if as_json:
-                    summary.update(status="failed", exit_code=exc.exit_code, error=exc.format_message())
+                    message = exc.message if isinstance(exc, HfbatchError) else exc.format_message()
+                    summary.update(status="failed", exit_code=exc.exit_code, error=message)
                     summary["seconds"] = round(time.monotonic() - start, 3)
                     click.echo(json.dumps(summary))
                 raise

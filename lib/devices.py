@@ -26,11 +26,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import click
-
 from . import log
 from .batching import prefetch
-from .errors import EXIT_FAILED, InputError, JobFailed
+from .errors import EXIT_FAILED, HfbatchError, InputError, JobFailed
 
 _PR_SET_PDEATHSIG = 1
 
@@ -47,15 +45,14 @@ def parse_devices(spec: str | None) -> list[str] | None:
         elif part.startswith("cuda:") and part[5:].isdigit():
             part = f"cuda:{int(part[5:])}"
         elif part != "cpu":
-            raise click.BadParameter(f"{part!r} is not a device: give CUDA indices (0,1), cuda:N or cpu",
-                                     param_hint="--devices")
+            raise InputError(f"--devices: {part!r} is not a device: give CUDA indices (0,1), cuda:N or cpu")
         devices.append(part)
     cuda = [d for d in devices if d != "cpu"]
     if cuda and len(cuda) != len(devices):
-        raise click.BadParameter("mixes CPU and CUDA devices: their rows would be computed in different "
-                                 "precisions; use one kind", param_hint="--devices")
+        raise InputError("--devices mixes CPU and CUDA devices: their rows would be computed in different "
+                         "precisions; use one kind")
     if len(set(cuda)) != len(cuda):
-        raise click.BadParameter("names a GPU twice: one worker per GPU", param_hint="--devices")
+        raise InputError("--devices names a GPU twice: one worker per GPU")
     return devices
 
 
@@ -266,8 +263,8 @@ def _worker(make_work, device, rank, workers, parent, shard_dir, pending, claime
             shards.write_shard(i, table, **counts, worker=f"{device}#{rank}")  # (text: not summed as a count)
             results.put(("shard", rank, i))
         results.put(("done", rank, None))
-    except click.ClickException as exc:
-        results.put(("error", rank, (exc.exit_code, exc.format_message())))
+    except HfbatchError as exc:
+        results.put(("error", rank, (exc.exit_code, exc.message)))
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug or an environment failure: one line to the coordinator
         if os.environ.get("HFBATCH_DEBUG"):

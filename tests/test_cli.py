@@ -65,3 +65,24 @@ def test_console_script_reports_version():
     exe = __import__("shutil").which("hfbatch") or str(__import__("pathlib").Path(sys.executable).parent / "hfbatch")
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     assert "hfbatch" in out.stdout
+
+
+def test_the_library_raises_its_own_errors_and_never_imports_click(tmp_path):
+    """lib/ below cli.py is usable without Click: its errors are plain exceptions that the CLI translates."""
+    modules = ["errors", "runner", "io", "expr", "index", "devices", "models", "embedding", "batching", "chunking",
+               "tokenized", "training", "hashing", "metrics", "log"]
+    code = (f"import sys\nfor m in {modules!r}: __import__('hfbatch.' + m)\n"
+            "assert 'click' not in sys.modules, 'click imported'\n"
+            "from hfbatch.errors import HfbatchError, InputError\n"
+            "from hfbatch.runner import require_complete\n"
+            "try:\n    require_complete(sys.argv[1])\nexcept InputError as exc:\n"
+            "    print(type(exc).__mro__[1].__name__, exc.exit_code, exc.message)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"HfbatchError 2 input {tmp_path / 'missing'} does not exist")
+
+
+def test_a_library_error_is_one_line_with_its_exit_code_through_the_cli(runner, tmp_path):
+    result = invoke(runner, ["embed", tmp_path / "missing", "-o", tmp_path / "out"], expect=2)
+    assert result.output.strip().splitlines()[-1].startswith("Error: ") and "Traceback" not in result.output

@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 from conftest import HFBATCH, finished_shards, invoke, load, make_tiny_model, sample_rows, write_jsonl
 
 from hfbatch.devices import parse_devices
+from hfbatch.errors import InputError
 from hfbatch.runner import OutputPaths
 
 
@@ -27,7 +27,7 @@ def test_parse_devices():
     assert parse_devices("cuda:1, 3") == ["cuda:1", "cuda:3"]
     assert parse_devices("cpu,cpu") == ["cpu", "cpu"]
     for bad, says in [("gpu0", "not a device"), ("cpu,0", "mixes CPU and CUDA"), ("0,cuda:0", "GPU twice")]:
-        with pytest.raises(click.BadParameter, match=says):
+        with pytest.raises(InputError, match=says):
             parse_devices(bad)
 
 
@@ -66,7 +66,7 @@ def test_gpus_this_machine_lacks_are_refused_before_anything_runs(tmp_path, runn
                              "--devices", "cpu,cpu"], expect=2)
     assert "--device cuda contradicts --devices cpu,cpu" in result.output
     result = invoke(runner, ["classify", dataset, "-o", out, "--model", tiny_model, "--devices", "gpu"], expect=2)
-    assert "Invalid value for --devices: 'gpu' is not a device" in result.output
+    assert "Error: --devices: 'gpu' is not a device" in result.output
 
 
 def test_embed_on_two_workers_equals_one_process(tmp_path, runner, dataset, tiny_model):
@@ -219,7 +219,7 @@ def test_many_pending_shards_and_a_failing_worker_end_promptly(tmp_path):
         "    try:\n"
         "        run_shards(job, list(range(50_000)), broken, ['cpu', 'cpu'], log.Progress('test', 0))\n"
         "    except InputError as exc:\n"
-        "        print(exc.format_message())\n")
+        "        print(exc.message)\n")
     (tmp_path / "shards").mkdir()
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "shards")], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
