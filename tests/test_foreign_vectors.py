@@ -260,3 +260,15 @@ def test_foreign_options_are_refused_for_an_embed_output(tmp_path, runner):
     result = invoke(runner, ["index", tmp_path / "emb", "-o", tmp_path / "idx", "--metric", "dot"], expect=2)
     assert "--metric" in result.output and "vectors made elsewhere" in result.output
     assert not (tmp_path / "idx").exists()
+
+
+def test_parquet_reads_cross_row_groups_and_files_in_any_order(tmp_path, data):
+    from hfbatch.vectors import ParquetVectors, table_files
+
+    vectors, _, ids = data
+    _, files = table_files(write_parquet(tmp_path / "parts", vectors, ids, parts=3))
+    reader = ParquetVectors(files, "embedding")
+    assert (reader.n, reader.dim) == (N, DIM)
+    np.testing.assert_array_equal(reader(390, 1110), vectors[390:1110])       # spans all three files
+    rows = np.array([1499, 0, 777, 501, 3, 1000, 500])
+    np.testing.assert_array_equal(reader.take(rows), vectors[rows])
