@@ -3,18 +3,19 @@
     python bench/index_scale.py                       # 1M x 384 synthetic, auto index
     python bench/index_scale.py --n 200000            # quicker iteration
     python bench/index_scale.py --kind hnsw           # or --factory "IVF2048,PQ192x4fs,RFlat"
-    python bench/index_scale.py --real DATASET_DIR    # a saved dataset with an `embedding` column
+    python bench/index_scale.py --vectors FILE.parquet  # vectors made elsewhere (or any input of
+                                                        # `hfbatch index`: Parquet dir, saved dataset, embed output)
 
 Generates (once, cached under --workdir) L2-normalised vectors that are about as
-hard to index as real text embeddings and saves them as a `datasets` Dataset
-(`id` int64, `embedding` fixed-size list of float32). Then, in one run:
-  1. runs the real `hfbatch index DATASET -o WORKDIR/hfbatch-index --force` as
-     its own process on the on-disk dataset (given a manifest.json through a
-     directory of hard links, see as_embed_output), and measures that whole
-     process: wall time including imports, reading, building, tuning to
-     --target recall@10 and saving (target <= 30 s), its CPU seconds (all
-     threads: on a shared machine, CPU-s / cores is what the wall time would
-     be on idle cores, at best) and its peak RSS (its own rusage ru_maxrss, target
+hard to index as real text embeddings and writes them as a Parquet file (`id`
+int64, `embedding` fixed-size list of float32, row groups of 65,536 rows), as
+vectors made outside hfbatch would come. Then, in one run:
+  1. runs the real `hfbatch index FILE.parquet -o WORKDIR/hfbatch-index --force`
+     as its own process on that file, and measures that whole process: wall
+     time including imports, reading, building, tuning to --target recall@10
+     and saving (target <= 30 s), its CPU seconds (all threads: on a shared
+     machine, CPU-s / cores is what the wall time would be on idle cores, at
+     best) and its peak RSS (its own rusage ru_maxrss, target
      <= 2.5 GB). The build time, the other phase times (exact neighbours,
      tuning, saving), the search parameters and the tuning-set recall/QPS are
      read from the manifest it writes;
@@ -39,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -47,18 +47,6 @@ import numpy as np
 from measure import hfbatch_command, run_measured
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def import_index_lib():
-    try:
-        from hfbatch import index
-    except ImportError:          # running from a checkout without `pip install -e .`
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("hfbatch_index", os.path.join(HERE, "..", "lib", "index.py"))
-        index = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = index        # dataclasses look their module up here
-        spec.loader.exec_module(index)
-    return index
 
 
 # ----------------------------------------------------------------------------
@@ -100,39 +88,27 @@ class Synth:
 
 
 def ensure_synthetic(workdir: str, n: int, dim: int, seed: int, queries: int) -> tuple[str, np.ndarray]:
-    """Dataset dir with n rows (generated once) and `queries` held-out rows."""
-    import datasets
+    """A Parquet file of n rows (generated once) and `queries` held-out rows (.npy beside it)."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    datasets.disable_progress_bars()
-
-    path = os.path.join(workdir, f"synth-n{n}-d{dim}-s{seed}-v2")
-    qpath = os.path.join(path, f"heldout-{queries}.npy")
+    path = os.path.join(workdir, f"synth-n{n}-d{dim}-s{seed}-v2.parquet")
+    qpath = path.replace(".parquet", f"-heldout-{queries}.npy")
     gen = None
-    if not os.path.exists(os.path.join(path, "state.json")):
+    if not os.path.exists(path):
         t = time.perf_counter()
         print(f"generating {n:,} x {dim} vectors -> {path}", flush=True)
         gen = Synth(n, dim, seed)
-        features = datasets.Features({"id": datasets.Value("int64"),
-                                      "embedding": datasets.Sequence(datasets.Value("float32"), length=dim)})
-        schema = features.arrow_schema
+        schema = pa.schema([("id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))])
         os.makedirs(workdir, exist_ok=True)
-        tmp = os.path.join(workdir, f"tmp-{os.getpid()}.arrow")
-        # write an Arrow stream chunk by chunk (RSS stays ~one chunk), then let
-        # datasets shard it into a saved dataset
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with pq.ParquetWriter(tmp, schema) as writer:        # one row group per chunk: RSS stays ~one chunk
             for start in range(0, n, 65_536):
                 stop = min(n, start + 65_536)
-                x = gen.rows(start, stop)
-                emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)
+                emb = pa.FixedSizeListArray.from_arrays(pa.array(gen.rows(start, stop).reshape(-1)), dim)
                 writer.write_table(pa.table({"id": pa.array(np.arange(start, stop)), "embedding": emb},
-                                            schema=schema), max_chunksize=1000)
-        ds = datasets.Dataset.from_file(tmp)
-        ds.save_to_disk(path + ".partial")
-        del ds
-        os.remove(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(path + ".partial", path)
+                                            schema=schema))
+        os.replace(tmp, path)
         print(f"  generated in {time.perf_counter() - t:.0f} s", flush=True)
     if not os.path.exists(qpath):
         gen = gen or Synth(n, dim, seed)
@@ -140,11 +116,22 @@ def ensure_synthetic(workdir: str, n: int, dim: int, seed: int, queries: int) ->
     return path, np.load(qpath)
 
 
-def evict_from_page_cache(dataset: str) -> None:
-    # only this dataset's pages (unlike drop_caches, which would slow everyone
+def open_reader(path: str):
+    """The vectors as hfbatch reads them, for the exact baseline: made elsewhere, or an embed output."""
+    from hfbatch import index as hx
+    from hfbatch.vectors import is_foreign, open_vectors
+
+    return open_vectors(path).reader if is_foreign(path) else hx.ArrowVectors(path)
+
+
+def evict_from_page_cache(path: str) -> None:
+    # only this input's pages (unlike drop_caches, which would slow everyone
     # else on a shared machine); clean pages go at once
-    for name in os.listdir(dataset):
-        fd = os.open(os.path.join(dataset, name), os.O_RDONLY)
+    names = [os.path.join(path, name) for name in os.listdir(path)] if os.path.isdir(path) else [path]
+    for name in names:
+        if not os.path.isfile(name):
+            continue
+        fd = os.open(name, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
@@ -153,37 +140,6 @@ def evict_from_page_cache(dataset: str) -> None:
 
 # ----------------------------------------------------------------------------
 # the hfbatch side: the real `hfbatch index` command, as its own process
-
-
-def as_embed_output(dataset: str, workdir: str) -> str:
-    """`hfbatch index` reads `hfbatch embed` outputs (a dataset plus manifest.json). A dataset without a
-    manifest (the generated one) is given one in a directory of hard links to its files (symlinks where
-    links cannot be made), so the cached data is neither copied nor modified."""
-    if os.path.exists(os.path.join(dataset, "manifest.json")):
-        return dataset
-    with open(os.path.join(dataset, "state.json")) as f:
-        files = [d["filename"] for d in json.load(f)["_data_files"]]
-    with open(os.path.join(dataset, "dataset_info.json")) as f:
-        info = json.load(f)
-    out = os.path.join(workdir, "hfbatch-embed-" + os.path.basename(os.path.normpath(dataset)))
-    os.makedirs(out, exist_ok=True)
-    for name in files + ["state.json", "dataset_info.json"]:
-        src, dst = os.path.join(dataset, name), os.path.join(out, name)
-        if os.path.lexists(dst):
-            os.remove(dst)
-        try:
-            os.link(src, dst)
-        except OSError:
-            os.symlink(os.path.abspath(src), dst)
-    import pyarrow as pa
-    rows = sum(pa.ipc.open_stream(pa.memory_map(os.path.join(dataset, f))).read_all().num_rows for f in files)
-    dim = info["features"]["embedding"].get("length")
-    manifest = {"job": "embed", "rows": rows, "dim": dim, "counts": {}, "config": {"benchmark": dataset},
-                "inputs": [], "model": None, "source_dataset": None, "text_column": None,
-                "features": info["features"], "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    return out
 
 
 def phases(stderr: str, started: float) -> str:
@@ -212,8 +168,9 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="/tmp/hfbatch-bench", help="generated data and the index go here")
-    p.add_argument("--real", help="saved dataset dir with an `embedding` column; its last --queries rows are the "
-                                  "held-out queries (they are in the index too, so recall is optimistic)")
+    p.add_argument("--vectors", help="index this instead of synthetic vectors: a Parquet file or directory, a saved "
+                                     "dataset (`embedding` column) or an embed output; its last --queries rows are "
+                                     "the held-out queries (they are in the index too, so recall is optimistic)")
     p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"])
     p.add_argument("--factory", help="faiss index_factory string (overrides --kind)")
     p.add_argument("--budget-gb", type=float, help="index memory budget for the auto choice")
@@ -227,21 +184,21 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed searches per index (best is kept)")
     args = p.parse_args()
 
-    hx = import_index_lib()
     import faiss
 
+    from hfbatch import index as hx
+
     os.makedirs(args.workdir, exist_ok=True)
-    if args.real:
-        dataset = args.real
-        reader = hx.ArrowVectors(dataset)
+    if args.vectors:
+        dataset = args.vectors
+        reader = open_reader(dataset)
         n = len(reader)
         heldout = reader(n - args.queries, n)
     else:
         dataset, heldout = ensure_synthetic(args.workdir, args.n, args.dim, args.seed, args.queries)
-        reader = hx.ArrowVectors(dataset)
+        reader = open_reader(dataset)
         n = args.n
     dim, k = reader.dim, args.k
-    embeddings = as_embed_output(dataset, args.workdir)
     out_dir = os.path.join(args.workdir, "hfbatch-index")
     print(f"data: {dataset}  n={n:,} dim={dim}  held-out queries={len(heldout)}  cores={hx.use_all_cores()}")
     print(f"load: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f} (1/5/15 min)")
@@ -250,12 +207,12 @@ def main() -> None:
         evict_from_page_cache(dataset)
 
     # 1. `hfbatch index` as a user runs it: its own process (imports, read from disk, build, tune, save)
-    cmd = hfbatch_command() + ["index", embeddings, "-o", out_dir, "--force", "--kind", args.kind,
+    cmd = hfbatch_command() + ["index", dataset, "-o", out_dir, "--force", "--kind", args.kind,
                                "--target-recall", str(min(1.0, args.target + args.tune_margin)), "--json"]
     if args.factory:
         cmd += ["--factory", args.factory]
     if args.budget_gb:
-        cmd += ["--memory-budget", f"{args.budget_gb}GB"]
+        cmd += ["--memory-budget", f"{args.budget_gb}GiB"]
     print("running:", " ".join(cmd), flush=True)
     started = time.time()
     measured = run_measured(cmd)
@@ -267,7 +224,7 @@ def main() -> None:
         raise SystemExit(f"hfbatch index failed (exit {done.returncode})")
     with open(os.path.join(out_dir, "manifest.json")) as f:
         m = json.load(f)
-    index_path = os.path.join(out_dir, "index.faiss")
+    index_path = os.path.join(out_dir, hx.INDEX_FILE)
     b = {"factory": m["factory"], "kind": m["kind"], "reasons": m["reasons"], "build_s": m["build_s"],
          "process_s": process_s, "process_cpu_s": process_cpu_s, "rss_peak_mb": peak_mb,
          "phase_s": {k: m.get(k) for k in ("build_s", "gt_s", "tune_s", "save_s")},

@@ -1,6 +1,6 @@
-"""FAISS indexes for hfbatch: choose, build, tune, save and load.
+"""FAISS indexes for hfbatch: choose, build, tune, save and load; and the `hfbatch index` job (make_index).
 
-Pure library (numpy + faiss, pyarrow only for ArrowVectors). The vectors are
+The FAISS part is numpy + faiss (pyarrow only for ArrowVectors). The vectors are
 float32; they never have to fit in memory: everything reads through
 `read_chunk(start, stop) -> float32 [stop - start, dim]`.
 
@@ -18,6 +18,7 @@ Kinds, from exact to most compressed:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -25,8 +26,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from hfbatch import log
+from hfbatch.errors import InputError
 
 # faiss ships its own OpenMP runtime, which by default spins at every barrier.
 # On a shared 2-core machine a descheduled thread makes the others spin for its
@@ -61,7 +66,6 @@ class IndexPlan:
     factory: str           # faiss.index_factory string
     metric: str = "ip"
     train_size: int = 0    # rows sampled for training (0: the index needs none)
-    est_bytes: int = 0     # rough size of the finished index
     reasons: str = ""
 
 
@@ -123,16 +127,14 @@ def plan_for_kind(kind: str, n: int, dim: int, memory_budget_bytes: int | None =
                   metric: str = "ip") -> IndexPlan:
     """The plan for an explicitly requested kind, sized for n vectors of dim."""
     if kind == "flat":
-        return IndexPlan("flat", "Flat", metric, est_bytes=_est_bytes("flat", n, dim),
-                         reasons="exact search requested")
+        return IndexPlan("flat", "Flat", metric, reasons="exact search requested")
     if kind == "hnsw":
-        return IndexPlan("hnsw", "HNSW32", metric, est_bytes=_est_bytes("hnsw", n, dim),
+        return IndexPlan("hnsw", "HNSW32", metric,
                          reasons="graph index requested (no training; slow to build for large n)")
     nlist = min(_nlist(n), max(1, n // TRAIN_PER_LIST))   # never more lists than we can train
     train = _train_size(n, nlist)
     if kind == "ivf":
-        return IndexPlan("ivf", f"IVF{nlist},Flat", metric, train_size=train,
-                         est_bytes=_est_bytes("ivf", n, dim), reasons=f"IVF requested; {nlist} lists")
+        return IndexPlan("ivf", f"IVF{nlist},Flat", metric, train_size=train, reasons=f"IVF requested; {nlist} lists")
     if kind == "ivfpq":
         # dim/4 sub-quantizers (4 dims per 4-bit code, 48 bytes at dim 384):
         # on embeddings (a few hundred dims, lower intrinsic dimension) as
@@ -157,8 +159,7 @@ def plan_for_kind(kind: str, n: int, dim: int, memory_budget_bytes: int | None =
         why = f"{nlist} lists, {m}x4-bit fast-scan codes" + (
             f", shortlist re-ranked with {refine} vectors" if refine
             else ", no re-ranking (budget too small; recall will be lower)")
-        return IndexPlan("ivfpq", factory, metric, train_size=train,
-                         est_bytes=_est_bytes("ivfpq", n, dim, m, refine), reasons=why)
+        return IndexPlan("ivfpq", factory, metric, train_size=train, reasons=why)
     raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
 
 
@@ -238,6 +239,9 @@ class UnitRows:
     def __call__(self, start: int, stop: int) -> np.ndarray:
         return normalize_rows(self.read_chunk(start, stop))
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return normalize_rows(read_rows(self.read_chunk, rows))
+
 
 def faiss_metric(metric: str) -> int:
     if metric not in METRICS:
@@ -297,8 +301,10 @@ def build_index(plan: IndexPlan, n: int, dim: int, read_chunk: ReadChunk,
 
 
 def exact_neighbors(read_chunk: ReadChunk, n: int, queries: np.ndarray, k: int,
-                    chunk_rows: int = CHUNK_ROWS, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-k by `metric` over all n rows, one chunk in memory at a time: (distances, rows)."""
+                    chunk_rows: int = CHUNK_ROWS, metric: str = "ip",
+                    allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by `metric` over all n rows, or only the rows in `allowed` (sorted int64), one chunk
+    in memory at a time: (distances, rows); row -1 where fewer than k rows exist."""
     use_all_cores()
     queries = _f32(queries)
     heap = faiss.ResultHeap(len(queries), k, keep_max=metric == "ip")   # larger IP, smaller L2 is closer
@@ -308,13 +314,31 @@ def exact_neighbors(read_chunk: ReadChunk, n: int, queries: np.ndarray, k: int,
     faiss.cvar.distance_compute_blas_threshold = 20
     try:
         for start in range(0, n, chunk_rows):
-            chunk = _f32(read_chunk(start, min(n, start + chunk_rows)))
+            stop = min(n, start + chunk_rows)
+            if allowed is None:
+                rows, chunk = None, _f32(read_chunk(start, stop))
+            else:
+                lo, hi = np.searchsorted(allowed, [start, stop])
+                if lo == hi:
+                    continue
+                rows = allowed[lo:hi] - start
+                chunk = _f32(read_chunk(start, stop)[rows])
             D, I = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss_metric(metric))
-            heap.add_result(D, np.where(I >= 0, I + start, -1))
+            found = I if rows is None else rows[np.maximum(I, 0)]
+            heap.add_result(D, np.where(I >= 0, found + start, -1))
     finally:
         faiss.cvar.distance_compute_blas_threshold = old
     heap.finalize()
     return heap.D, heap.I
+
+
+def read_rows(read_chunk: ReadChunk, rows: np.ndarray) -> np.ndarray:
+    """float32 [len(rows), dim]: the given rows, through the reader's own `take` where it has one (a Parquet
+    reader decodes whole row groups), else one read_chunk call per row."""
+    take = getattr(read_chunk, "take", None)
+    if take is not None:
+        return _f32(take(np.asarray(rows, dtype=np.int64)))
+    return _f32(np.concatenate([read_chunk(int(i), int(i) + 1) for i in rows]))
 
 
 def tuning_queries(read_chunk: ReadChunk, n: int, num: int = 1000, seed: int = 0,
@@ -337,7 +361,7 @@ def tuning_queries(read_chunk: ReadChunk, n: int, num: int = 1000, seed: int = 0
     """
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=min(num, n), replace=False))
-    x = np.concatenate([read_chunk(int(i), int(i) + 1) for i in rows]).astype(np.float32)
+    x = read_rows(read_chunk, rows)
     lengths = np.linalg.norm(x, axis=1, keepdims=True)
     cos = _nearest_cosine(read_chunk, n, x, rows, index, metric)
     cos = float(np.clip(cos, 0.3, 0.95))                        # duplicates would make it 1
@@ -363,7 +387,7 @@ def _nearest_cosine(read_chunk: ReadChunk, n: int, x: np.ndarray, rows: np.ndarr
     found = others.min(axis=1) < 3
     if not found.any():
         return 0.5
-    probe, near = x[pick][found], np.concatenate([read_chunk(int(i), int(i) + 1) for i in first[found]])
+    probe, near = x[pick][found], read_rows(read_chunk, first[found])
     cos = (probe * near).sum(1) / np.maximum(np.linalg.norm(probe, axis=1) * np.linalg.norm(near, axis=1), 1e-30)
     return float(np.median(cos))
 
@@ -374,29 +398,63 @@ def recall_at_k(found: np.ndarray, ground_truth_ids: np.ndarray, k: int = 10) ->
     return hits / (len(found) * k)
 
 
-def measure_recall(index: faiss.Index, queries: np.ndarray, ground_truth_ids: np.ndarray, k: int = 10) -> float:
-    return recall_at_k(index.search(_f32(queries), k)[1], ground_truth_ids, k)
-
-
 # ----------------------------------------------------------------------------
 # search-time parameters
+
+
+def index_layers(index: faiss.Index):
+    """The index and those it wraps, outermost first, each downcast: a Refine's base index, a PreTransform's
+    or an IDMap's inner index. The one walk through faiss's wrappers that the knobs below need."""
+    idx = faiss.downcast_index(index)
+    while True:
+        yield idx
+        if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
+            idx = faiss.downcast_index(idx.base_index)
+        elif isinstance(idx, (faiss.IndexPreTransform, faiss.IndexIDMap, faiss.IndexIDMap2)):
+            idx = faiss.downcast_index(idx.index)
+        else:
+            return
+
+
+def _is_refine(idx) -> bool:
+    return isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat))
 
 
 def search_param_grid(index: faiss.Index) -> dict[str, list[int]]:
     """The knobs this index has, each with its values from fast to accurate."""
     grid = {}
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
-        grid["k_factor_rf"] = [1, 2, 4, 8, 16, 32]
-        idx = faiss.downcast_index(idx.base_index)
-    ivf = faiss.try_extract_index_ivf(idx)
-    if ivf is not None:
-        grid["nprobe"] = [p for p in (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 256,
-                                      320, 384, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384, 32768, 65536)
-                          if p <= ivf.nlist]
-    elif isinstance(idx, faiss.IndexHNSW):
-        grid["efSearch"] = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048]
+    for idx in index_layers(index):
+        if _is_refine(idx):
+            grid["k_factor_rf"] = [1, 2, 4, 8, 16, 32]
+        elif isinstance(idx, faiss.IndexIVF):
+            grid["nprobe"] = [p for p in (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 256,
+                                          320, 384, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384, 32768, 65536)
+                              if p <= idx.nlist]
+        elif isinstance(idx, faiss.IndexHNSW):
+            grid["efSearch"] = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048]
     return grid
+
+
+def search_params_with_selector(index: faiss.Index, sel, widen: int = 1) -> tuple[object, bool]:
+    """faiss SearchParameters carrying the selector `sel` (filtered search), with the index's current nprobe /
+    efSearch / k_factor times `widen` (capped). Returns (params, whether a larger widen would search more)."""
+    *wrappers, leaf = index_layers(index)
+    if isinstance(leaf, faiss.IndexHNSW):
+        ef = min(leaf.hnsw.efSearch * widen, max(leaf.ntotal, 16))
+        params, more = faiss.SearchParametersHNSW(sel=sel, efSearch=int(ef)), ef < leaf.ntotal
+    elif isinstance(leaf, faiss.IndexIVF):
+        nprobe = min(leaf.nprobe * widen, leaf.nlist)
+        params, more = faiss.SearchParametersIVF(sel=sel, nprobe=int(nprobe)), nprobe < leaf.nlist
+    else:
+        params, more = faiss.SearchParameters(sel=sel), False
+    for idx in reversed(wrappers):  # an IDMap passes its inner index's parameters on as they are
+        if _is_refine(idx):
+            k_factor = min(float(idx.k_factor) * widen, 256.0)
+            params = faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=params)
+            more = more or k_factor < 256.0
+        elif isinstance(idx, faiss.IndexPreTransform):
+            params = faiss.SearchParametersPreTransform(index_params=params)
+    return params, more
 
 
 def apply_search_params(index: faiss.Index, params: dict) -> None:
@@ -432,10 +490,12 @@ def accurate_params(index: faiss.Index) -> dict:
 def _coarse_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
     """The IVF index itself or under a Refine: its quantizer sees the queries as they are (None otherwise,
     e.g. behind a PCA transform)."""
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat)):
-        idx = faiss.downcast_index(idx.base_index)
-    return idx if isinstance(idx, faiss.IndexIVF) else None
+    for idx in index_layers(index):
+        if isinstance(idx, faiss.IndexIVF):
+            return idx
+        if not _is_refine(idx):
+            return None
+    return None
 
 
 def tune_search_params(index: faiss.Index, queries: np.ndarray, gt: np.ndarray,
@@ -769,3 +829,335 @@ class ArrowVectors:
         hi = lo + src.nbytes
         lo -= lo % self._page                                     # madvise wants page alignment
         mm.madvise(self._dontneed, lo, min(len(mm), hi) - lo)
+
+
+# ----------------------------------------------------------------------------
+# the `hfbatch index` job: an embed output, or vectors made elsewhere (hfbatch.vectors), -> an index directory
+
+INDEX_FILE = "index.faiss"
+ROWS_FILE = "rows.parquet"  # faiss id -> the row's id (and chunk), for search; its vector hash, for --incremental
+CHUNK_COLUMNS = ("doc_id", "chunk", "char_start", "char_end")  # embed --chunk-tokens: which window a row is
+EMBEDDINGS_KEY = "embeddings_manifest_sha256"  # manifest keys: the versions of the inputs that were indexed
+SOURCE_KEY = "source_manifest_sha256"
+SIMILARITY_METRICS = tuple(SIMILARITY_METRIC)
+FOREIGN_SIMILARITY = {"cosine": "cosine", "dot": "dot", "l2": "euclidean"}  # --metric -> the similarity recorded
+TUNING_QUERIES = 300
+FLAT_QPS_QUERIES = 100     # a Flat index's recall is 1 by construction; the batch only checks it and times QPS
+
+
+@dataclass
+class IndexInput:
+    """What an index is built from: vectors (read_chunk; unit rows for cosine), the rows' ids (and chunk
+    columns) for rows.parquet, and what the manifest records about where they came from."""
+
+    path: Path
+    reader: ReadChunk
+    row_table: object          # pyarrow Table
+    similarity: str
+    record: dict               # manifest keys: embeddings / vectors, model, source dataset, ...
+
+
+def make_index(vectors, output, *, kind: str = "auto", factory: str | None = None, memory_budget=None,
+               budget_bytes: int | None = None, target_recall: float = 0.95, force: bool = False,
+               incremental: bool = False, vector_column: str | None = None, id_column: str | None = None,
+               ids=None, metric: str | None = None) -> dict:
+    """`hfbatch index`: build (or with `incremental`, update) a tuned FAISS index over `vectors` in `output`.
+
+    `vectors` is an `hfbatch embed` output, or vectors made elsewhere (hfbatch.vectors: a Parquet file or
+    directory, a save_to_disk dataset, a .npy file with `ids`), whose model is unknown: `metric` (cosine, dot,
+    l2; default cosine) says how they compare. `memory_budget` is recorded as given, `budget_bytes` is its
+    value (default: half the available memory). Returns the summary dict that --json prints."""
+    from hfbatch.runner import Job, require_complete
+    from hfbatch.vectors import is_foreign
+
+    path = Path(vectors)
+    config = {"kind": kind, "factory": factory, "memory_budget": memory_budget, "target_recall": target_recall}
+    source = None
+    if is_foreign(path):
+        source, found = open_foreign(path, vector_column, id_column, ids, metric)  # checked before the job
+        config["vectors"] = {"format": found.format, "vector_column": vector_column, "id_column": id_column,
+                             "metric": metric or "cosine"}
+        files, datasets = found.files, []
+    else:
+        given = [name for name, value in (("--vector-column", vector_column), ("--id-column", id_column),
+                                          ("--ids", ids), ("--metric", metric)) if value is not None]
+        if given:
+            raise InputError(f"{given[0]}: {path} is an hfbatch output, whose vectors, ids and similarity are its "
+                             f"own; {given[0]} is for vectors made elsewhere")
+        similarity = embeddings_similarity(require_complete(path, "embeddings"), path)  # refused first
+        files, datasets = [], [path]
+    with Job("index", output, config=config, files=files, datasets=datasets, force=force,
+             incremental=incremental) as job:
+        if job.up_to_date:
+            return job.summary()
+        if source is None:
+            source = open_embeddings(path, similarity, job.inputs[0])
+        return build_and_publish(job, source, kind, factory, budget_bytes or default_budget(), target_recall)
+
+
+def open_foreign(path: Path, vector_column, id_column, ids, metric):
+    """(IndexInput, ForeignVectors) for vectors made elsewhere: opened and checked, nothing written yet."""
+    import pyarrow as pa
+
+    from hfbatch.vectors import open_vectors
+
+    metric = metric or "cosine"
+    if metric not in FOREIGN_SIMILARITY:
+        raise InputError(f"--metric {metric!r}: expected one of {', '.join(FOREIGN_SIMILARITY)}")
+    found = open_vectors(path, vector_column=vector_column or "embedding", id_column=id_column, ids_file=ids)
+    similarity = FOREIGN_SIMILARITY[metric]
+    reader = UnitRows(found.reader) if similarity == "cosine" else found.reader
+    record = {"vectors": str(path.resolve()), "vectors_format": found.format, "model": None,
+              "embeddings": None, "source_dataset": None}
+    return IndexInput(path, reader, pa.table({"id": found.ids}), similarity, record), found
+
+
+def open_embeddings(embeddings: Path, similarity: str, input_record: dict) -> IndexInput:
+    """An `hfbatch embed` output: its vectors (read straight from its Arrow files) and ids."""
+    from hfbatch.io import open_dataset, require_column
+
+    dataset, emb_manifest = open_dataset(embeddings, "embeddings")
+    require_column(dataset, "embedding", embeddings, option="hfbatch embed")
+    require_column(dataset, "id", embeddings, option="hfbatch embed")  # search names its hits by id
+    row_table = dataset.data.table.select([c for c in ("id", *CHUNK_COLUMNS) if c in dataset.column_names])
+    del dataset
+    reader = ArrowVectors(embeddings)
+    if similarity == "cosine":  # cosine is inner product over unit vectors; a model may not normalise
+        reader = UnitRows(reader)
+    record = {
+        "embeddings": str(input_record["path"]), "source_dataset": emb_manifest.get("source_dataset"),
+        # which versions were indexed: search trusts their rows only while they are still these
+        EMBEDDINGS_KEY: input_record["manifest_sha256"], SOURCE_KEY: source_manifest_hash(emb_manifest),
+        "text_column": emb_manifest.get("text_column"), "model": emb_manifest.get("model"),
+        "chunking": emb_manifest.get("chunking"),  # set: rows are windows of documents (embed --chunk-tokens)
+        "embedding_settings": {k: emb_manifest.get(k)
+                               for k in ("precision", "backend", "device", "pooling", "max_length")}}
+    return IndexInput(embeddings, reader, row_table, similarity, record)
+
+
+def build_and_publish(job, source: IndexInput, kind, factory, budget, target_recall) -> dict:
+    """Plan, build (or update in place), tune and publish the index; the job's summary dict."""
+    vectors, similarity = source.reader, source.similarity
+    ids = source.row_table.column("id").combine_chunks()
+    n, dim = vectors.n, vectors.dim
+    if n == 0:
+        raise InputError(f"{source.path}: no vectors to index")
+    metric = SIMILARITY_METRIC[similarity]
+    plan = make_plan(n, dim, kind, factory, budget, target_recall, metric)
+    log.event("index", "plan", kind=plan.kind, factory=plan.factory, vectors=n, dim=dim, why=plan.reasons,
+              similarity=similarity)
+
+    phases, update = {}, None
+    if job.previous is not None:
+        update = update_previous(job, plan, similarity, vectors, ids, phases)
+    if update is None:
+        built, hashes = build_new(plan, vectors, phases)
+        lineage = {"trained_on": n if plan.train_size else None, "added_since_training": 0}
+        keep, counts = None, None
+    else:
+        built, hashes, lineage, counts = update
+        keep = job.previous.get("params")
+        # the index keeps its structure (e.g. its number of IVF lists) until it is rebuilt
+        plan = dataclasses.replace(plan, factory=job.previous["factory"], reasons=job.previous["reasons"],
+                                   train_size=job.previous.get("train_size", plan.train_size))
+    search = measure_quality(built, vectors, plan, target_recall, phases, keep=keep)
+
+    params = {k: v for k, v in search.items() if k not in ("recall", "qps")}
+    extra = {"kind": plan.kind, "factory": plan.factory, "metric": plan.metric, "similarity": similarity,
+             "reasons": plan.reasons, "params": params, "recall_at_10": round(search["recall"], 4),
+             "qps": round(search["qps"], 1), "train_size": plan.train_size, "dim": dim, "count": n, **lineage,
+             "update": counts, **source.record}
+
+    def fill(tmp):
+        started = time.monotonic()
+        save_index(built, tmp / INDEX_FILE)
+        write_rows_file(tmp / ROWS_FILE, source.row_table, hashes)
+        phases["save_s"] = time.monotonic() - started
+        extra.update({k: round(v, 3) for k, v in phases.items()})  # the manifest is written after fill
+
+    job.publish_files(fill, rows=n, extra=extra, counts=counts)
+    log.event("index", "quality", recall_at_10=f"{search['recall']:.4f}", qps=f"{search['qps']:.0f}",
+              params=params, **{k: f"{v:.1f}" for k, v in phases.items()})
+    return {**job.summary(), "recall_at_10": round(search["recall"], 4), "factory": plan.factory,
+            "updated_in_place": update is not None}
+
+
+def default_budget() -> int:
+    """Half the memory available now: the index must fit beside the reader and the OS cache."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def make_plan(n, dim, kind, factory, budget, target_recall, metric="ip") -> IndexPlan:
+    if factory:
+        return plan_for_factory(factory, n, dim, metric)
+    if kind == "auto":
+        return choose_index(n, dim, budget, target_recall, metric)
+    return plan_for_kind(kind, n, dim, budget, metric)
+
+
+def embeddings_similarity(emb_manifest, embeddings):
+    """How the model compares its vectors: as `hfbatch embed` recorded it, else as the model directory's
+    sentence-transformers config says (outputs of an older embed, or merged ones), else cosine."""
+    from hfbatch.embedding import read_similarity
+
+    similarity = emb_manifest.get("similarity")
+    model = emb_manifest.get("model")
+    if similarity is None and model and Path(model).is_dir():
+        similarity = read_similarity(model)
+    similarity = similarity or "cosine"
+    if similarity not in SIMILARITY_METRICS:
+        raise InputError(f"{embeddings}: the model compares vectors by {similarity!r} similarity; hfbatch index "
+                         f"supports {', '.join(SIMILARITY_METRICS)}")
+    return similarity
+
+
+def source_manifest_hash(emb_manifest, depth=2):
+    """The manifest hash of the dataset the embeddings were made from, as their job recorded it when it read
+    that dataset (merged embeddings: as their parts recorded it); None where it cannot be told."""
+    from hfbatch.runner import read_manifest
+
+    source = emb_manifest.get("source_dataset")
+    inputs = [i for i in emb_manifest.get("inputs", []) if isinstance(i, dict)]
+    for record in inputs:
+        if source and record.get("path") == source and record.get("manifest_sha256"):
+            return record["manifest_sha256"]
+    if depth and emb_manifest.get("merged_from") and source:
+        found = {source_manifest_hash(read_manifest(Path(i["path"])) or {}, depth - 1) for i in inputs}
+        if len(found) == 1:
+            return found.pop()
+    return None
+
+
+def build_new(plan, vectors, phases):
+    """A new index over all rows, and the rows' vector hashes (taken as the build reads them)."""
+    n, dim = vectors.n, vectors.dim
+    hashes = np.empty(n, dtype=np.int64)
+
+    def hash_chunk(start, chunk):
+        hashes[start:start + len(chunk)] = row_hashes(chunk)
+
+    started = time.monotonic()
+    try:
+        with log.Progress("index", n, unit="vectors") as progress:
+            built = build_index(plan, n, dim, vectors, on_chunk=hash_chunk,
+                                progress=lambda done: progress.update(done - progress.done))
+    except RuntimeError as exc:  # faiss rejects a factory string or its training
+        raise InputError(f"faiss could not build {plan.factory!r}: {one_line(exc)}")
+    phases["build_s"] = time.monotonic() - started
+    return built, hashes
+
+
+def measure_quality(built, vectors, plan, target_recall, phases, keep=None):
+    """recall@10 against exact search on held-out-like queries, and QPS; approximate indexes are tuned.
+
+    A few hundred queries bound the recall estimate to about +-0.005 and their exact neighbours take one
+    BLAS pass over the vectors. `keep` (an updated index's previous parameters) is tried first and kept
+    if it still reaches the target."""
+    started = time.monotonic()
+    n = vectors.n
+    k = min(10, n)
+    exact = plan.kind == "flat"
+    # faiss searches a Flat index query by query (BLAS only from 128k queries in this build): a batch scan
+    # of the vectors (exact_neighbors) finds the probes' neighbours faster there, and one small batch
+    # times it
+    queries = tuning_queries(vectors, n, num=min(TUNING_QUERIES, n), index=None if exact else built,
+                             metric=plan.metric)
+    _, truth = exact_neighbors(vectors, n, queries, k, metric=plan.metric)
+    phases["gt_s"] = time.monotonic() - started
+    started = time.monotonic()
+    try:
+        if keep is not None or exact:
+            apply_search_params(built, keep or {})
+            batch = FLAT_QPS_QUERIES if exact else len(queries)
+            found, qps = timed_search(built, queries[:batch], k, repeat=1 if exact else 3)
+            truth = truth[:batch]
+            result = {**(keep or {}), "recall": recall_at_k(found, truth, k), "qps": qps}
+            if exact or result["recall"] >= target_recall:
+                return result
+            log.event("index", "retuning", reason=f"recall@10 {result['recall']:.4f} with the previous "
+                                                  f"parameters is below {target_recall}")
+        return tune_search_params(built, queries, truth, target_recall, k)
+    finally:
+        phases["tune_s"] = time.monotonic() - started
+
+
+# ---- --incremental ------------------------------------------------------------------------------------
+
+def update_previous(job, plan, similarity, vectors, ids, phases):
+    """Update the index in OUTPUT to the new vectors in place: (index, hashes, lineage, counts), or None,
+    with a log line saying why, where it must be rebuilt instead."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    previous, n = job.previous, vectors.n
+
+    def rebuild(reason):  # says why, and returns None: the caller builds a new index
+        log.event("index", "rebuilding", reason=reason)
+
+    if previous.get("kind") != plan.kind:
+        return rebuild(f"{n:,} rows call for a {plan.kind} index, the existing one is {previous.get('kind')}")
+    if previous.get("dim") != vectors.dim:
+        return rebuild(f"the vectors have {vectors.dim} dimensions, the index {previous.get('dim')}")
+    if (previous.get("similarity") or "cosine", previous.get("metric")) != (similarity, plan.metric):
+        return rebuild(f"the vectors are compared by {similarity} similarity, the index by "
+                       f"{previous.get('similarity') or 'cosine'}")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        return rebuild("the embeddings' ids are not unique, so rows cannot be matched")
+    rows_file = job.output / ROWS_FILE
+    if not rows_file.exists():
+        return rebuild(f"{rows_file} is missing (made by an older hfbatch)")
+    started = time.monotonic()
+    try:
+        old = load_index(job.output / INDEX_FILE)
+        old_rows = pq.read_table(rows_file)
+    except (RuntimeError, OSError, pa.ArrowException) as exc:  # damaged: nothing there can be reused
+        return rebuild(f"the existing index cannot be read ({one_line(exc)})")
+    if "id" not in old_rows.column_names or "vector_hash" not in old_rows.column_names \
+            or old_rows.num_rows != old.ntotal:
+        return rebuild(f"{rows_file} does not describe the index's rows")
+    blocker = update_blocker(old)
+    if blocker:
+        return rebuild(f"{blocker} ({plan.kind})")
+    hashes = np.empty(n, dtype=np.int64)
+    for start in range(0, n, CHUNK_ROWS):
+        stop = min(n, start + CHUNK_ROWS)
+        hashes[start:stop] = row_hashes(vectors(start, stop))
+    relabel, added = match_rows(old_rows.column("id").combine_chunks(),
+                                old_rows.column("vector_hash").to_numpy(), ids, hashes)
+    lineage = {"trained_on": previous.get("trained_on"),
+               "added_since_training": (previous.get("added_since_training") or 0) + len(added)}
+    if lineage["trained_on"] and lineage["added_since_training"] > lineage["trained_on"]:
+        return rebuild(f"{lineage['added_since_training']:,} rows were added since the IVF lists were trained "
+                       f"on {lineage['trained_on']:,}: they need training on the current rows")
+    counts = {"kept": int((relabel >= 0).sum()), "removed": int((relabel < 0).sum()), "added": len(added)}
+    updated = update_in_place(old, relabel, added, vectors)
+    if updated.ntotal != n:  # a bug, not an input problem
+        raise RuntimeError(f"updated index holds {updated.ntotal} vectors, expected {n}")
+    phases["build_s"] = time.monotonic() - started
+    log.event("index", "updated_in_place", **counts, seconds=f"{phases['build_s']:.2f}")
+    return updated, hashes, lineage, counts
+
+
+def write_rows_file(path, row_table, hashes):
+    """Row r of the index (faiss id r) is row r of the vectors it was built from: its `id` (and over
+    chunks `doc_id`, `chunk`, `char_start`, `char_end`), which search names hits by, and its vector hash, for
+    the next --incremental run to match rows against. The index carries them itself (Parquet), because the
+    embeddings may be replaced while the index stays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(row_table.append_column("vector_hash", pa.array(hashes, pa.int64())), path)
+
+
+def one_line(exc):
+    """An exception's message in one line: faiss's last `Error: ...` part, without its C++ location."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
+    return text.rpartition("Error: ")[2] or text

@@ -156,7 +156,7 @@ def test_filtered_search_finds_k_allowed_rows_even_when_they_are_rare(vectors, f
     import faiss
 
     from hfbatch.index import apply_search_params
-    from hfbatch.jobs.search import filtered_search
+    from hfbatch.search import filtered_search
 
     index = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)
@@ -177,7 +177,7 @@ def test_filtered_search_finds_k_allowed_rows_even_when_they_are_rare(vectors, f
 def test_filtered_search_falls_back_to_exact_search_when_the_index_cannot_find_enough(vectors):
     import faiss
 
-    from hfbatch.jobs.search import filtered_search
+    from hfbatch.search import filtered_search
 
     index = faiss.index_factory(16, "HNSW4", faiss.METRIC_INNER_PRODUCT)
     index.add(vectors)
