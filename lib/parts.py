@@ -135,7 +135,7 @@ class ShardParts:
                 if record.get("plan") != self._plan() or not batches or len(set(batches)) < len(batches) or \
                         any(not 0 <= b < len(self._batches) or b in self.done_batches for b in batches):
                     raise ValueError("not of this plan, or holds batches already resumed")
-                with pa.memory_map(str(data_path)) as source:
+                with pa.OSFile(str(data_path)) as source:  # read into memory: the part goes soon
                     table = pa.ipc.open_file(source).read_all()
                 rows = table.column("row").to_numpy()
                 expected = np.concatenate([np.asarray(self._batches[b]) for b in batches])
