@@ -121,7 +121,7 @@ def run_shards(job, pending: list[int], make_work: Callable, devices: list[str] 
     return done
 
 
-def _run_workers(job, pending, make_work, devices, progress) -> dict:
+def _run_workers(job, pending, make_work, devices, progress) -> ShardsDone:
     import multiprocessing
     import signal
 
@@ -149,14 +149,14 @@ def _run_workers(job, pending, make_work, devices, progress) -> dict:
     infos: dict[int, dict] = {}
     shards_by: dict[int, int] = dict.fromkeys(range(len(devices)), 0)
     finished: set[int] = set()
-    rows = ShardsDone({})
+    done = ShardsDone({})  # its info once every worker is ready
 
     def handle(kind, rank, payload):
         if kind == "rows":
             progress.update(payload)
         elif kind == "shard":
             shards_by[rank] += 1
-            rows.add(*payload[1:])
+            done.add(*payload[1:])  # (shard, rows computed, rows resumed)
         elif kind == "ready":
             infos[rank] = payload
             _check_same_settings(infos, devices)
@@ -202,8 +202,8 @@ def _run_workers(job, pending, make_work, devices, progress) -> dict:
     info["device"] = ",".join(devices)
     info["devices"] = [{"device": devices[r], "precision": infos[r].get("precision"),
                         "backend": infos[r].get("backend"), "shards": shards_by[r]} for r in sorted(infos)]
-    rows.info = info
-    return rows
+    done.info = info
+    return done
 
 
 def _stop(workers, grace: float = 5.0) -> None:
