@@ -10,6 +10,7 @@ docs), every command the real `hfbatch` as its own process:
   T           an uninterrupted `hfbatch embed` (wall seconds, interpreter start and model load included)
   parts       from scratch: the same command SIGKILLed at T/2 of its run, KILLS times (each re-run killed
               at T/2 of its own run), then a final re-run to the end: its wall time as a fraction of T
+              (a re-run that ends before T/2 is the final one: fewer kills landed, as the output says)
   shard-only  the same with part commits disabled (HFBATCH_PART_SECONDS=inf): what a kill cost before
               (a kill loses the whole shard being computed)
 
@@ -29,11 +30,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from debian_sections import CORPUS, read_corpus
-from measure import hfbatch_command, run_hfbatch
+from measure import Measured, hfbatch_command, run_hfbatch
 
 
 def cpu_flags() -> str:
@@ -45,22 +47,28 @@ def cpu_flags() -> str:
     return " ".join(sorted(f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in text.split())) or "none"
 
 
-def run_killed(args: list, after_s: float, env: dict) -> bool:
-    """`hfbatch ARGS`, SIGKILLed `after_s` seconds after it started; False when it ended before."""
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(hfbatch_command() + [str(a) for a in args], stdout=subprocess.DEVNULL,
-                                stderr=err, env=env)
-        try:
-            proc.wait(timeout=after_s)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        if proc.returncode:
-            err.seek(0)
-            raise SystemExit(f"hfbatch {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{err.read().decode(errors='replace')[-3000:]}")
-        return False
+def run_until(args: list, env: dict, kill_after: float | None = None) -> tuple[Measured, bool]:
+    """`hfbatch ARGS --json` measured as `measure.run_measured` does (the child's own rusage), SIGKILLed
+    `kill_after` seconds after it started unless it ended before: (the measurement, whether it was killed)."""
+    cmd = hfbatch_command() + [str(a) for a in args] + ["--json"]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
+        timer = threading.Timer(kill_after, proc.send_signal, [signal.SIGKILL]) if kill_after else None
+        if timer:
+            timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        if timer:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    killed = proc.returncode == -signal.SIGKILL
+    if proc.returncode and not killed:
+        raise SystemExit(f"hfbatch {' '.join(map(str, args))} failed ({proc.returncode}):\n{done.stderr[-3000:]}")
+    return Measured(done, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024), killed
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -89,15 +97,19 @@ def bench(n: int, rows: list[dict], work: Path, model: list, kills: int, shard_o
     for mode, extra in modes:
         out = base / f"out-{mode}"
         args = ["embed", base / "ds", "-o", out, *model]
-        killed = [run_killed(args, t / 2, {**env, **extra}) for _ in range(kills)]
-        final = run_hfbatch([*args, "--json"], {**env, **extra})
+        kills_landed = 0
+        while True:  # killed at T/2 of its own run, KILLS times; a run that ends before its kill is the last
+            final, killed = run_until(args, {**env, **extra}, t / 2 if kills_landed < kills else None)
+            if not killed:
+                break
+            kills_landed += 1
         summary = json.loads(final.done.stdout.strip().splitlines()[-1])
         result = {"n": n, "mode": mode, "T_s": round(t, 1), "final_s": round(final.wall_s, 1),
                   "fraction_of_T": round(final.wall_s / t, 2), "cpu_fraction": round(final.cpu_s / ref.cpu_s, 2),
-                  "kills_landed": sum(killed), "rows_resumed": summary.get("rows_resumed"),
+                  "kills_landed": kills_landed, "rows_resumed": summary.get("rows_resumed"),
                   "rows_computed": summary.get("rows_computed"), "identical": identical(out, base / "ref")}
         results.append(result)
-        print(f"  {mode:10s} final re-run after {sum(killed)} kills at T/2: {final.wall_s:.1f} s = "
+        print(f"  {mode:10s} final re-run after {kills_landed} kills at T/2: {final.wall_s:.1f} s = "
               f"{result['fraction_of_T']:.2f} T (CPU {result['cpu_fraction']:.2f}); resumed "
               f"{result['rows_resumed']} rows, computed {result['rows_computed']}; identical output: "
               f"{result['identical']}", flush=True)
