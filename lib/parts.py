@@ -3,7 +3,8 @@ loses seconds of model work rather than a shard, without making an output of man
 
 A shard's batches (length-sorted token-budget batches, hfbatch.batching) are a function of its rows, so a
 re-run makes the same batches. While a shard is computed, the batches finished since the last commit are
-written as a part once about `PART_SECONDS` of model work have passed:
+written as a part once about a second of model work has passed (`ShardParts.interval`: longer where a
+commit is slow, so commits never cost more than about 2% of the model time, and never above 30 s):
 
     OUT.partial/shards/00003.parts/00002.arrow   the batches' rows (positions in the shard's model input)
                                                  and the model's float32 output for them
@@ -17,7 +18,7 @@ once the shard's own completion record is written (`ShardDir.finish_shard`).
 The one-process path and every --devices worker commit through this one class, on the same directories.
 
 Hidden knobs (environment; they change when progress is saved, never the rows, and are in no config):
-    HFBATCH_PART_SECONDS=S       commit after about S seconds of model work (default 5; 0 = every batch;
+    HFBATCH_PART_SECONDS=S       commit after S seconds of model work instead (0 = after every batch;
                                  inf = never, the shard-only behaviour)
     HFBATCH_TEST_KILL=POINT:K    tests only: SIGKILL this process at its K-th part commit, after the part's
                                  record (POINT `part`) or between its data and its record (`part-data`)
@@ -38,14 +39,20 @@ from pathlib import Path
 from . import log
 from .errors import InputError
 
-PART_SECONDS = 5.0  # a kill loses about this much model work (plus one batch) where shards take longer
+# A kill loses about PART_SECONDS of model work (plus one batch) where shards take longer; where a commit is
+# slow (a network filesystem's fsync), parts are spaced so that committing costs at most PART_OVERHEAD of the
+# model time, up to PART_SECONDS_MAX (the issue's bound on what a kill may lose).
+PART_SECONDS = 1.0
+PART_OVERHEAD = 0.02
+PART_SECONDS_MAX = 30.0
 _commits_in_this_process = 0
 
 
-def part_seconds() -> float:
+def part_seconds() -> float | None:
+    """HFBATCH_PART_SECONDS, a fixed interval between commits; None (adaptive) when it is not set."""
     value = os.environ.get("HFBATCH_PART_SECONDS")
     if value is None:
-        return PART_SECONDS
+        return None
     try:
         seconds = float(value)
     except ValueError:
@@ -81,7 +88,8 @@ class ShardParts:
         self.directory = Path(directory)
         self.shard = shard
         self.job = job
-        self.every_s = part_seconds() if every_s is None else every_s
+        self.every_s = part_seconds() if every_s is None else every_s  # None: adaptive (`interval`)
+        self._commit_s = 0.0  # how long the last commit took
         self.rows_resumed = 0  # rows taken from committed parts (computed by an earlier attempt)
         self.rows_computed = 0  # rows the model computed here
         self.done_batches: set[int] = set()
@@ -162,8 +170,14 @@ class ShardParts:
         self.rows_computed += len(values)
         self._uncommitted.append((batch, values))
         remaining = len(self._batches) - len(self.done_batches) - len(self._uncommitted)
-        if remaining > 0 and time.monotonic() - self._since >= self.every_s:
+        if remaining > 0 and time.monotonic() - self._since >= self.interval():
             self.commit()
+
+    def interval(self) -> float:
+        """Seconds of model work between two commits."""
+        if self.every_s is not None:
+            return self.every_s
+        return min(PART_SECONDS_MAX, max(PART_SECONDS, self._commit_s / PART_OVERHEAD))
 
     def commit(self) -> None:
         """The uncommitted batches as the next part: data (fsynced), then its record (fsynced)."""
@@ -172,6 +186,7 @@ class ShardParts:
 
         from .runner import fsync_dir, write_json_atomic
 
+        started = time.monotonic()
         batches = [b for b, _ in self._uncommitted]
         rows = np.concatenate([np.asarray(self._batches[b], dtype=np.int64) for b in batches])
         values = np.concatenate([np.asarray(v, dtype=np.float32) for _, v in self._uncommitted])
@@ -197,6 +212,7 @@ class ShardParts:
         self._uncommitted.clear()
         self._next_part += 1
         self._since = time.monotonic()
+        self._commit_s = self._since - started
         _test_kill("part")
 
 

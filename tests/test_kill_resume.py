@@ -234,3 +234,19 @@ def test_a_bad_part_interval_is_one_error_line(tmp_path, dataset, tiny_model):
     done, _ = hfbatch(embed_args(dataset, out, tiny_model), {"HFBATCH_PART_SECONDS": "soon"}, expect=2)
     assert "Error: HFBATCH_PART_SECONDS='soon' is not a number of seconds" in done.stderr
     assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_commits_are_spaced_by_what_they_cost(tmp_path, monkeypatch):
+    """About a second of model work between parts, longer where a commit is slow (at most ~2% of the model
+    time goes to committing), never above the bound a kill may lose."""
+    from hfbatch.parts import PART_OVERHEAD, PART_SECONDS, PART_SECONDS_MAX, ShardParts
+
+    monkeypatch.delenv("HFBATCH_PART_SECONDS", raising=False)
+    parts = ShardParts(tmp_path / "00000.parts", 0)
+    assert parts.interval() == PART_SECONDS == 1.0
+    parts._commit_s = 0.1  # a slow filesystem's fsyncs
+    assert parts.interval() == pytest.approx(0.1 / PART_OVERHEAD) == pytest.approx(5.0)
+    parts._commit_s = 10.0
+    assert parts.interval() == PART_SECONDS_MAX == 30.0
+    monkeypatch.setenv("HFBATCH_PART_SECONDS", "0")
+    assert ShardParts(tmp_path / "00000.parts", 0).interval() == 0
