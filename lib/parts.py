@@ -1,4 +1,4 @@
-"""Progress inside a shard: the finished batches of a model job, committed every few seconds, so a kill
+"""Progress inside a shard: the finished batches of a model job, committed about every second, so a kill
 loses seconds of model work rather than a shard, without making an output of many small files.
 
 A shard's batches (length-sorted token-budget batches, hfbatch.batching) are a function of its rows, so a
