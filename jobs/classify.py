@@ -84,15 +84,16 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
                             shard_rows=shard_rows, multi_label=multi_label, top_k=top_k)
         n_shards, pending, pending_rows = job.plan_rows(len(source), shard_rows)
         progress = log.Progress("classify", pending_rows)
-        info = run_shards(job, pending, functools.partial(ClassifyShards, plan), devices, progress)
+        done = run_shards(job, pending, functools.partial(ClassifyShards, plan), devices, progress)
         progress.close()
+        info = done.info
         k = min(top_k, len(info["labels"])) if top_k else None
         job.publish_dataset(n_shards, labels_features(source.features["id"], k), extra={
             "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
             "text_pair_column": text_pair_column, "model": str(model_dir),
             "scores": "sigmoid" if multi_label or len(info["labels"]) == 1 else "softmax", **info})
         warn_truncated(job, info["max_length"])
-        return job.summary()
+        return {**job.summary(), **done.summary()}
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,9 @@ class ClassifyShards:
         return rows["id"], self.classifier.tokenize(rows[plan.text_column], rows[plan.text_pair_column]
                                                     if plan.text_pair_column else None)
 
-    def compute(self, i, prepared, on_rows):
+    def compute(self, i, prepared, on_rows, parts=None):
         ids, tokenized = prepared
-        scores = probabilities(self.classifier.run(tokenized, on_batch=on_rows), self.plan.multi_label)
+        scores = probabilities(self.classifier.run(tokenized, on_batch=on_rows, parts=parts), self.plan.multi_label)
         return labels_table(ids, scores, self.labels, self.k), {"truncated": tokenized.truncated}
 
 

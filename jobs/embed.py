@@ -99,8 +99,9 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
                          previous_output=str(job.output) if job.previous else None)
         n_shards, pending, pending_rows = job.plan_rows(stop - start, shard_rows)
         progress = log.Progress("embed", pending_rows)
-        info = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress)
+        done = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress)
         progress.close()
+        info = done.info
         extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
                  "model": str(model_dir), **info,
                  # how `hfbatch index` compares these vectors (pooling.normalize says whether they are unit-length)
@@ -114,12 +115,12 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
             counts = manifest["counts"]
             log.event("embed", "chunked", documents=counts.get("documents", 0), chunks=counts.get("chunks", 0),
                       split_documents=counts.get("split_documents", 0))
-            return job.summary()
+            return {**job.summary(), **done.summary()}
         features = embeddings_features(source.features["id"], info["dim"])
         job.publish_dataset(n_shards, features, fill=_write_hashes(info["hash_scheme"]),
                             extra={k: v for k, v in extra.items() if k != "hash_scheme"})
         warn_truncated(job, info["max_length"])
-        return job.summary()
+        return {**job.summary(), **done.summary()}
 
 
 @dataclass(frozen=True)
@@ -196,18 +197,18 @@ class EmbedShards:
             tokenized = self.embedder.tokenize([rows[column][r] for r in todo])
         return rows["id"], hashes, old_rows, todo, tokenized
 
-    def compute(self, i, prepared, on_rows):
+    def compute(self, i, prepared, on_rows, parts=None):
         if self.plan.chunking:
             from hfbatch.chunking import chunks_table
 
             ids, chunks = prepared
-            vectors = self.embedder.run(chunks.tokenized)
+            vectors = self.embedder.run(chunks.tokenized, parts=parts)
             on_rows(len(ids))
             split = sum(c == 1 for c in chunks.chunk)  # documents with a second window
             return chunks_table(ids, chunks, vectors, self.chunk_features), {
                 "documents": len(ids), "chunks": len(chunks), "split_documents": split}
         ids, hashes, old_rows, todo, tokenized = prepared
-        computed = self.embedder.run(tokenized, on_batch=on_rows)
+        computed = self.embedder.run(tokenized, on_batch=on_rows, parts=parts)
         if old_rows is None:
             vectors = computed
         else:

@@ -7,9 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .parts import ShardParts
 
 DEFAULT_BATCH_TOKENS = 2048  # fastest measured for OpenVINO on 2 cores (bench/ov_prototype.py)
 T = TypeVar("T")
@@ -88,18 +91,37 @@ def pad(tokenized: Tokenized, rows: np.ndarray, pad_id: int) -> dict[str, np.nda
 
 
 def run_batches(forward: Callable[[dict[str, np.ndarray]], np.ndarray], tokenized: Tokenized, pad_id: int,
-                batch_tokens: int = DEFAULT_BATCH_TOKENS, on_batch: Callable[[int], None] | None = None
-                ) -> np.ndarray:
-    """`forward(batch) -> [rows, dim]` over length-sorted budget batches; the result is in input order."""
+                batch_tokens: int = DEFAULT_BATCH_TOKENS, on_batch: Callable[[int], None] | None = None,
+                parts: ShardParts | None = None) -> np.ndarray:
+    """`forward(batch) -> [rows, dim]` over length-sorted budget batches; the result is in input order.
+
+    With `parts` (a shard's hfbatch.parts.ShardParts) the batches an earlier, killed attempt committed are
+    taken from its parts instead of computed, and finished batches are committed every few seconds."""
     if len(tokenized) == 0:
         return np.zeros((0, 0), dtype=np.float32)
     lengths = np.fromiter((len(s) for s in tokenized.input_ids), dtype=np.int64, count=len(tokenized))
+    batches = budget_batches(lengths, batch_tokens)
     out = None
-    for rows in budget_batches(lengths, batch_tokens):
+    resumed = None
+    if parts is not None:
+        from .parts import plan_key
+
+        resumed = parts.start(batches, lambda: plan_key(batches, tokenized.input_ids, tokenized.token_type_ids))
+    if resumed is not None:
+        rows, values = resumed
+        out = np.empty((len(tokenized),) + values.shape[1:], dtype=np.float32)
+        out[rows] = values
+        if on_batch is not None:
+            on_batch(len(rows))
+    for b, rows in enumerate(batches):
+        if parts is not None and b in parts.done_batches:
+            continue
         result = forward(pad(tokenized, rows, pad_id))
         if out is None:
             out = np.empty((len(tokenized),) + result.shape[1:], dtype=np.float32)
         out[rows] = result
+        if parts is not None:
+            parts.add(b, out[rows])  # what the result holds (float32), so a resumed row is the same bits
         if on_batch is not None:
             on_batch(len(rows))
     return out

@@ -249,7 +249,8 @@ def batching_options(f):
     from .batching import DEFAULT_BATCH_TOKENS
 
     f = click.option("--shard-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
-                     help="Rows per resumable shard: a killed run redoes at most one shard.")(f)
+                     help="Rows per resumable shard; inside a shard, finished batches are committed every "
+                          "few seconds, so a killed run redoes only the work since then.")(f)
     f = click.option("--batch-tokens", type=click.IntRange(min=16), default=DEFAULT_BATCH_TOKENS,
                      show_default=True, help="Tokens per batch, padding included (rows are sorted by length "
                                              "first).")(f)

@@ -4,10 +4,13 @@ once, one worker process per device.
 A job describes its per-shard work as a picklable factory `make_work(device) -> work`, where `work` has
   - `info`: a dict for the manifest (dim, max_length, device/precision/backend in force, ...);
   - `prepare(i)`: the CPU side of shard i (read rows, tokenize), run in a thread one shard ahead;
-  - `compute(i, prepared, on_rows) -> (table, counts)`: the model side; `on_rows(n)` reports progress.
+  - `compute(i, prepared, on_rows, parts) -> (table, counts)`: the model side; `on_rows(n)` reports
+    progress; `parts` (hfbatch.parts.ShardParts) goes to the batch loop, which commits the shard's finished
+    batches every few seconds and, on a re-run, takes the batches a killed attempt committed.
 `run_shards` finishes every pending shard with the runner's shard protocol (data file, then completion
-record), so a killed run resumes the same way however many processes wrote the shards, and the output is
-assembled in shard order: rows come out in the dataset's order whatever device computed them.
+record), so a killed run resumes the same way however many processes wrote the shards (and their parts),
+and the output is assembled in shard order: rows come out in the dataset's order whatever device computed
+them.
 
 Workers are spawned (never forked: CUDA and the tokenizers' thread pools do not survive a fork), claim shards
 one at a time from a shared counter (a faster device takes more), ignore Ctrl-C (the coordinator stops
@@ -24,6 +27,7 @@ import queue
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import log
@@ -79,20 +83,42 @@ def check_devices(devices: list[str], device: str) -> None:
                          f"name existing GPUs, or drop --devices to run on the CPU")
 
 
+@dataclass
+class ShardsDone:
+    """What `run_shards` did: the work's `info`, and the model rows of this run (computed here, or taken
+    from parts that a killed run committed)."""
+
+    info: dict
+    rows_computed: int = 0
+    rows_resumed: int = 0
+
+    def add(self, computed: int, resumed: int) -> None:
+        self.rows_computed += computed
+        self.rows_resumed += resumed
+
+    def summary(self) -> dict:
+        return {"rows_computed": self.rows_computed, "rows_resumed": self.rows_resumed}
+
+
 def run_shards(job, pending: list[int], make_work: Callable, devices: list[str] | None,
-               progress: log.Progress) -> dict:
-    """Finish the `pending` shards of `job`; returns the work's `info` (with `devices` when there were several
-    workers). Without `devices`, `make_work(None)` runs here, on the job's own --device."""
+               progress: log.Progress) -> ShardsDone:
+    """Finish the `pending` shards of `job`. Its `info` has `devices` when there were several workers.
+    Without `devices`, `make_work(None)` runs here, on the job's own --device."""
     if not devices:
         work = make_work(None)
+        done = ShardsDone(work.info)
         for i, prepared in prefetch(work.prepare, pending):  # the next shard is read and tokenized meanwhile
-            table, counts = work.compute(i, prepared, progress.update)
+            parts = job.parts(i, job.name)
+            table, counts = work.compute(i, prepared, progress.update, parts)
             job.write_shard(i, table, **counts)
-        return work.info
-    return _run_workers(job, pending, make_work, devices, progress)
+            done.add(parts.rows_computed, parts.rows_resumed)
+    else:
+        done = _run_workers(job, pending, make_work, devices, progress)
+    log.event(job.name, "model_rows", computed=done.rows_computed, resumed=done.rows_resumed)
+    return done
 
 
-def _run_workers(job, pending, make_work, devices, progress) -> dict:
+def _run_workers(job, pending, make_work, devices, progress) -> ShardsDone:
     import multiprocessing
     import signal
 
@@ -101,8 +127,8 @@ def _run_workers(job, pending, make_work, devices, progress) -> dict:
     # has a feeder thread that a failing run would wait on forever).
     claimed, results = ctx.Value("q", 0), ctx.Queue()
     workers = [ctx.Process(target=_worker, name=f"hfbatch-{job.name}-{device}", daemon=True,
-                           args=(make_work, device, rank, len(devices), os.getpid(), str(job.shard_dir), pending,
-                                 claimed, results))
+                           args=(make_work, device, rank, len(devices), os.getpid(), job.name, str(job.shard_dir),
+                                 pending, claimed, results))
                for rank, device in enumerate(devices)]
     log.event(job.name, "workers", devices=",".join(devices), shards=len(pending))
     # Ctrl-C is the coordinator's to handle (it stops the workers): they start with SIGINT ignored, so no
@@ -120,12 +146,14 @@ def _run_workers(job, pending, make_work, devices, progress) -> dict:
     infos: dict[int, dict] = {}
     shards_by: dict[int, int] = dict.fromkeys(range(len(devices)), 0)
     finished: set[int] = set()
+    done = ShardsDone({})  # its info once every worker is ready
 
     def handle(kind, rank, payload):
         if kind == "rows":
             progress.update(payload)
         elif kind == "shard":
             shards_by[rank] += 1
+            done.add(*payload[1:])  # (shard, rows computed, rows resumed)
         elif kind == "ready":
             infos[rank] = payload
             _check_same_settings(infos, devices)
@@ -171,7 +199,8 @@ def _run_workers(job, pending, make_work, devices, progress) -> dict:
     info["device"] = ",".join(devices)
     info["devices"] = [{"device": devices[r], "precision": infos[r].get("precision"),
                         "backend": infos[r].get("backend"), "shards": shards_by[r]} for r in sorted(infos)]
-    return info
+    done.info = info
+    return done
 
 
 def _stop(workers, grace: float = 5.0) -> None:
@@ -230,7 +259,7 @@ def _claim_device(device: str, rank: int, workers: int) -> str:
     return "cpu"
 
 
-def _worker(make_work, device, rank, workers, parent, shard_dir, pending, claimed, results) -> None:
+def _worker(make_work, device, rank, workers, parent, job_name, shard_dir, pending, claimed, results) -> None:
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped by the coordinator: exit normally
@@ -259,9 +288,10 @@ def _worker(make_work, device, rank, workers, parent, shard_dir, pending, claime
             results.put(("rows", rank, n))
 
         for i, prepared in prefetch(work.prepare, shard_indices()):
-            table, counts = work.compute(i, prepared, report)
+            parts = shards.parts(i, job_name)
+            table, counts = work.compute(i, prepared, report, parts)
             shards.write_shard(i, table, **counts, worker=f"{device}#{rank}")  # (text: not summed as a count)
-            results.put(("shard", rank, i))
+            results.put(("shard", rank, (i, parts.rows_computed, parts.rows_resumed)))
         results.put(("done", rank, None))
     except HfbatchError as exc:
         results.put(("error", rank, (exc.exit_code, exc.message)))

@@ -32,7 +32,9 @@ class TextEmbedder:
 
         return tokenize(self.tokenizer, list(texts), self.max_length, None if pairs is None else list(pairs))
 
-    def run(self, tokenized, on_batch=None):
+    def run(self, tokenized, on_batch=None, parts=None):
+        """Model outputs of `tokenized`, in its order; `parts` (hfbatch.parts.ShardParts) keeps a shard's
+        progress across kills."""
         import numpy as np
 
         from .batching import run_batches
@@ -40,7 +42,7 @@ class TextEmbedder:
         if len(tokenized) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         return run_batches(self.encoder, tokenized, self.tokenizer.pad_token_id or 0, self.batch_tokens,
-                           on_batch)
+                           on_batch, parts)
 
     def __call__(self, texts):
         return self.run(self.tokenize(texts))

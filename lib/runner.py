@@ -6,6 +6,7 @@ from a user's files such as `uv.lock` or `foo.partial/`):
     .OUT.hfbatch-lock                 fcntl lock held by the one writer (the kernel drops it when the process dies)
     .OUT.hfbatch-partial/job.json     fingerprint of the run the shards belong to
     .OUT.hfbatch-partial/shards/00003.arrow + 00003.json   a finished shard: data, then its completion record
+    .OUT.hfbatch-partial/shards/00003.parts/               a model job's progress inside shard 3 (hfbatch.parts)
     .OUT.hfbatch-tmp-<pid>/           the output being assembled; renamed to OUT only when complete
     .OUT.hfbatch-export.json          for `hfbatch export`'s single-file OUT: the identity of the file it wrote
 A directory without manifest.json is never complete: readers refuse it.
@@ -440,6 +441,12 @@ class ShardDir:
     def shard_file(self, index: int, suffix: str = ".arrow") -> Path:
         return self.shard_dir / f"{index:05d}{suffix}"
 
+    def parts(self, index: int, job: str = "hfbatch"):
+        """The committed progress inside unfinished shard `index` (hfbatch.parts): what a kill keeps."""
+        from .parts import ShardParts
+
+        return ShardParts(self.shard_file(index, ".parts"), index, job)
+
     def is_done(self, index: int) -> bool:
         return self.shard_file(index, ".json").exists()
 
@@ -488,6 +495,7 @@ class ShardDir:
             rejects_path.unlink(missing_ok=True)  # left by an earlier, killed attempt at this shard
         write_json_atomic(self.shard_file(index, ".json"),
                           {"shard": index, "rows": rows, "rejects": len(rejects or []), **counts})
+        shutil.rmtree(self.shard_file(index, ".parts"), ignore_errors=True)  # held in the shard now
 
 
 class Job(ShardDir):

@@ -161,23 +161,20 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
     done = finished_shards(out)
     assert 3 <= done < 30 and not out.exists()
 
-    # a worker killed on its own (OOM killer, a signal): the job says which one died and exits 1
-    proc = subprocess.Popen(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args),
-                                       "--devices", "cpu,cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and finished_shards(out) < done + 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    victim = spawned_workers(proc.pid)[0]
-    os.kill(victim, signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, err[-1000:]
+    # a worker killed on its own (OOM killer, a signal): the job says which one died and exits 1. The kill
+    # is forced, not raced: each worker SIGKILLs itself at its 2nd part commit inside a shard (hfbatch.parts)
+    env = {**os.environ, "HFBATCH_PART_SECONDS": "0", "HFBATCH_TEST_KILL": "part:2"}
+    proc = subprocess.run(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args), "--devices", "cpu,cpu"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-1000:]
+    err = proc.stderr
     assert "Error: the worker on cpu died (exit code -9) before finishing" in err and "Traceback" not in err
+    assert finished_shards(out) >= done and not out.exists()
     done = finished_shards(out)
-    assert not out.exists()
-    # the finished shards (about 25, from both runs) were shared by both workers
+    # every finished shard was written by one of the job's workers (which of them: a worker that starts
+    # faster takes more shards, so that both wrote some is not guaranteed and not asserted)
     writers = {json.loads(record.read_text())["worker"] for record in shards.glob("*.json")}
-    assert writers == {"cpu#0", "cpu#1"}, writers
+    assert writers and writers <= {"cpu#0", "cpu#1"}, writers
 
     rerun = subprocess.run(HFBATCH + ["embed", str(dataset), "-o", str(out), *map(str, args), "--devices",
                                       "cpu,cpu"], capture_output=True, text=True)
