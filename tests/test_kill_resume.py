@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import HFBATCH, finished_shards, invoke, load, sample_rows, write_jsonl
 
+from hfbatch.runner import OutputPaths
+
 ROWS, SHARD_ROWS, MAX_LENGTH, BATCH_TOKENS = 90, 40, 128, 256
 PARTS_EVERY_BATCH = {"HFBATCH_PART_SECONDS": "0"}
 
@@ -50,7 +52,7 @@ def killed_at(args, point: str, k: int, expect=-9, env=None):
 
 
 def shards_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial") / "shards"
+    return OutputPaths(out).shards
 
 
 def committed(out: Path) -> dict[int, list[dict]]:
