@@ -49,9 +49,9 @@ CORPUS = "/work/shared/corpora/debian-descriptions.jsonl.gz"
 QUERIES = ["a chess game", "python web framework", "text editor for the terminal", "monitor network traffic",
            "3d real-time strategy game", "library for reading PDF files"]
 # manifest keys that differ between two runs of the same build: when, which run, which versions, and the
-# hashes of upstream manifests (which hold those)
-VOLATILE = {"created_at", "build_id", "elapsed_s", "versions", "hfbatch_version", "fingerprint",
-            "manifest_sha256", "mtime_ns"}
+# hashes of upstream manifests (which hold those: `manifest_sha256`, `embeddings_manifest_sha256`, ...), and
+# times in seconds (`elapsed_s`, `build_s`, ...) and speeds (`qps`)
+VOLATILE = {"created_at", "build_id", "versions", "hfbatch_version", "fingerprint", "mtime_ns", "qps"}
 SIDES = ("old", "new")
 
 
@@ -119,10 +119,14 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _volatile(key: str) -> bool:
+    return key in VOLATILE or key.endswith("manifest_sha256") or key.endswith("_s")
+
+
 def _scrub(value, roots: dict[str, str]):
     """A manifest without what differs between any two runs, with each side's temp directory named alike."""
     if isinstance(value, dict):
-        return {k: _scrub(v, roots) for k, v in value.items() if k not in VOLATILE}
+        return {k: _scrub(v, roots) for k, v in value.items() if not _volatile(k)}
     if isinstance(value, list):
         return [_scrub(v, roots) for v in value]
     if isinstance(value, str):
