@@ -7,13 +7,11 @@ for importing torch.
 
 from __future__ import annotations
 
-import decimal
 import errno
 import functools
 import importlib
 import json
 import os
-import re
 import sys
 import time
 
@@ -21,6 +19,7 @@ import click
 
 from . import __version__, log
 from .errors import EXIT_FAILED, HfbatchError, InputError, JobFailed
+from .sizes import parse_size
 
 # name -> "module:attribute"; a new job is one line here plus its file in jobs/.
 JOBS = {
@@ -147,25 +146,9 @@ def environment_failure(exc: BaseException) -> HfbatchError | None:
 
 # ---- shared options ----------------------------------------------------------------------------------
 
-class ByteSize(int):
-    """A number of bytes that remembers how it was written: a manifest records `--shard-size 128MB` as the
-    user wrote it, so outputs stay up to date across hfbatch versions."""
-
-    text: str
-
-    def __new__(cls, number: int, text: str):
-        size = super().__new__(cls, number)
-        size.text = text
-        return size
-
-
-SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 class SizeType(click.ParamType):
-    """A size with explicit units: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, B or a bare
-    number is bytes (`128MB`, `1.5GiB`, `4000000`). The value is a ByteSize."""
+    """A size with explicit units (hfbatch.sizes.parse_size): `128MB`, `1.5GiB`, `4000000`. The value is a
+    ByteSize."""
 
     name = "size"
 
@@ -173,18 +156,10 @@ class SizeType(click.ParamType):
         self.minimum = minimum
 
     def convert(self, value, param, ctx):
-        if isinstance(value, ByteSize):
-            return value
-        text = str(value).strip()
-        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)", text)
-        unit = match and (match.group(2).upper() or "B")
-        if not match or unit not in SIZE_UNITS:
-            self.fail(f"{value!r}: give a size like 4GB or 512MiB (KB, MB, GB = 1000s of bytes; KiB, MiB, GiB "
-                      f"= 1024s; B or no unit = bytes)", param, ctx)
-        size = int(decimal.Decimal(match.group(1)) * SIZE_UNITS[unit])
-        if size < self.minimum:
-            self.fail(f"{value!r}: at least {self.minimum:,} bytes", param, ctx)
-        return ByteSize(size, text)
+        try:
+            return parse_size(value, self.minimum)
+        except InputError as exc:
+            self.fail(exc.message, param, ctx)
 
 
 def output_option(f):

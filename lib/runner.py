@@ -90,6 +90,18 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def sum_counts(records: Iterable[dict], skip: Iterable[str] = ()) -> dict:
+    """Each numeric field summed over `records` (shard records, per-source counts), in first-seen order; the
+    fields named in `skip`, and any that is not a number, are left out."""
+    skip = set(skip)
+    counts: dict = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in skip and isinstance(value, (int, float)):
+                counts[key] = counts.get(key, 0) + value
+    return counts
+
+
 MANIFEST_KEYS = ("job", "rows", "config", "inputs")  # what every manifest `Job` writes holds, and readers use
 
 
@@ -699,7 +711,7 @@ class Job(ShardDir):
             tmp = self._tmp_output()
             rows = self._link_shards(records, features, tmp, max_shard_size)
             if rows is not None:
-                counts = self._sum_counts(records)
+                counts = sum_counts(records, skip=("shard", "rows"))
                 counts["rejects"] = self._gather_rejects(n_shards, tmp)
                 if side_files is not None:
                     side_files(tmp)
@@ -723,19 +735,10 @@ class Job(ShardDir):
         if side_files is not None:
             side_files(tmp)
         n_rejects = self._gather_rejects(n_shards, tmp)
-        counts = self._sum_counts(records)
+        counts = sum_counts(records, skip=("shard", "rows"))
         counts["rejects"] = n_rejects
         manifest = self._manifest(len(dataset), counts, {"features": features.to_dict(), **(extra or {})})
         return self._finish(tmp, manifest)
-
-    @staticmethod
-    def _sum_counts(records: list[dict]) -> dict:
-        counts = {}
-        for record in records:
-            for key, value in record.items():
-                if key not in ("shard", "rows") and isinstance(value, (int, float)):
-                    counts[key] = counts.get(key, 0) + value
-        return counts
 
     def _link_shards(self, records: list[dict], features, tmp: Path, max_shard_size) -> int | None:
         """save_to_disk's layout around the shards themselves (hard links: the .partial goes away after),

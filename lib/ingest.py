@@ -1,0 +1,387 @@
+"""Ingest: files of any common format -> one memory-mapped Arrow dataset with stable ids.
+
+`ingest(sources, output, ...)` is the job, for Python callers and for the `hfbatch ingest` command alike: it
+takes the command's options (with the same defaults) and returns the summary `--json` prints.
+
+The input is cut into units of work, one resumable shard each (see runner.Job, and hfbatch.ingest_rows for
+units, the plan and `conform`). A unit is read as a stream of blocks (hfbatch.io); each block is conformed
+and appended to its shard file as it comes, so memory stays flat whatever the input size. With
+`incremental`, the units of unchanged files are carried over instead (hfbatch.ingest_carry). Publishing
+joins the shards memory-mapped and saves them with `save_to_disk`, beside the rows' content hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hfbatch import log
+from hfbatch.errors import InputError, JobFailed
+from hfbatch.ingest_carry import PreviousOutput, admit_carried, open_previous, write_carried
+from hfbatch.ingest_rows import (
+    Plan,
+    SeenHashes,
+    State,
+    Tally,
+    Unit,
+    hash64,
+    make_plan,
+    plan_units,
+    schema_dict,
+    unit_tables,
+)
+from hfbatch.runner import Job, sum_counts
+from hfbatch.sizes import parse_size
+
+FORMAT_CHOICES = ["auto", "csv", "tsv", "json", "jsonl", "parquet", "text"]
+BY_CHOICES = ["line", "file"]
+STREAMING_THRESHOLD = 256 << 20  # bytes of input (compressed files count 4x) above which --streaming is on
+MIN_SHARD_SIZE = 10**6
+
+
+# ---- options --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RejectLimit:
+    """--max-rejects: a row count (100) or a fraction of the rows read (0.01 or 1%)."""
+    text: str      # as given, for messages and the manifest
+    kind: str      # "count" or "fraction"
+    number: float
+
+    @classmethod
+    def parse(cls, value) -> RejectLimit:
+        text = str(value).strip()
+        try:
+            number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):  # nan compares false with everything: it would switch the limit off
+            raise InputError(f"--max-rejects: {value!r}: give a row count (100) or a fraction (0.01 or 1%); 100% "
+                             f"accepts any number of rejects")
+        if number < 0:
+            raise InputError(f"--max-rejects: {value!r}: must not be negative")
+        return cls(str(value), "fraction" if text.endswith("%") or number < 1 else "count", number)
+
+    def allowed(self, rows_read: int) -> float:
+        return self.number if self.kind == "count" else self.number * rows_read
+
+
+def parse_rename(values: Iterable[str]) -> dict[str, str]:
+    """`--rename old=new` options as {old: new}."""
+    mapping = {}
+    for value in values:
+        old, sep, new = value.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise InputError(f"--rename: {value!r}: write --rename old=new")
+        mapping[old.strip()] = new.strip()
+    return mapping
+
+
+def parse_columns(values: Iterable[str]) -> list[str] | None:
+    """`--columns a,b --columns c` as [a, b, c]; None for none (all columns)."""
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    return names or None
+
+
+def _check_options(fmt: str, by: str, limit, sample) -> None:
+    """What Click checks for the command, checked for Python callers too."""
+    for option, value, choices in (("--format", fmt, FORMAT_CHOICES), ("--by", by, BY_CHOICES)):
+        if value not in choices:
+            raise InputError(f"{option}: {value!r}: choose one of {', '.join(choices)}")
+    for option, value in (("--limit", limit), ("--sample", sample)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InputError(f"{option}: {value!r}: give a whole number of rows, 0 or more")
+
+
+@dataclass
+class Sources:
+    """The files to read, with the names rows and rejects give them (relative to their common directory)."""
+    paths: list[Path]
+    names: list[str]
+    formats: list[str]
+    base: Path
+    input_bytes: int  # compressed files count 4x
+
+    @classmethod
+    def find(cls, sources: list[str], fmt: str, by_file: bool, json_field) -> Sources:
+        from hfbatch.io import detect_format, expand_sources, split_compression
+
+        paths = expand_sources(sources, any_name=by_file or fmt != "auto")
+        base = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+        names = [p.resolve().relative_to(base).as_posix() for p in paths]
+        formats = ["text"] * len(paths) if by_file else [detect_format(p, fmt, json_field) for p in paths]
+        input_bytes = sum(p.stat().st_size * (4 if split_compression(p)[1] else 1) for p in paths)
+        return cls(paths, names, formats, base, input_bytes)
+
+
+# ---- the job --------------------------------------------------------------------------------------------
+
+def ingest(sources, output, *, fmt: str = "auto", by: str = "line", json_field: str | None = None,
+           text_column: str = "text", id_column: str | None = None, columns: list[str] | None = None,
+           rename: dict[str, str] | None = None, filter: str | None = None, dedup: bool = False,
+           limit: int | None = None, sample: int | None = None, seed: int = 0, max_rejects="1%",
+           streaming: bool | None = None, shard_size="128MB", force: bool = False,
+           incremental: bool = False) -> dict:
+    """Read `sources` (files, globs, directories) into an Arrow dataset at `output`; the options are those of
+    `hfbatch ingest` (`filter` is --filter's expression, `json_field` is --field, `shard_size` a number of bytes
+    or a size such as "128MB"). Returns the summary `hfbatch ingest --json` prints (less its `seconds`).
+
+    Raises InputError for bad input or options, JobFailed when more rows than `max_rejects` are rejected (the
+    rows read are kept, to resume from), Busy when another run is writing `output`."""
+    sources = [os.fspath(s) for s in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)]
+    if not sources:
+        raise InputError("give at least one source (a file, glob or directory)")
+    _check_options(fmt, by, limit, sample)
+    reject_limit = RejectLimit.parse(max_rejects)
+    shard_size = parse_size(shard_size, MIN_SHARD_SIZE, option="--shard-size")
+    rename, columns = dict(rename or {}), list(columns) if columns else None
+    by_file = by == "file"
+    found = Sources.find(sources, fmt, by_file, json_field)
+    if streaming is None:
+        streaming = found.input_bytes > STREAMING_THRESHOLD
+    # --max-rejects is not part of the config: it does not change the output, and raising it after a
+    # failed run should finish that run from its shards, not start over.
+    config = {"format": fmt, "by": by, "field": json_field, "text_column": text_column, "id_column": id_column,
+              "columns": columns, "rename": rename, "filter": filter, "dedup": dedup,
+              "limit": limit, "sample": sample, "seed": seed if sample is not None else None,
+              "streaming": streaming, "shard_size": shard_size.text}
+
+    # `datasets` takes a second of CPU to import and is only needed to publish: import it in a thread,
+    # alongside hashing and parsing (hashlib and pyarrow let go of the GIL). Everything this thread needs
+    # is imported first, so the two never wait on each other's import locks.
+    _import_readers(found.formats)
+    importer = threading.Thread(target=importlib.import_module, args=("datasets",))
+    importer.start()
+    with contextlib.ExitStack() as stack:
+        stack.callback(importer.join)
+        job = stack.enter_context(Job("ingest", output, config=config, files=found.paths, force=force,
+                                      incremental=incremental))
+        if job.up_to_date:
+            return {"job": "ingest", **job.summary()}
+        plan = make_plan(found.paths[0], found.formats[0], json_field, text_column, id_column, columns, rename,
+                         filter, dedup, limit, by_file)
+        units = plan_units(found.paths, found.names, found.formats, by_file, streaming, shard_size)
+        state = _resume_state(job, units, plan)
+        previous = open_previous(job, plan, found.names, found.base,
+                                 {"dedup": dedup, "limit": limit, "sample": sample}) if job.previous else None
+        _write_units(job, units, plan, state, previous, json_field, streaming, reject_limit)
+        records = _check_rejects(job, units, reject_limit, final=True)
+        importer.join()
+        extra = {"text_column": text_column, "max_rejects": reject_limit.text, "input_bytes": found.input_bytes,
+                 "shards_read": len(units), "source_base": str(found.base)}
+        work = _publish(job, units, plan, records, extra, sample, seed, shard_size)
+        return {"job": "ingest", **job.summary(), **work}
+
+
+def _import_readers(fmts: list[str]) -> None:
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.csv  # noqa: F401
+    import pyarrow.json  # noqa: F401
+
+    import hfbatch.expr  # noqa: F401
+    if "parquet" in fmts:
+        import pyarrow.parquet  # noqa: F401
+
+
+def _write_units(job: Job, units: list[Unit], plan: Plan, state: State, previous: PreviousOutput | None,
+                 json_field, streaming: bool, reject_limit: RejectLimit) -> None:
+    """Each pending unit into its shard, in order: carried over from the previous output where it can be, else
+    read and conformed. A shard's fsync and completion record run in a thread while the next unit is read;
+    records are still written in order (each waits for the one before), so after a kill the finished shards
+    are always the first ones."""
+    with log.Progress("ingest", None) as progress, ThreadPoolExecutor(1) as recorder:
+        recording, recording_rejects, end_row = None, 0, 1
+        # rejects of the recorded shards, kept up to date as they are recorded (re-reading every record
+        # after each unit made a many-unit run quadratic)
+        rejected = sum(_shard_record(job, i)["rejects"] for i in range(len(units)) if job.is_done(i)) \
+            if reject_limit.kind == "count" else 0
+        for index in job.pending(len(units)):
+            unit = units[index]
+            first_row = 1 if unit.start == 0 else end_row if recording else _first_row(job, index)
+            carry = previous.carry(unit) if previous else None
+            if carry is not None and admit_carried(carry, plan, state):
+                rows = write_carried(job, index, carry, plan)
+                progress.update(rows)
+                hashes, rejects, record = carry.hashes, carry.rejects, carry.record
+            else:
+                carry, tally, parts = None, Tally(), []
+                tables = unit_tables(unit, plan, state, tally, first_row, json_field, _block_bytes(unit, streaming)) \
+                    if plan.limit is None or state.kept < plan.limit else iter(())
+                rows = job.write_shard_stream(index, plan.schema,
+                                              _hashed(_progress(tables, progress), plan.text_column, parts))
+                hashes = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+                rejects, record = tally.rejects, tally.record()
+            record["unit"] = {"sources": list(unit.names), "start": unit.start, "end": unit.end,
+                              "first_row": first_row, "carried": carry is not None}
+            if recording:
+                recording.result()
+                rejected += recording_rejects
+                if reject_limit.kind == "count" and rejected > reject_limit.number:  # exceeded early: stop now
+                    _check_rejects(job, units, reject_limit, final=False)
+            recording = recorder.submit(_finish_shard, job, index, rows, hashes, rejects, record)
+            recording_rejects = len(rejects)
+            end_row = record["position"]["end_row"]
+            log.event("ingest", "unit_done", source=unit.names[0], shard=index, rows=rows,
+                      rejects=len(rejects), carried=carry is not None)
+        if recording:
+            recording.result()
+
+
+def _publish(job: Job, units: list[Unit], plan: Plan, records: list[dict], extra: dict, sample: int | None,
+             seed: int, shard_bytes: int) -> dict:
+    """The finished shards as the output (the `sample` of their rows, when given), with their content hashes
+    and, in the manifest, what --incremental needs to carry units over. Returns the rows carried and parsed."""
+    import datasets
+
+    features = datasets.Features.from_arrow_schema(plan.schema)
+    work = _work_done(records)
+    log.event("ingest", "rows_carried_and_parsed", **work)
+    extra = {**extra, "sources": _per_source(records), "schema": schema_dict(plan.schema),
+             "read_schema": schema_dict(plan.read_schema),
+             "rejects_by_kind": dict(sorted(sum_counts(r.get("reject_kinds", {}) for r in records).items())),
+             # what --incremental needs to carry units over: each unit's record, and what names are of
+             "units": [{k: v for k, v in r.items() if k != "shard"} for r in records], "work": work}
+    prepare, keep = None, None
+    if sample is not None:
+        extra["sampled_from"] = sum(r["rows"] for r in records)
+        keep = _sample_indices(extra["sampled_from"], sample, seed)
+        prepare = (lambda dataset: dataset.select(keep)) if keep is not None else None
+    job.publish_dataset(len(units), features, extra=extra, max_shard_size=int(shard_bytes), prepare=prepare,
+                        reuse_shards=True, side_files=_content_hash_writer(job, len(units), plan, keep))
+    return work
+
+
+def _block_bytes(unit: Unit, streaming: bool) -> int | None:
+    """With --streaming, fixed-size blocks (flat memory); without, an uncompressed file in one parse."""
+    from hfbatch.io import split_compression
+
+    if streaming or split_compression(unit.paths[0])[1]:
+        return None
+    return unit.paths[0].stat().st_size + 1
+
+
+def _progress(tables, progress) -> Iterator:
+    for table in tables:
+        progress.update(table.num_rows)
+        yield table
+
+
+def _hashed(tables, text_column: str, into: list) -> Iterator:
+    """`tables`, collecting the content hash of each row's text into `into` on the way."""
+    from hfbatch.hashing import text_hashes
+
+    for table in tables:
+        into.append(text_hashes(table.column(text_column)))
+        yield table
+
+
+def _first_row(job: Job, index: int) -> int:
+    """A byte range goes on counting lines where the previous range of its file stopped (on resume, from
+    that range's record: units are done in order, so it has one)."""
+    return _shard_record(job, index - 1)["position"]["end_row"]
+
+
+def _shard_record(job: Job, index: int) -> dict:
+    return json.loads(job.shard_file(index, ".json").read_text())
+
+
+def _resume_state(job: Job, units: list[Unit], plan: Plan) -> State:
+    """Ids and texts of finished shards still count for duplicates, and their rows for --limit."""
+    import pyarrow as pa
+
+    state = State(SeenHashes() if plan.id_source else None, SeenHashes() if plan.dedup else None)
+    for index in range(len(units)):
+        if not job.is_done(index):
+            continue
+        with pa.memory_map(str(job.shard_file(index))) as source:
+            for batch in pa.ipc.open_stream(source):
+                if state.ids is not None:
+                    state.ids.add_new(hash64(batch.column("id")))
+                if state.texts is not None:
+                    state.texts.add_new(hash64(batch.column(plan.text_column)))
+                state.kept += batch.num_rows
+    return state
+
+
+def _finish_shard(job: Job, index: int, rows: int, hashes: np.ndarray, rejects: list, record: dict) -> None:
+    """The shard's content hashes, then its data synced and its record: a recorded shard has its hashes."""
+    with open(job.shard_file(index, ".hashes.npy"), "wb") as fh:
+        np.save(fh, hashes)
+        fh.flush()
+        os.fsync(fh.fileno())
+    job.finish_shard(index, rows, rejects, **record)
+
+
+def _check_rejects(job: Job, units: list[Unit], reject_limit: RejectLimit, final: bool) -> list[dict]:
+    """The records of the finished shards; JobFailed, with every reject gathered in one file, where more rows
+    than --max-rejects were rejected."""
+    n = len(units)
+    records = [_shard_record(job, i) for i in range(n) if job.is_done(i)]
+    read = sum(r["rows_read"] for r in records)
+    rejected = sum(r["rejects"] for r in records)
+    if rejected > reject_limit.allowed(read):
+        kinds = sum_counts(r.get("reject_kinds", {}) for r in records)
+        gathered = job.partial / "rejects.jsonl"
+        with open(gathered, "wb") as out:
+            for i in range(n):
+                part = job.shard_file(i, ".rejects.jsonl")
+                if part.exists():
+                    out.write(part.read_bytes())
+        first = json.loads(gathered.read_text().splitlines()[0])
+        raise JobFailed(f"{rejected} of {read}{'' if final else '+'} rows were rejected "
+                        f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))}"
+                        f"), more than --max-rejects {reject_limit.text}; first: {first['source']} row {first['row']}: "
+                        f"{first['reason']}; all of them are in {gathered} (raise --max-rejects to accept "
+                        f"them: the rows already read are kept)")
+    return records
+
+
+def _per_source(records: list[dict]) -> dict:
+    """Each source's counts, summed over the units that read it."""
+    names = dict.fromkeys(name for record in records for name in record.get("sources", {}))
+    return {name: sum_counts(r["sources"][name] for r in records if name in r.get("sources", {})) for name in names}
+
+
+def _sample_indices(total: int, n: int, seed: int) -> np.ndarray | None:
+    """The rows --sample keeps, in their order; None when it keeps them all."""
+    if n >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+
+
+def _work_done(records: list[dict]) -> dict:
+    """Rows and files carried over from the previous output vs parsed, for the log and the summary."""
+    work = {"carried_rows": 0, "parsed_rows": 0}
+    files: dict[str, set] = {"carried": set(), "parsed": set()}
+    for r in records:
+        how = "carried" if r["unit"]["carried"] else "parsed"
+        work[f"{how}_rows"] += r["rows"]
+        files[how].update(r["unit"]["sources"])
+    return {**work, "carried_files": len(files["carried"]), "parsed_files": len(files["parsed"])}
+
+
+def _content_hash_writer(job: Job, n_units: int, plan: Plan, keep: np.ndarray | None):
+    """Writes OUTPUT/content_hashes.parquet (id, text hash per row, of the rows `keep` when sampled)."""
+    def write(tmp: Path) -> None:
+        import pyarrow as pa
+
+        from hfbatch.hashing import write_hash_file
+
+        ids = pa.chunked_array([chunk for i in range(n_units) for chunk in
+                                pa.ipc.open_stream(pa.memory_map(str(job.shard_file(i)))).read_all()
+                                .column("id").chunks], plan.schema.field("id").type)
+        hashes = np.concatenate([np.load(job.shard_file(i, ".hashes.npy")) for i in range(n_units)])
+        if keep is not None:
+            ids, hashes = ids.take(pa.array(keep)), hashes[keep]
+        write_hash_file(tmp, ids, hashes, text_column=plan.text_column)
+    return write
