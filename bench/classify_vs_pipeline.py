@@ -6,7 +6,7 @@
 Docs: the 2,000 held-out Debian descriptions of the demo (250 from each of the 8 largest sections), cut at
 the model's max length by both sides. Measured, in one process, model loading excluded on both sides:
   - pipeline(texts) and pipeline(texts, batch_size=32), fp32 (the pipeline's defaults);
-  - hfbatch's classify core (TextEmbedder(task="classify") + softmax) with default settings and with fp32;
+  - hfbatch's classify core (EncoderRun(task="classify") + softmax) with default settings and with fp32;
   - `hfbatch classify` as a command, end to end (start-up, model load, writing the output), default settings.
 Reports docs/s, the ratio of hfbatch's default to the faster pipeline, top-label agreement with the fp32
 pipeline, and for fp32 the largest score difference.
@@ -76,10 +76,10 @@ def run_pipeline(model_dir: Path, texts: list[str], max_length: int, batch_size:
 
 def run_core(model_dir: Path, texts: list[str], max_length: int, precision: str):
     """The classify job's core: tokenizer + encoder + token-budget batches + softmax, as the job runs it."""
-    from hfbatch.embedding import TextEmbedder
-    from hfbatch.jobs.classify import probabilities
+    from hfbatch.classify import probabilities
+    from hfbatch.embedding import EncoderRun
 
-    classifier = TextEmbedder(model_dir, task="classify", precision=precision, max_length=max_length)
+    classifier = EncoderRun(model_dir, task="classify", precision=precision, max_length=max_length)
     classifier(texts[:16])  # warm-up
     scores, seconds = timed(lambda: probabilities(classifier(texts), multi_label=False))
     return scores, seconds, classifier.settings

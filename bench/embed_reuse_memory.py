@@ -52,7 +52,7 @@ def measure(which: str, path: Path) -> dict:
     start = time.perf_counter()
     checksum = 0.0
     if which == "hfbatch":
-        from hfbatch.jobs.embed import PreviousVectors
+        from hfbatch.embedding import PreviousVectors
 
         previous = PreviousVectors(path)
         for lo in range(0, n, SHARD):

@@ -10,7 +10,7 @@ Systems, each on the same docs, all on CPU:
   hfbatch embed      the real command, `hfbatch embed DATASET -o OUT --precision P --force --json`, timed as a
                      whole process (interpreter start, imports, model load from the converted-model cache,
                      tokenizing, inference, writing the dataset), for P in --precisions
-  hfbatch core       the same engine in this process, model loaded beforehand (not timed): TextEmbedder(texts)
+  hfbatch core       the same engine in this process, model loaded beforehand (not timed): EncoderRun(texts)
                      = tokenize + token-budget batches + inference
 
 ST rates exclude model load and a 64-doc warm-up (as `core`). Every row reports docs/s, its ratio to ST fp32
@@ -159,11 +159,11 @@ def main() -> None:
             f"conversion cache hit {manifest.get('openvino', {}).get('cache_hit')}, "
             f"truncated {manifest['counts'].get('truncated', 0)} at {manifest['max_length']})")
 
-    from hfbatch.embedding import TextEmbedder
+    from hfbatch.embedding import EncoderRun
 
     for precision in precisions:
         t0 = time.perf_counter()
-        embedder = TextEmbedder(Path(args.model), precision=precision)
+        embedder = EncoderRun(Path(args.model), precision=precision)
         embedder(texts[:64])
         load = time.perf_counter() - t0
         t0 = time.perf_counter()

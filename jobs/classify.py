@@ -1,14 +1,14 @@
-"""hfbatch classify: a dataset's text -> `id`, `label`, `score` (and the top K), with a classification model."""
+"""hfbatch classify: a dataset's text -> `id`, `label`, `score` (and the top K), with a classification model.
+
+The command declares the options and hands them to the library function `hfbatch.classify.classify`, which
+is the job (shards, probabilities, labels, publishing).
+"""
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import click
 
-from hfbatch import log
-from hfbatch.batching import warn_truncated
+from hfbatch.classify import classify as run_classify
 from hfbatch.cli import (
     batching_options,
     device_options,
@@ -18,9 +18,6 @@ from hfbatch.cli import (
     text_column_option,
     trust_remote_code_option,
 )
-from hfbatch.embedding import ModelRun
-from hfbatch.errors import InputError
-from hfbatch.runner import Job
 
 
 @click.command()
@@ -52,141 +49,7 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
     Example:
         hfbatch classify out/dataset -o out/labels --model out/section-model --top-k 3
     """
-    from hfbatch.models import model_fingerprint, resolve_model_dir
-
-    model_dir = resolve_model_dir(model)
-    head = read_head(model_dir)
-    multi_label = multi_label or head["problem_type"] == "multi_label_classification"
-    config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
-              "text_column": text_column, "text_pair_column": text_pair_column, "top_k": top_k,
-              "multi_label": multi_label, "device": device, "precision": precision, "backend": backend,
-              "max_length": max_length, "shard_rows": shard_rows}
-
-    if devices:
-        from hfbatch.devices import check_devices, devices_kind
-
-        check_devices(devices, device)
-        config["devices"] = devices_kind(devices)  # only when given: single-device outputs keep their config
-
-    with Job("classify", output, config=config, datasets=[dataset], force=force) as job:
-        if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
-            return job.summary()
-        from hfbatch.devices import run_shards
-        from hfbatch.io import open_dataset, require_text_column
-
-        source, _ = open_dataset(dataset)
-        require_text_column(source, text_column, dataset)
-        if text_pair_column:
-            require_text_column(source, text_pair_column, dataset, option="--text-pair-column")
-        plan = ClassifyPlan(dataset=str(dataset), text_column=text_column, text_pair_column=text_pair_column,
-                            model_dir=str(model_dir), device=device, precision=precision, backend=backend,
-                            max_length=max_length, batch_tokens=batch_tokens, trust_remote_code=trust_remote_code,
-                            shard_rows=shard_rows, multi_label=multi_label, top_k=top_k)
-        n_shards, pending, pending_rows = job.plan_rows(len(source), shard_rows)
-        progress = log.Progress("classify", pending_rows)
-        done = run_shards(job, pending, functools.partial(ClassifyShards, plan), devices, progress)
-        progress.close()
-        info = done.info
-        k = min(top_k, len(info["labels"])) if top_k else None
-        job.publish_dataset(n_shards, labels_features(source.features["id"], k), extra={
-            "source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
-            "text_pair_column": text_pair_column, "model": str(model_dir),
-            "scores": "sigmoid" if multi_label or len(info["labels"]) == 1 else "softmax", **info})
-        warn_truncated(job, info["max_length"])
-        return {**job.summary(), **done.summary()}
-
-
-@dataclass(frozen=True)
-class ClassifyPlan(ModelRun):
-    """A classify run's options, for each process computing its shards."""
-
-    text_pair_column: str | None
-    multi_label: bool
-    top_k: int | None
-
-
-class ClassifyShards:
-    """One process's classify work (see hfbatch.devices): the dataset and the model on `device`."""
-
-    def __init__(self, plan: ClassifyPlan, device: str | None = None):
-        from pathlib import Path
-
-        from hfbatch.io import open_dataset
-        from hfbatch.tokenized import open_tokens
-
-        self.plan = plan
-        model_dir = Path(plan.model_dir)
-        source, source_manifest = open_dataset(plan.dataset)
-        self.source, self.tokens = open_tokens("classify", plan.dataset, source_manifest, source, model_dir,
-                                               plan.max_length, plan.text_column, plan.text_pair_column,
-                                               plan.trust_remote_code)  # tokens: None for a text dataset
-        self.classifier = plan.embedder("classify", device)
-        self.labels = [self.classifier.config.id2label[i] for i in range(self.classifier.dim)]
-        self.k = min(plan.top_k, len(self.labels)) if plan.top_k else None
-        self.info = {"labels": self.labels, "max_length": self.classifier.max_length, **self.classifier.settings}
-
-    def prepare(self, i):
-        plan = self.plan
-        rows = self.source[i * plan.shard_rows:(i + 1) * plan.shard_rows]
-        if self.tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
-            return rows["id"], self.tokens.take(rows)
-        return rows["id"], self.classifier.tokenize(rows[plan.text_column], rows[plan.text_pair_column]
-                                                    if plan.text_pair_column else None)
-
-    def compute(self, i, prepared, on_rows, parts=None):
-        ids, tokenized = prepared
-        scores = probabilities(self.classifier.run(tokenized, on_batch=on_rows, parts=parts), self.plan.multi_label)
-        return labels_table(ids, scores, self.labels, self.k), {"truncated": tokenized.truncated}
-
-
-def read_head(model_dir) -> dict:
-    """The classification head the config declares; refuses a bare encoder, whose head would be random."""
-    from hfbatch.models import read_json_object
-
-    config = read_json_object(model_dir / "config.json")
-    architectures = config.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise InputError(f"{model_dir} has no sequence-classification head (architectures: "
-                         f"{', '.join(architectures) or 'none'}); fine-tune one with `hfbatch train` or give "
-                         f"a *ForSequenceClassification model")
-    return {"problem_type": config.get("problem_type")}
-
-
-def probabilities(logits, multi_label: bool):
-    """What transformers' text-classification pipeline reports: softmax over labels, sigmoid per label for
-    multi-label models and for single-logit (regression-style) heads. Computed in float64, stored float32."""
-    import numpy as np
-
-    x = logits.astype(np.float64)
-    if multi_label or x.shape[1] == 1:
-        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
-    x = np.exp(x - x.max(axis=1, keepdims=True))
-    return (x / x.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def labels_features(id_feature, k: int | None):
-    import datasets
-
-    features = {"id": id_feature, "label": datasets.Value("string"), "score": datasets.Value("float32")}
-    if k:
-        features["top_labels"] = datasets.Sequence(datasets.Value("string"), length=k)
-        features["top_scores"] = datasets.Sequence(datasets.Value("float32"), length=k)
-    return datasets.Features(features)
-
-
-def labels_table(ids, scores, labels: list[str], k: int | None):
-    import numpy as np
-    import pyarrow as pa
-
-    # A stable sort on the negated scores keeps the lower label id first on ties, as argmax does.
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k or 1]
-    names = np.asarray(labels, dtype=object)
-    best = order[:, 0]
-    columns = {"id": pa.array(ids), "label": pa.array(names[best].tolist(), pa.string()),
-               "score": pa.array(scores[np.arange(len(best)), best], pa.float32())}
-    if k:
-        top = np.take_along_axis(scores, order, axis=1)
-        columns["top_labels"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(names[order].reshape(-1).tolist(), pa.string()), k)
-        columns["top_scores"] = pa.FixedSizeListArray.from_arrays(pa.array(top.reshape(-1), pa.float32()), k)
-    return pa.table(columns)
+    return run_classify(dataset, output, model=model, text_column=text_column, text_pair_column=text_pair_column,
+                        top_k=top_k, multi_label=multi_label, device=device, devices=devices, precision=precision,
+                        backend=backend, max_length=max_length, batch_tokens=batch_tokens, shard_rows=shard_rows,
+                        trust_remote_code=trust_remote_code, force=force)

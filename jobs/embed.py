@@ -1,14 +1,13 @@
-"""hfbatch embed: a dataset's text -> an `id` + `embedding` dataset, with the model's own pooling."""
+"""hfbatch embed: a dataset's text -> an `id` + `embedding` dataset, with the model's own pooling.
+
+The command declares the options and hands them to the library function `hfbatch.embedding.embed`, which is
+the job (shards, slices, chunking, vector reuse, publishing).
+"""
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import click
 
-from hfbatch import log
-from hfbatch.batching import warn_truncated
 from hfbatch.cli import (
     batching_options,
     device_options,
@@ -19,9 +18,7 @@ from hfbatch.cli import (
     text_column_option,
     trust_remote_code_option,
 )
-from hfbatch.embedding import ModelRun, embeddings_features, embeddings_table, read_similarity
-from hfbatch.hashing import HASH_FILE, SCHEME, read_hash_file, text_hashes, write_hash_file
-from hfbatch.runner import Job
+from hfbatch.embedding import embed as run_embed
 
 
 @click.command()
@@ -65,252 +62,8 @@ def embed(dataset, output, model, text_column, device, devices, precision, backe
         hfbatch embed out/dataset -o out/embeddings --precision fp32
         hfbatch embed out/dataset -o out/chunks --chunk-tokens 128 --chunk-overlap 32
     """
-    from hfbatch.devices import check_devices, devices_kind, run_shards
-    from hfbatch.io import open_dataset, require_text_column
-    from hfbatch.models import model_fingerprint, resolve_model_dir
-
-    if shard_index >= num_shards:
-        raise click.BadParameter(f"{shard_index} is not below --num-shards {num_shards}", param_hint="--shard-index")
-    chunking = chunking_config(chunk_tokens, chunk_overlap, incremental)
-    model_dir = resolve_model_dir(model)
-    similarity = read_similarity(model_dir)  # a broken config is refused before any work
-    config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
-              "text_column": text_column, "device": device, "precision": precision, "backend": backend,
-              "max_length": max_length, "shard_rows": shard_rows}
-    if devices:
-        check_devices(devices, device)
-        config["devices"] = devices_kind(devices)  # only when given: single-device outputs keep their config
-    if num_shards > 1:
-        config.update(num_shards=num_shards, shard_index=shard_index)
-    if chunking:
-        config.update(chunking)  # only when chunking: unchunked outputs keep their old config
-    # batch_tokens changes speed, not results: it is left out of the config so it can be tuned on resume.
-
-    with Job("embed", output, config=config, datasets=[dataset], force=force, incremental=incremental) as job:
-        if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
-            return job.summary()
-        source, _ = open_dataset(dataset)
-        require_text_column(source, text_column, dataset)
-        start, stop = slice_bounds(len(source), num_shards, shard_index)
-        plan = EmbedPlan(dataset=str(dataset), text_column=text_column, model_dir=str(model_dir), device=device,
-                         precision=precision, backend=backend, max_length=max_length, batch_tokens=batch_tokens,
-                         trust_remote_code=trust_remote_code, shard_rows=shard_rows, num_shards=num_shards,
-                         shard_index=shard_index, chunking=chunking,
-                         previous_output=str(job.output) if job.previous else None)
-        n_shards, pending, pending_rows = job.plan_rows(stop - start, shard_rows)
-        progress = log.Progress("embed", pending_rows)
-        done = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress)
-        progress.close()
-        info = done.info
-        extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
-                 "model": str(model_dir), **info,
-                 # how `hfbatch index` compares these vectors (pooling.normalize says whether they are unit-length)
-                 "similarity": similarity}
-        if chunking:
-            from hfbatch.chunking import chunk_features
-
-            # the shards are the output rows in its schema: they become its data files without another copy
-            manifest = job.publish_dataset(n_shards, chunk_features(source.features["id"], info["dim"]),
-                                           extra={**extra, "chunking": chunking}, reuse_shards=True)
-            counts = manifest["counts"]
-            log.event("embed", "chunked", documents=counts.get("documents", 0), chunks=counts.get("chunks", 0),
-                      split_documents=counts.get("split_documents", 0))
-            return {**job.summary(), **done.summary()}
-        features = embeddings_features(source.features["id"], info["dim"])
-        job.publish_dataset(n_shards, features, fill=_write_hashes(info["hash_scheme"]),
-                            extra={k: v for k, v in extra.items() if k != "hash_scheme"})
-        warn_truncated(job, info["max_length"])
-        return {**job.summary(), **done.summary()}
-
-
-@dataclass(frozen=True)
-class EmbedPlan(ModelRun):
-    """An embed run's options, for each process computing its shards."""
-
-    num_shards: int
-    shard_index: int
-    chunking: dict  # {} without --chunk-tokens
-    previous_output: str | None  # the output that --incremental updates
-
-
-class EmbedShards:
-    """One process's embed work (see hfbatch.devices): the dataset slice, the model on `device`, and with
-    --incremental the vectors being reused."""
-
-    def __init__(self, plan: EmbedPlan, device: str | None = None):
-        from pathlib import Path
-
-        from hfbatch.io import open_dataset
-        from hfbatch.tokenized import open_tokens
-
-        self.plan = plan
-        model_dir = Path(plan.model_dir)
-        source, source_manifest = open_dataset(plan.dataset)  # its text column was checked by the command
-        source, self.tokens = open_tokens("embed", plan.dataset, source_manifest, source, model_dir, plan.max_length,
-                                          plan.text_column, trust_remote_code=plan.trust_remote_code)  # None: text
-        total_rows = len(source)
-        start, stop = slice_bounds(total_rows, plan.num_shards, plan.shard_index)
-        self.source = source.select(range(start, stop)) if plan.num_shards > 1 else source
-        if plan.chunking:  # refuse a window the model cannot take before loading its weights
-            from hfbatch.chunking import check_chunk_options, model_content_limit
-
-            check_chunk_options(plan.chunking["chunk_tokens"], plan.chunking["chunk_overlap"],
-                                model_content_limit(model_dir, plan.max_length, plan.trust_remote_code))
-        self.embedder = plan.embedder("embed", device)
-        if plan.chunking:
-            from hfbatch.chunking import chunk_features
-
-            self.chunk_features = chunk_features(self.source.features["id"], self.embedder.dim)
-        self.previous = PreviousVectors(plan.previous_output) if plan.previous_output else None
-        self.scheme = self.previous.scheme if self.previous else SCHEME  # compare hashes of the same kind
-        self.given = None if plan.chunking else \
-            given_hashes(plan.dataset, plan.text_column, self.scheme, total_rows, start, stop)
-        self.info = {"dim": self.embedder.dim, "max_length": self.embedder.max_length,
-                     "slice": {"index": plan.shard_index, "count": plan.num_shards, "start": start, "stop": stop},
-                     **self.embedder.settings}
-        if not plan.chunking:
-            self.info["hash_scheme"] = self.scheme
-
-    def _rows(self, i):
-        rows_per_shard = self.plan.shard_rows
-        return self.source[i * rows_per_shard:(i + 1) * rows_per_shard]
-
-    def prepare(self, i):
-        """Shard i's ids and tokens; without chunking also its text hashes and the rows to compute (the rest
-        is reused from the output being updated)."""
-        import numpy as np
-
-        rows, column = self._rows(i), self.plan.text_column
-        if self.plan.chunking:
-            from hfbatch.chunking import chunk_texts
-
-            return rows["id"], chunk_texts(self.embedder.tokenizer, rows[column], self.plan.chunking["chunk_tokens"],
-                                           self.plan.chunking["chunk_overlap"])
-        lo = i * self.plan.shard_rows
-        hashes = self.given[lo:lo + len(rows["id"])] if self.given is not None \
-            else text_hashes(rows[column], self.scheme)
-        old_rows = None if self.previous is None else self.previous.reusable(rows["id"], hashes)
-        todo = list(range(len(hashes))) if old_rows is None else np.flatnonzero(old_rows < 0).tolist()
-        if self.tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
-            tokenized = self.tokens.take(rows, todo)
-        else:
-            tokenized = self.embedder.tokenize([rows[column][r] for r in todo])
-        return rows["id"], hashes, old_rows, todo, tokenized
-
-    def compute(self, i, prepared, on_rows, parts=None):
-        if self.plan.chunking:
-            from hfbatch.chunking import chunks_table
-
-            ids, chunks = prepared
-            vectors = self.embedder.run(chunks.tokenized, parts=parts)
-            on_rows(len(ids))
-            split = sum(c == 1 for c in chunks.chunk)  # documents with a second window
-            return chunks_table(ids, chunks, vectors, self.chunk_features), {
-                "documents": len(ids), "chunks": len(chunks), "split_documents": split}
-        ids, hashes, old_rows, todo, tokenized = prepared
-        computed = self.embedder.run(tokenized, on_batch=on_rows, parts=parts)
-        if old_rows is None:
-            vectors = computed
-        else:
-            vectors = self.previous.vectors(old_rows)  # reused rows; the computed ones are filled in below
-            vectors[todo] = computed
-            on_rows(len(ids) - len(todo))
-        return embeddings_table(ids, vectors, self.embedder.dim, hashes), {
-            "truncated": tokenized.truncated, "computed": len(todo), "reused": len(ids) - len(todo)}
-
-
-def chunking_config(chunk_tokens, chunk_overlap, incremental) -> dict:
-    """The chunk options as config entries ({} without --chunk-tokens); combinations that make no sense are
-    refused here, before anything is loaded."""
-    from hfbatch.chunking import check_chunk_options
-    from hfbatch.errors import InputError
-
-    if chunk_tokens is None:
-        if chunk_overlap is not None:
-            raise InputError("--chunk-overlap needs --chunk-tokens")
-        return {}
-    if incremental:
-        raise InputError("--incremental cannot update a chunked output (--chunk-tokens); "
-                         "recompute it with --force instead")
-    chunk_overlap = chunk_overlap or 0
-    check_chunk_options(chunk_tokens, chunk_overlap)
-    return {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap}
-
-
-def slice_bounds(total, num_shards, shard_index):
-    """Rows [start, stop) of slice `shard_index`: contiguous, so merged slices keep the dataset's order."""
-    return total * shard_index // num_shards, total * (shard_index + 1) // num_shards
-
-
-
-def given_hashes(dataset, text_column, scheme, total, start, stop):
-    """The content hashes of rows start..stop that `ingest` stored with DATASET, when they are of this
-    scheme and column (then no text is hashed here); else None."""
-    stored = read_hash_file(dataset, with_ids=False)
-    if stored is None or stored.scheme != scheme or stored.text_column != text_column:
-        return None
-    if len(stored.hashes) != total:
-        return None
-    return stored.hashes[start:stop]
-
-
-def _write_hashes(scheme):
-    def fill(tmp, joined):
-        """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a
-        Parquet side file for the next --incremental run."""
-        import numpy as np
-
-        table = joined.data.table  # (no rows: joined from no shard, without the shards' text_hash)
-        hashes = table.column("text_hash").to_numpy() if "text_hash" in table.column_names else np.zeros(0, np.int64)
-        write_hash_file(tmp, table.column("id"), hashes, scheme=scheme)
-    return fill
-
-
-class PreviousVectors:
-    """The output being updated by --incremental: id -> its row and text hash (one hash table, built once),
-    vectors taken from the memory-mapped output by row, so reusing 1M old vectors does not copy them all
-    into memory (and each --devices worker maps the same pages)."""
-
-    def __init__(self, path):
-        import numpy as np
-        import pandas as pd
-
-        from hfbatch.errors import InputError
-        from hfbatch.io import load_saved_dataset
-
-        stored = read_hash_file(path)
-        if stored is None:
-            raise InputError(f"{path} has no {HASH_FILE} (made by an older hfbatch): --incremental needs it; "
-                             f"recompute once with --force")
-        self.scheme = stored.scheme
-        self.hashes = np.asarray(stored.hashes, dtype=np.int64)
-        rows = pd.Series(np.arange(len(self.hashes)), index=stored.ids.to_pandas())
-        self.rows = rows[~rows.index.duplicated(keep="last")]  # a repeated id: its last row, as a dict would
-        column = load_saved_dataset(path, "the output --incremental updates", "embed").data.table.column("embedding")
-        self.dim = column.type.list_size
-        # zero-copy [rows, dim] views of the memory-mapped chunks (pyarrow's ChunkedArray.take would first
-        # concatenate them: a copy of every old vector per call)
-        self.blocks = [np.asarray(chunk.flatten().to_numpy(zero_copy_only=chunk.null_count == 0),
-                                  dtype=np.float32).reshape(-1, self.dim) for chunk in column.chunks]
-        self.starts = np.cumsum([0] + [len(b) for b in self.blocks])
-
-    def reusable(self, ids, hashes):
-        """For each row: the old output's row holding its vector when the id is there with the same text
-        hash, else -1."""
-        import numpy as np
-
-        found = self.rows.index.get_indexer(ids)
-        old = np.where(found >= 0, self.rows.to_numpy()[np.maximum(found, 0)], -1)
-        same = (old >= 0) & (self.hashes[np.maximum(old, 0)] == np.asarray(hashes, dtype=np.int64))
-        return np.where(same, old, -1)
-
-    def vectors(self, old_rows):
-        """[len(old_rows), dim] float32 from the old output; zeros where old_rows is -1."""
-        import numpy as np
-
-        out = np.zeros((len(old_rows), self.dim), dtype=np.float32)
-        block_of = np.searchsorted(self.starts, old_rows, side="right") - 1
-        for b in np.unique(block_of[old_rows >= 0]):
-            rows = np.flatnonzero((block_of == b) & (old_rows >= 0))
-            out[rows] = self.blocks[b][old_rows[rows] - self.starts[b]]
-        return out
+    return run_embed(dataset, output, model=model, text_column=text_column, device=device, devices=devices,
+                     precision=precision, backend=backend, max_length=max_length, batch_tokens=batch_tokens,
+                     shard_rows=shard_rows, trust_remote_code=trust_remote_code, force=force, incremental=incremental,
+                     num_shards=num_shards, shard_index=shard_index, chunk_tokens=chunk_tokens,
+                     chunk_overlap=chunk_overlap)

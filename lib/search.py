@@ -350,13 +350,13 @@ def query_precision(precision, device):
 
 
 def query_embedder(manifest, *, model, trust_remote_code, device, precision):
-    from hfbatch.embedding import TextEmbedder
+    from hfbatch.embedding import EncoderRun
     from hfbatch.models import choose_device, resolve_model_dir
 
     model_dir = resolve_model_dir(model or manifest["model"])
     device = choose_device(device)
     settings = manifest.get("embedding_settings") or {}  # max_length is the model's, not the hardware's
-    embedder = TextEmbedder(model_dir, device=device, precision=query_precision(precision, device),
+    embedder = EncoderRun(model_dir, device=device, precision=query_precision(precision, device),
                             max_length=settings.get("max_length"), trust_remote_code=trust_remote_code)
     if embedder.dim != manifest.get("dim"):
         raise InputError(f"--model {model_dir} makes {embedder.dim}-d vectors but the index holds "

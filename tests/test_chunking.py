@@ -112,11 +112,11 @@ def test_a_chunk_embedding_is_the_embedding_of_its_window(built, tiny_model, tok
     text re-tokenizes to the same tokens (the window does not start inside a word), embedding the span text
     gives the same vector too."""
     from hfbatch.batching import Tokenized
-    from hfbatch.embedding import TextEmbedder
+    from hfbatch.embedding import EncoderRun
 
     chunks = load(built / "chunks")
     texts = {r["id"]: r["text"] for r in sample_rows()}
-    embedder = TextEmbedder(tiny_model, precision="fp32", backend="torch")
+    embedder = EncoderRun(tiny_model, precision="fp32", backend="torch")
     picked = list(chunks.select(range(0, len(chunks), 5)))
     windows = []
     for r in picked:
@@ -224,7 +224,7 @@ def test_the_index_manifest_knows_it_holds_chunks(built):
 
 
 def test_search_returns_distinct_documents_at_their_best_chunk(built, runner, tiny_model, span_queries):
-    from hfbatch.embedding import TextEmbedder
+    from hfbatch.embedding import EncoderRun
 
     doc_id, chunk, span = span_queries[0]
     hits = hits_of(invoke(runner, ["search", built / "index", span, "-k", 10, "--show-span"]))
@@ -238,7 +238,7 @@ def test_search_returns_distinct_documents_at_their_best_chunk(built, runner, ti
     # the same ranking by brute force: every chunk scored, each document keeps its best
     chunks = load(built / "chunks")
     vectors = np.array(chunks["embedding"], dtype=np.float32)
-    query = TextEmbedder(tiny_model, precision="fp32")([span])[0]
+    query = EncoderRun(tiny_model, precision="fp32")([span])[0]
     best = {}
     for row, score in enumerate(vectors @ query):
         d = chunks[row]["doc_id"]

@@ -100,8 +100,8 @@ def test_previous_vectors_are_taken_from_every_chunk_of_the_old_output(tmp_path)
     import datasets
     import pyarrow as pa
 
+    from hfbatch.embedding import PreviousVectors
     from hfbatch.hashing import write_hash_file
-    from hfbatch.jobs.embed import PreviousVectors
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((10, 4)).astype(np.float32)

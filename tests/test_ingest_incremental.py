@@ -178,12 +178,12 @@ def test_embed_incremental_after_ingest_incremental_computes_only_new_and_change
     change_row(src / "part1.jsonl", 7)
     write_jsonl(src / "part3.jsonl", [{"package": "new", "section": "new", "text": f"new doc {i}"} for i in range(3)])
     invoke(runner, ["ingest", src, "-o", tmp_path / "ds", "--incremental"])
-    import hfbatch.jobs.embed
+    import hfbatch.embedding
 
     def no_hashing(*args):
         raise AssertionError("embed hashed texts that ingest had hashed already")
 
-    monkeypatch.setattr(hfbatch.jobs.embed, "text_hashes", no_hashing)  # the ingest output's hashes are used
+    monkeypatch.setattr(hfbatch.embedding, "text_hashes", no_hashing)  # the ingest output's hashes are used
     result = invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", *embed, "--incremental", "--json"])
     summary = json.loads(result.stdout)
     assert summary["computed"] == 4 and summary["reused"] == 119

@@ -164,7 +164,7 @@ def test_query_vectors_match_fp32_ones_within_the_models_tolerance(tmp_path, run
 @pytest.mark.parametrize("similarity,metric", [(None, "ip"), ("cosine", "ip"), ("dot", "ip"), ("euclidean", "l2")])
 def test_the_index_answers_as_brute_force_under_the_models_similarity(tmp_path, runner, tiny_model_factory,
                                                                      similarity, metric):
-    from hfbatch.embedding import TextEmbedder
+    from hfbatch.embedding import EncoderRun
 
     model = tiny_model_factory(f"plain-{similarity}", normalize=False, seed=3)
     if similarity:
@@ -177,7 +177,7 @@ def test_the_index_answers_as_brute_force_under_the_models_similarity(tmp_path, 
     vectors = np.asarray(load(tmp_path / "emb").with_format("numpy")["embedding"])
     assert np.abs(np.linalg.norm(vectors, axis=1) - 1).max() > 0.01   # no Normalize module: not unit-length
     queries = ["a chess game", "python library for json", "fast network server", "text editor"]
-    q = TextEmbedder(model, precision="fp32", backend="torch")(queries)
+    q = EncoderRun(model, precision="fp32", backend="torch")(queries)
     if (similarity or "cosine") == "cosine":
         truth = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (vectors / np.linalg.norm(vectors, axis=1,
                                                                                          keepdims=True)).T
