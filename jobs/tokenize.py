@@ -1,13 +1,13 @@
-"""hfbatch tokenize: a dataset's text -> the same rows plus their token ids, for embed / classify to reuse."""
+"""hfbatch tokenize: a dataset's text -> the same rows plus their token ids, for embed / classify to reuse.
+
+The command declares the options and hands them to the library function `hfbatch.tokenized.tokenize`, which
+is the job.
+"""
 
 from __future__ import annotations
 
-import os
-
 import click
 
-from hfbatch import log
-from hfbatch.batching import warn_truncated
 from hfbatch.cli import (
     force_option,
     json_summary,
@@ -17,8 +17,7 @@ from hfbatch.cli import (
     text_column_option,
     trust_remote_code_option,
 )
-from hfbatch.errors import InputError
-from hfbatch.runner import Job
+from hfbatch.tokenized import tokenize as run_tokenize
 
 
 @click.command()
@@ -51,64 +50,6 @@ def tokenize(dataset, output, model, text_column, text_pair_column, max_length, 
         hfbatch tokenize out/dataset -o out/tokens --num-proc 2
         hfbatch embed out/tokens -o out/embeddings
     """
-    from hfbatch.models import model_fingerprint, resolve_model_dir
-
-    model_dir = resolve_model_dir(model)
-    # num_proc changes speed, not results: left out of the config, like embed's --batch-tokens
-    config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
-              "text_column": text_column, "text_pair_column": text_pair_column, "max_length": max_length,
-              "offsets": offsets, "shard_rows": shard_rows}
-
-    with Job("tokenize", output, config=config, datasets=[dataset], force=force) as job:
-        if job.up_to_date:
-            return job.summary()
-        import datasets
-
-        from hfbatch.io import open_dataset, require_text_column
-        from hfbatch.tokenized import TokenizeBatch, cached_tokenizer, expected_tokenization, token_features
-
-        source, _ = open_dataset(dataset)
-        require_text_column(source, text_column, dataset)
-        if text_pair_column:
-            require_text_column(source, text_pair_column, dataset, option="--text-pair-column")
-        taken = [c for c in source.column_names if c in ("input_ids", "attention_mask", "token_type_ids",
-                                                          "offset_mapping", "truncated")]
-        if taken:
-            raise InputError(f"{dataset} already has column(s) {', '.join(taken)} (is it tokenized already?); "
-                             f"tokenize the dataset that `hfbatch ingest` made")
-        if num_proc > 1:
-            # Workers must not start the tokenizer's own thread pool (a forked pool deadlocks), and N
-            # processes each running a pool would only oversubscribe the cores.
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        wanted = expected_tokenization(model_dir, max_length, trust_remote_code)
-        tokenizer = cached_tokenizer(model_dir, trust_remote_code)
-        features = datasets.Features({**source.features, **token_features(tokenizer, offsets)})
-        function = TokenizeBatch(model_dir, wanted["max_length"], text_column, text_pair_column, offsets,
-                                 trust_remote_code)
-        n_shards, pending, pending_rows = job.plan_rows(len(source), shard_rows)
-        progress = log.Progress("tokenize", pending_rows)
-        for i in pending:
-            part = source.select(range(i * shard_rows, min((i + 1) * shard_rows, len(source))))
-            cache = job.shard_file(i, ".map.arrow")
-            mapped = part.map(function, batched=True, batch_size=1000, features=features,
-                              num_proc=num_proc if num_proc > 1 and len(part) > 1 else None,
-                              cache_file_name=str(cache), load_from_cache_file=False,
-                              new_fingerprint=f"{job.fingerprint}-{i:05d}", desc="tokenize")
-            # (map adds no column to no rows: an empty part is written in the output's schema)
-            table = mapped.data.table if len(part) else features.arrow_schema.empty_table()
-            rows = job.write_shard_stream(i, table.schema, table.to_batches(max_chunksize=10_000))
-            truncated = int(table.column("truncated").to_numpy(zero_copy_only=False).sum())
-            job.finish_shard(i, rows, truncated=truncated)
-            del mapped, table
-            for leftover in job.shard_dir.glob(f"{i:05d}.map*.arrow"):  # map's own files (one per worker)
-                leftover.unlink()
-            progress.update(rows)
-        progress.close()
-        info = {"model": str(model_dir), "model_fingerprint": config["model_fingerprint"],
-                "tokenizer_fingerprint": wanted["tokenizer_fingerprint"], "max_length": wanted["max_length"],
-                "text_column": text_column, "text_pair_column": text_pair_column,
-                "columns": list(token_features(tokenizer, offsets))}
-        job.publish_dataset(n_shards, features, reuse_shards=True, extra={
-            "source_dataset": str(job.inputs[0]["path"]), "tokenized": info})
-        warn_truncated(job, wanted["max_length"])
-        return job.summary()
+    return run_tokenize(dataset, output, model=model, text_column=text_column, text_pair_column=text_pair_column,
+                        max_length=max_length, offsets=offsets, num_proc=num_proc, shard_rows=shard_rows,
+                        trust_remote_code=trust_remote_code, force=force)
