@@ -76,7 +76,7 @@ def run_pipeline(model_dir: Path, texts: list[str], max_length: int, batch_size:
 
 def run_core(model_dir: Path, texts: list[str], max_length: int, precision: str):
     """The classify job's core: tokenizer + encoder + token-budget batches + softmax, as the job runs it."""
-    from hfbatch.classify import probabilities
+    from hfbatch.classification import probabilities
     from hfbatch.embedding import EncoderRun
 
     classifier = EncoderRun(model_dir, task="classify", precision=precision, max_length=max_length)

@@ -118,7 +118,7 @@ def ensure_synthetic(workdir: str, n: int, dim: int, seed: int, queries: int) ->
 
 def open_reader(path: str):
     """The vectors as hfbatch reads them, for the exact baseline: made elsewhere, or an embed output."""
-    from hfbatch import index as hx
+    from hfbatch import indexing as hx
     from hfbatch.vectors import is_foreign, open_vectors
 
     return open_vectors(path).reader if is_foreign(path) else hx.ArrowVectors(path)
@@ -186,7 +186,7 @@ def main() -> None:
 
     import faiss
 
-    from hfbatch import index as hx
+    from hfbatch import indexing as hx
 
     os.makedirs(args.workdir, exist_ok=True)
     if args.vectors:
@@ -249,7 +249,7 @@ def main() -> None:
     # under load the wall-clock ratio moves, the CPU ratio should not.
     # "flat" is IndexFlatIP as faiss ships it; this wheel only switches exact
     # search to BLAS above 128000 queries (distance_compute_blas_threshold), so
-    # "flat+BLAS" (threshold 20, as hfbatch.index.exact_neighbors does) is
+    # "flat+BLAS" (threshold 20, as hfbatch.indexing.exact_neighbors does) is
     # timed too (twice only). On the shared 2-core machine at load ~6 it was
     # the slower of the two (48 against 84 QPS at 1M), so the ratio to
     # IndexFlatIP is the conservative one there.

@@ -1,6 +1,6 @@
 """hfbatch classify: a dataset's text -> `id`, `label`, `score` (and the top K), with a classification model.
 
-The command declares the options and hands them to the library function `hfbatch.classify.classify`, which
+The command declares the options and hands them to the library function `hfbatch.classification.classify`, which
 is the job (shards, probabilities, labels, publishing).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from hfbatch.classify import classify as run_classify
+from hfbatch.classification import classify as run_classify
 from hfbatch.cli import (
     batching_options,
     device_options,

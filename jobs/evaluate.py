@@ -1,5 +1,5 @@
 """hfbatch evaluate: retrieval quality of an index on queries with known relevant ids.
-The work is hfbatch.search.evaluate."""
+The work is hfbatch.retrieval.evaluate."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def evaluate(index_dir, queries_file, query_vectors, k, nprobe, ef, model, trust
         hfbatch evaluate out/vector-index --query-vectors q.npy --queries qrels.jsonl
     """
     from hfbatch import metrics
-    from hfbatch.search import evaluate as evaluate_index
+    from hfbatch.retrieval import evaluate as evaluate_index
 
     result = evaluate_index(index_dir, queries_file, query_vectors=query_vectors, k=k, nprobe=nprobe, ef=ef,
                             model=model, trust_remote_code=trust_remote_code, device=device, precision=precision)

@@ -1,5 +1,5 @@
 """hfbatch index: an embeddings dataset, or vectors made elsewhere, -> a FAISS index directory, tuned to a
-target recall. The work is hfbatch.index.make_index."""
+target recall. The work is hfbatch.indexing.make_index."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
         hfbatch index vectors.parquet -o out/index --vector-column vec --metric dot
         hfbatch index vectors.npy --ids ids.txt -o out/index
     """
-    from hfbatch.index import make_index
+    from hfbatch.indexing import make_index
 
     return make_index(embeddings, output, kind=kind, factory=factory,
                       memory_budget=memory_budget and memory_budget.text,  # as written, for the manifest

@@ -1,6 +1,6 @@
 """hfbatch ingest: files of any common format -> one memory-mapped Arrow dataset with stable ids.
 
-The command declares the options and hands them to the library function `hfbatch.ingest.ingest`, which is
+The command declares the options and hands them to the library function `hfbatch.ingestion.ingest`, which is
 the job (planning, reading, conforming, carrying over, publishing).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from hfbatch.cli import SizeType, force_option, json_summary, output_option, text_column_option
-from hfbatch.ingest import (
+from hfbatch.ingestion import (
     BY_CHOICES,
     FORMAT_CHOICES,
     MIN_SHARD_SIZE,
@@ -17,7 +17,7 @@ from hfbatch.ingest import (
     parse_columns,
     parse_rename,
 )
-from hfbatch.ingest import ingest as run_ingest
+from hfbatch.ingestion import ingest as run_ingest
 
 
 @click.command()

@@ -1,5 +1,5 @@
 """hfbatch search: queries -> ranked hits from an index, as JSON Lines on stdout or a dataset (-o).
-The work is hfbatch.search.search."""
+The work is hfbatch.retrieval.search."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hfbatch.cli import force_option, model_option, query_device_options, trust_
 
 
 def parse_filter(ctx, param, values):
-    from hfbatch.search import parse_filters
+    from hfbatch.retrieval import parse_filters
 
     return parse_filters(values)
 
@@ -70,7 +70,7 @@ def search(index_dir, queries, queries_file, query_vectors, query_ids, k, filter
         hfbatch search out/index --queries q.jsonl --filter section=games -o out/hits
         hfbatch search out/vector-index --query-vectors queries.npy -k 10
     """
-    from hfbatch.search import search as search_index
+    from hfbatch.retrieval import search as search_index
 
     hits = search_index(index_dir, queries, queries_file=queries_file, query_vectors=query_vectors,
                         query_ids=query_ids, k=k, filters=filters, output=output, show_span=show_span,

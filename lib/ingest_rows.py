@@ -3,7 +3,7 @@ is read, and `conform` (rename, rejects, ids, filter, dedup, limit) applied to e
 
 A unit is what one resumable shard reads: a file, a byte range of a big uncompressed JSON Lines or text file,
 or a group of files with `--by file`. The readers of each format (hfbatch.io) give a unit's blocks; the
-entry point and shard loop are in hfbatch.ingest, the carry-over of unchanged files in hfbatch.ingest_carry.
+entry point and shard loop are in hfbatch.ingestion, the carry-over of unchanged files in hfbatch.ingest_carry.
 """
 
 from __future__ import annotations

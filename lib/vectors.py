@@ -10,7 +10,7 @@ memory-mapped (pyarrow memory_map, np.load mmap_mode="r"), never unpickled (allo
 before anything is written: the column's type, ragged or null rows, NaN/inf values, the count and uniqueness
 of the ids. Each problem is one InputError naming the file, column or row.
 
-A reader is hfbatch.index's `read_chunk(start, stop) -> float32 [stop - start, dim]` with `n`, `dim` and
+A reader is hfbatch.indexing's `read_chunk(start, stop) -> float32 [stop - start, dim]` with `n`, `dim` and
 `take(rows)`, so the index code reads these exactly as it reads an embed output.
 """
 
@@ -98,7 +98,7 @@ def table_files(path: Path) -> tuple[str, list[Path]]:
 
 
 def dataset_reader(path: Path, files: list[Path], column: str):
-    from hfbatch.index import ArrowVectors
+    from hfbatch.indexing import ArrowVectors
 
     schema = _arrow_schema(files[0])
     _check_column(schema, column, path)
@@ -137,7 +137,7 @@ class ParquetVectors:
 
     The last decoded row group is kept, so sequential reads and sorted `take`s decode each group once; memory
     is one row group (write big files with row groups of ~64k rows). After each decode the mapped pages are
-    given back (madvise DONTNEED; they stay in the OS page cache), as hfbatch.index.ArrowVectors does, so a
+    given back (madvise DONTNEED; they stay in the OS page cache), as hfbatch.indexing.ArrowVectors does, so a
     1.5 GB file does not add 1.5 GB to the process's resident memory."""
 
     def __init__(self, files: list[Path], column: str):

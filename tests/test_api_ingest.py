@@ -1,4 +1,4 @@
-"""`hfbatch.ingest.ingest(...)` called from Python, in this process (no CliRunner): the same output and summary
+"""`hfbatch.ingestion.ingest(...)` called from Python, in this process (no CliRunner): the same output and summary
 as `hfbatch ingest --json`, the same up-to-date check, resume and lock, and hfbatch's own exceptions."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 from conftest import invoke, load, write_jsonl
 
 from hfbatch.errors import Busy, InputError, JobFailed
-from hfbatch.ingest import ingest
+from hfbatch.ingestion import ingest
 from hfbatch.runner import OutputLock, OutputPaths
 
 
@@ -79,15 +79,15 @@ def test_a_held_lock_raises_busy(tmp_path, sources):
 
 
 def test_too_many_rejects_fail_and_a_second_call_resumes_from_the_shards(tmp_path, sources, monkeypatch):
-    import hfbatch.ingest
+    import hfbatch.ingestion
 
     with pytest.raises(JobFailed, match="1 of 5 rows were rejected") as raised:
         ingest(sources, output=tmp_path / "out", text_column="body", max_rejects="0")
     assert raised.value.exit_code == 1 and not (tmp_path / "out").exists()
 
     read = []
-    unit_tables = hfbatch.ingest.unit_tables
-    monkeypatch.setattr(hfbatch.ingest, "unit_tables",
+    unit_tables = hfbatch.ingestion.unit_tables
+    monkeypatch.setattr(hfbatch.ingestion, "unit_tables",
                         lambda unit, *args, **kwargs: read.append(unit) or unit_tables(unit, *args, **kwargs))
     summary = ingest(sources, output=tmp_path / "out", text_column="body", max_rejects="1")
     assert read == []  # both files' shards were finished by the failed call: nothing is read again

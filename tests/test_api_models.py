@@ -1,4 +1,4 @@
-"""The model jobs as Python functions (hfbatch.embedding.embed, hfbatch.classify.classify), without the CLI:
+"""The model jobs as Python functions (hfbatch.embedding.embed, hfbatch.classification.classify), without the CLI:
 the same summary as --json, the same outputs, the same no-op re-run and the same errors."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import pytest
 from conftest import invoke, make_tiny_model, write_jsonl
 
-import hfbatch.classify
+import hfbatch.classification
 import hfbatch.embedding
-import hfbatch.ingest
+import hfbatch.ingestion
 from hfbatch.errors import InputError
 from hfbatch.io import open_dataset
 
@@ -22,7 +22,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("api-models")
     write_jsonl(root / "docs.jsonl", [{"id": f"d{i}", "text": f"document {i} about {'chess' if i % 2 else 'go'}"}
                                       for i in range(37)])
-    hfbatch.ingest.ingest([str(root / "docs.jsonl")], str(root / "ds"))
+    hfbatch.ingestion.ingest([str(root / "docs.jsonl")], str(root / "ds"))
     return root / "ds"
 
 
@@ -67,7 +67,7 @@ def test_embed_api_matches_cli(runner, tmp_path, dataset, tiny_model):
 
 def test_classify_api_matches_cli(runner, tmp_path, dataset, classifier):
     def call(output, _dataset, **kw):
-        return hfbatch.classify.classify(str(_dataset), output, **kw)
+        return hfbatch.classification.classify(str(_dataset), output, **kw)
 
     options = {"_dataset": dataset, "model": str(classifier), "top_k": 2, "precision": "fp32",
                "backend": "torch", "shard_rows": 10}
@@ -83,7 +83,7 @@ def test_bad_options_raise_input_error(tmp_path, dataset, tiny_model, classifier
     with pytest.raises(InputError, match="--chunk-overlap needs --chunk-tokens"):
         hfbatch.embedding.embed(str(dataset), str(tmp_path / "e"), model=str(tiny_model), chunk_overlap=4)
     with pytest.raises(InputError, match="no sequence-classification head"):
-        hfbatch.classify.classify(str(dataset), str(tmp_path / "c"), model=str(tiny_model))
+        hfbatch.classification.classify(str(dataset), str(tmp_path / "c"), model=str(tiny_model))
     with pytest.raises(InputError, match="body"):
-        hfbatch.classify.classify(str(dataset), str(tmp_path / "c"), model=str(classifier), text_column="body")
+        hfbatch.classification.classify(str(dataset), str(tmp_path / "c"), model=str(classifier), text_column="body")
     assert not (tmp_path / "e").exists() and not (tmp_path / "c").exists()

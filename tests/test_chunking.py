@@ -288,7 +288,7 @@ def test_evaluate_over_chunks_counts_documents(built, runner, span_queries, tmp_
 
 
 def test_best_chunk_per_document_widens_while_too_few_documents():
-    from hfbatch.search import best_chunk_per_document
+    from hfbatch.retrieval import best_chunk_per_document
 
     doc_codes = np.repeat(np.arange(5), 10)  # 5 documents of 10 chunks; the best chunks all in document 0 ...
     order = np.argsort(np.arange(50) % 10 * 5 + np.arange(50) // 10)  # ... then every document's chunk 1, ...

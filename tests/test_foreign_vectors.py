@@ -156,8 +156,8 @@ def test_evaluate_gives_recall_one_for_indexed_vectors_on_a_flat_index(tmp_path,
 
 
 def test_the_python_api_searches_with_query_vectors(tmp_path, data):
-    from hfbatch.index import make_index
-    from hfbatch.search import search
+    from hfbatch.indexing import make_index
+    from hfbatch.retrieval import search
 
     vectors, queries, ids = data
     path, _ = write_input(tmp_path, "dataset", vectors, ids)

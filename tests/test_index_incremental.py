@@ -45,7 +45,7 @@ def edited(ids, vectors, seed=1):
 
 
 def search(index_dir, queries, k=10):
-    from hfbatch.index import apply_search_params, load_index
+    from hfbatch.indexing import apply_search_params, load_index
 
     manifest = json.loads((index_dir / "manifest.json").read_text())
     index = load_index(index_dir / "index.faiss")
@@ -55,7 +55,7 @@ def search(index_dir, queries, k=10):
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_update_in_place_answers_like_a_rebuild(tmp_path, runner, kind):
-    from hfbatch.index import exact_neighbors, recall_at_k
+    from hfbatch.indexing import exact_neighbors, recall_at_k
 
     ids, vectors = np.arange(3000), clustered(3000, seed=0)
     emb, idx = tmp_path / "emb", tmp_path / "idx"

@@ -30,7 +30,7 @@ def embeddings(tmp_path_factory):
                                        (["--kind", "hnsw"], "hnsw"), (["--kind", "ivfpq"], "ivfpq"),
                                        (["--factory", "IVF16,SQ8"], "custom")])
 def test_each_kind_reaches_the_target_recall_and_records_it(embeddings, tmp_path, runner, args, kind):
-    from hfbatch.index import load_index
+    from hfbatch.indexing import load_index
 
     path, vectors = embeddings
     invoke(runner, ["index", path, "-o", tmp_path / "idx", *args, "--target-recall", "0.9"])
@@ -38,7 +38,7 @@ def test_each_kind_reaches_the_target_recall_and_records_it(embeddings, tmp_path
     assert manifest["kind"] == kind and manifest["count"] == 3000 and manifest["dim"] == 32
     assert manifest["recall_at_10"] >= 0.9 and manifest["qps"] > 0 and manifest["build_s"] >= 0
     # the recorded recall is real: re-measure on the database vectors themselves with the stored params
-    from hfbatch.index import apply_search_params, exact_neighbors, recall_at_k
+    from hfbatch.indexing import apply_search_params, exact_neighbors, recall_at_k
 
     index = load_index(tmp_path / "idx" / "index.faiss")
     apply_search_params(index, manifest["params"])

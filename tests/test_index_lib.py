@@ -1,10 +1,10 @@
-"""hfbatch.index on small, clustered data that is not trivially easy for IVF."""
+"""hfbatch.indexing on small, clustered data that is not trivially easy for IVF."""
 import re
 
 import numpy as np
 import pytest
 
-from hfbatch import index as hx
+from hfbatch import indexing as hx
 
 N, DIM, K = 10_000, 32, 10
 

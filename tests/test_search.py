@@ -53,10 +53,10 @@ def test_csv_without_query_column_is_an_input_error(built, runner, tmp_path):
 
 
 def test_queries_are_embedded_and_searched_in_one_batch(built, runner, monkeypatch):
-    import hfbatch.index
+    import hfbatch.indexing
 
     calls = []
-    real_load = hfbatch.index.load_index
+    real_load = hfbatch.indexing.load_index
 
     def load_and_count(*args, **kwargs):
         index = real_load(*args, **kwargs)
@@ -69,7 +69,7 @@ def test_queries_are_embedded_and_searched_in_one_batch(built, runner, monkeypat
         monkeypatch.setattr(type(index), "search", counting)
         return index
 
-    monkeypatch.setattr(hfbatch.index, "load_index", load_and_count)
+    monkeypatch.setattr(hfbatch.indexing, "load_index", load_and_count)
     invoke(runner, ["search", built / "flat", "a", "b", "c", "-k", "3"])
     assert calls == [3]
 
@@ -88,7 +88,7 @@ def test_filter_returns_k_hits_all_in_the_section(built, runner, index_name):
 
 
 def test_filter_is_exact_on_a_flat_index_and_combines_or_and_and(built, runner):
-    from hfbatch.index import ArrowVectors
+    from hfbatch.indexing import ArrowVectors
 
     rows = sample_rows()
     sections = section_of()
@@ -155,8 +155,8 @@ def vectors():
 def test_filtered_search_finds_k_allowed_rows_even_when_they_are_rare(vectors, factory, knob):
     import faiss
 
-    from hfbatch.index import apply_search_params
-    from hfbatch.search import filtered_search
+    from hfbatch.indexing import apply_search_params
+    from hfbatch.retrieval import filtered_search
 
     index = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)
@@ -177,7 +177,7 @@ def test_filtered_search_finds_k_allowed_rows_even_when_they_are_rare(vectors, f
 def test_filtered_search_falls_back_to_exact_search_when_the_index_cannot_find_enough(vectors):
     import faiss
 
-    from hfbatch.search import filtered_search
+    from hfbatch.retrieval import filtered_search
 
     index = faiss.index_factory(16, "HNSW4", faiss.METRIC_INNER_PRODUCT)
     index.add(vectors)

@@ -148,7 +148,7 @@ def test_an_index_embedded_in_fp16_on_cuda_is_searchable_on_a_cpu(tmp_path, runn
 
 @pytest.mark.parametrize("precision", ["auto", "bf16"])
 def test_query_vectors_match_fp32_ones_within_the_models_tolerance(tmp_path, runner, tiny_model, precision):
-    from hfbatch.search import Searcher
+    from hfbatch.retrieval import Searcher
 
     rows = distinct_rows()
     build(runner, tmp_path, tiny_model, rows)

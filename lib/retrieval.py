@@ -220,7 +220,7 @@ class Searcher:
 
     def __init__(self, index_dir, *, model=None, trust_remote_code=False, nprobe=None, ef=None, filters=None,
                  device="auto", precision="auto"):
-        from hfbatch.index import apply_search_params, search_param_grid
+        from hfbatch.indexing import apply_search_params, search_param_grid
         from hfbatch.runner import require_complete
 
         self.index_dir = Path(index_dir)
@@ -286,7 +286,7 @@ class Searcher:
     def embed(self, texts):
         import numpy as np
 
-        from hfbatch.index import normalize_rows
+        from hfbatch.indexing import normalize_rows
 
         vectors = np.ascontiguousarray(self.embedder(list(texts)), dtype=np.float32)
         return normalize_rows(vectors) if self.similarity == "cosine" else vectors
@@ -301,7 +301,7 @@ class Searcher:
         """As search, for query vectors already embedded (unit-length first, for a cosine index)."""
         import numpy as np
 
-        from hfbatch.index import normalize_rows
+        from hfbatch.indexing import normalize_rows
 
         if self.similarity == "cosine":
             vectors = normalize_rows(vectors)
@@ -366,7 +366,7 @@ def query_embedder(manifest, *, model, trust_remote_code, device, precision):
 
 def open_index_file(index_dir: Path, manifest):
     """index.faiss, memory-mapped; missing or unreadable is a clear error naming the file."""
-    from hfbatch.index import INDEX_FILE, load_index, one_line
+    from hfbatch.indexing import INDEX_FILE, load_index, one_line
 
     path = index_dir / INDEX_FILE
     if not path.is_file():
@@ -483,7 +483,7 @@ def filtered_search(index, vectors, k, allowed, exact_reader=None, metric="ip"):
     import faiss
     import numpy as np
 
-    from hfbatch.index import exact_neighbors, search_params_with_selector
+    from hfbatch.indexing import exact_neighbors, search_params_with_selector
 
     n = index.ntotal
     allowed = np.ascontiguousarray(allowed, dtype=np.int64)
@@ -536,7 +536,7 @@ class IndexRows:
     Over chunks (embed --chunk-tokens), a position is one chunk; the id and text given are its document's."""
 
     def __init__(self, index_dir: Path, manifest: dict, count: int):
-        from hfbatch.index import CHUNK_COLUMNS, EMBEDDINGS_KEY, ROWS_FILE
+        from hfbatch.indexing import CHUNK_COLUMNS, EMBEDDINGS_KEY, ROWS_FILE
 
         self.index_dir, self.manifest = index_dir, manifest
         self.chunked = bool(manifest.get("chunking"))
@@ -564,7 +564,7 @@ class IndexRows:
 
     def _indexed_source(self):
         """(the source dataset, None) while it is the indexed version, else (None, what is wrong with it)."""
-        from hfbatch.index import SOURCE_KEY, source_manifest_hash
+        from hfbatch.indexing import SOURCE_KEY, source_manifest_hash
         from hfbatch.io import open_dataset
         from hfbatch.runner import read_manifest
 
@@ -658,7 +658,7 @@ class IndexRows:
             return None
 
         def open_vectors():
-            from hfbatch.index import ArrowVectors, UnitRows
+            from hfbatch.indexing import ArrowVectors, UnitRows
 
             vectors = ArrowVectors(self.embeddings_path)
             return UnitRows(vectors) if unit else vectors
@@ -688,7 +688,7 @@ def read_rows_file(path: Path, columns, hint):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hfbatch.index import one_line
+    from hfbatch.indexing import one_line
 
     if not path.is_file():
         raise InputError(f"{path} is missing: the index cannot name its hits; {hint}")
