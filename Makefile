@@ -14,10 +14,10 @@ help:  ## List the targets
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## Create .venv and install hfbatch with its test extras
+install: $(STAMP)  ## Create .venv and install hfbatch with its test and ray extras
 
 ingest: $(STAMP)  ## Ingest data/ into $(OUT)/dataset
 	$(BIN)/hfbatch ingest data/sample.jsonl -o $(OUT)/dataset

@@ -12,6 +12,7 @@ from hfbatch.classification import classify as run_classify
 from hfbatch.cli import (
     batching_options,
     device_options,
+    executor_options,
     force_option,
     json_summary,
     output_option,
@@ -34,12 +35,13 @@ from hfbatch.cli import (
               help="Independent sigmoid scores per label instead of a softmax (the default when the model's "
                    "config says problem_type=multi_label_classification).")
 @device_options
+@executor_options
 @batching_options
 @trust_remote_code_option
 @force_option
 @json_summary("classify")
 def classify(dataset, output, model, text_column, text_pair_column, top_k, multi_label, device, devices,
-             precision, backend, max_length, batch_tokens, shard_rows, trust_remote_code, force):
+             executor, precision, backend, max_length, batch_tokens, shard_rows, trust_remote_code, force):
     """Classify the TEXT_COLUMN of DATASET (an `hfbatch ingest` or `hfbatch tokenize` output) into OUTPUT.
 
     OUTPUT has columns `id`, `label` (from the model's id2label) and `score` (softmax probability, or
@@ -52,4 +54,4 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
     return run_classify(dataset, output, model=model, text_column=text_column, text_pair_column=text_pair_column,
                         top_k=top_k, multi_label=multi_label, device=device, devices=devices, precision=precision,
                         backend=backend, max_length=max_length, batch_tokens=batch_tokens, shard_rows=shard_rows,
-                        trust_remote_code=trust_remote_code, force=force)
+                        trust_remote_code=trust_remote_code, force=force, executor=executor)

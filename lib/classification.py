@@ -18,11 +18,15 @@ from .runner import Job
 
 def classify(dataset, output, *, model, text_column="text", text_pair_column=None, top_k=None, multi_label=False,
              device="auto", devices=None, precision="auto", backend="auto", max_length=None,
-             batch_tokens=DEFAULT_BATCH_TOKENS, shard_rows=10_000, trust_remote_code=False, force=False) -> dict:
+             batch_tokens=DEFAULT_BATCH_TOKENS, shard_rows=10_000, trust_remote_code=False, force=False,
+             executor=None) -> dict:
     """The classify job: DATASET's text column -> OUTPUT's labels and scores. Takes the command's options
-    (`devices` a list such as ["cuda:0", "cuda:1"]) and returns the summary that --json prints."""
+    (`devices` a list such as ["cuda:0", "cuda:1"]; `executor` "local", "ray" or an
+    hfbatch.ray_executor.RayExecutor) and returns the summary that --json prints."""
     from .models import model_fingerprint, resolve_model_dir
+    from .ray_executor import executor_for
 
+    executor = executor_for(executor, device, devices)  # None: this machine
     model_dir = resolve_model_dir(model)
     head = read_head(model_dir)
     multi_label = multi_label or head["problem_type"] == "multi_label_classification"
@@ -53,7 +57,8 @@ def classify(dataset, output, *, model, text_column="text", text_pair_column=Non
                             shard_rows=shard_rows, multi_label=multi_label, top_k=top_k)
         n_shards, pending, pending_rows = job.plan_rows(len(source), shard_rows)
         progress = log.Progress("classify", pending_rows)
-        done = run_shards(job, pending, functools.partial(ClassifyShards, plan), devices, progress)
+        done = run_shards(job, pending, functools.partial(ClassifyShards, plan), devices, progress, executor,
+                          device)
         progress.close()
         info = done.info
         k = min(top_k, len(info["labels"])) if top_k else None

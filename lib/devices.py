@@ -17,7 +17,8 @@ one at a time from a shared counter (a faster device takes more), ignore Ctrl-C 
 them), and die with the coordinating process
 (PR_SET_PDEATHSIG), so a `kill -9` of the job leaves no worker writing into the next run's shards.
 A CUDA worker sees only its own GPU (CUDA_VISIBLE_DEVICES); `cpu` workers get disjoint shares of the cores.
-A later Ray executor is another `run_shards` over the same `make_work` factories.
+With `executor` (an hfbatch.ray_executor.RayExecutor), the same `make_work` factories run on a Ray actor
+pool instead (hfbatch.ray_executor), writing the same shard files and completion records.
 """
 
 from __future__ import annotations
@@ -91,20 +92,30 @@ class ShardsDone:
     info: dict
     rows_computed: int = 0
     rows_resumed: int = 0
+    workers: list[dict] | None = None  # the Ray executor's workers and the shards each computed
+
 
     def add(self, computed: int, resumed: int) -> None:
         self.rows_computed += computed
         self.rows_resumed += resumed
 
     def summary(self) -> dict:
-        return {"rows_computed": self.rows_computed, "rows_resumed": self.rows_resumed}
+        summary = {"rows_computed": self.rows_computed, "rows_resumed": self.rows_resumed}
+        if self.workers is not None:
+            summary["workers"] = self.workers
+        return summary
 
 
 def run_shards(job, pending: list[int], make_work: Callable, devices: list[str] | None,
-               progress: log.Progress) -> ShardsDone:
+               progress: log.Progress, executor=None, device: str = "auto") -> ShardsDone:
     """Finish the `pending` shards of `job`. Its `info` has `devices` when there were several workers.
-    Without `devices`, `make_work(None)` runs here, on the job's own --device."""
-    if not devices:
+    Without `devices`, `make_work(None)` runs here, on the job's own --device; with `executor` (a
+    RayExecutor), on a Ray actor pool."""
+    if executor is not None:
+        from .ray_executor import run_on_ray
+
+        done = run_on_ray(job, pending, make_work, executor, device, progress)
+    elif not devices:
         work = make_work(None)
         done = ShardsDone(work.info)
         for i, prepared in prefetch(work.prepare, pending):  # the next shard is read and tokenized meanwhile

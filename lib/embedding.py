@@ -127,14 +127,16 @@ def read_similarity(model_dir) -> str:
 def embed(dataset, output, *, model=None, text_column="text", device="auto", devices=None, precision="auto",
           backend="auto", max_length=None, batch_tokens=DEFAULT_BATCH_TOKENS, shard_rows=10_000,
           trust_remote_code=False, force=False, incremental=False, num_shards=1, shard_index=0, chunk_tokens=None,
-          chunk_overlap=None) -> dict:
+          chunk_overlap=None, executor=None) -> dict:
     """The embed job (`hfbatch embed`): DATASET's text column -> OUTPUT's `id` + `embedding` dataset. Takes
-    the command's options (`devices` a list such as ["cuda:0", "cuda:1"]) and returns the summary that --json
-    prints."""
+    the command's options (`devices` a list such as ["cuda:0", "cuda:1"]; `executor` "local", "ray" or an
+    hfbatch.ray_executor.RayExecutor) and returns the summary that --json prints."""
     from .devices import check_devices, devices_kind, run_shards
     from .io import open_dataset, require_text_column
     from .models import model_fingerprint, resolve_model_dir
+    from .ray_executor import executor_for
 
+    executor = executor_for(executor, device, devices)  # None: this machine
     if shard_index >= num_shards:
         raise InputError(f"--shard-index: {shard_index} is not below --num-shards {num_shards}")
     chunking = chunking_config(chunk_tokens, chunk_overlap, incremental)
@@ -165,7 +167,7 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
                          previous_output=str(job.output) if job.previous else None)
         n_shards, pending, pending_rows = job.plan_rows(stop - start, shard_rows)
         progress = log.Progress("embed", pending_rows)
-        done = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress)
+        done = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress, executor, device)
         progress.close()
         info = done.info
         extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,

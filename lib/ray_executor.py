@@ -1,0 +1,479 @@
+"""The Ray executor: a job's pending shards computed by a pool of Ray actors (`--executor ray`).
+
+The work units are hfbatch's own shards, and the work is the job's own `make_work(device)` factory (see
+hfbatch.devices): each actor (`ShardWorker`) calls it once, so it loads the model once, and then computes one
+shard per call, writing the shard file and its completion record into `.OUT.hfbatch-partial/shards/` with the
+same protocol as a local run (hfbatch.runner.ShardDir, in-shard parts included). The driver only hands out
+shard indices and collects counts; the job then assembles and publishes exactly as locally, in shard order,
+so the output's rows and order are those of a local run whichever actor computed what.
+
+How the pool runs:
+  - Start-up, before any shard: every actor reports where it runs, checks that it can open the job's inputs
+    and write into the shard directory (shared storage), and loads its work; every problem is reported in
+    one line by node name.
+  - Pull-based: an actor is given its next shard when it returns one (plus one reserved shard that it
+    prepares -- reads and tokenizes -- meanwhile), so faster actors take more shards.
+  - CPU actors are pinned to as many cores as Ray gave them (disjoint shares on a node), and the model's
+    thread pools size themselves from that; GPU actors see the GPUs Ray assigned them (CUDA_VISIBLE_DEVICES).
+  - An actor that dies (kill -9, OOM) is replaced and its shards go back to the queue; a shard is tried at
+    most 1 + `max_retries` times, then the job fails with that shard's last error in one line. hfbatch's own
+    errors (bad input, a refused model) fail the job at once: retrying cannot change them.
+  - A killed driver leaves the finished shards (and parts) behind like a local run; Ray ends a dead driver's
+    actors, and the next run resumes from the completion records, with either executor.
+
+Ray is an optional extra (`pip install 'hfbatch[ray]'`), imported only here and only when used.
+
+Hidden knobs (environment; tests only, never in a config):
+    HFBATCH_TEST_RAY_HOLD=FILE[:SHARD]  the first actor to reach a batch of shard SHARD (default: any shard)
+                                        writes its pid into FILE and waits there to be killed (one-shot: FILE
+                                        is created exclusively), so a test can kill -9 it deterministically
+    HFBATCH_TEST_RAY_FAIL=SHARD         every attempt at shard SHARD raises RuntimeError
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import log
+from .errors import HfbatchError, InputError, JobFailed
+
+INSTALL_HINT = "pip install 'hfbatch[ray]'"
+START_TIMEOUT_S = 600.0  # actors waiting this long for CPUs/GPUs that other jobs hold: say so instead of hanging
+
+
+@dataclass(frozen=True)
+class RayExecutor:
+    """`--executor ray` and its options. `address` None: RAY_ADDRESS, else a local Ray started for the job.
+    `num_workers` None: one actor per GPU (with GPUs), else one per node; `gpus_per_worker` None: 1 with
+    `--device cuda`, else 0."""
+
+    address: str | None = None
+    num_workers: int | None = None
+    gpus_per_worker: float | None = None
+    max_retries: int = 2
+
+
+EXECUTORS = ("local", "ray")
+
+
+def executor_for(executor, device: str = "auto", devices=None) -> RayExecutor | None:
+    """The executor a job runs its shards on, from its `executor` argument ("local", "ray", a RayExecutor or
+    None), checked against its --device/--devices before any work: None is the local executor."""
+    if executor is None or executor == "local":
+        return None
+    if executor == "ray":
+        executor = RayExecutor()
+    if not isinstance(executor, RayExecutor):
+        raise InputError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
+    if devices:
+        raise InputError("--devices is for the local executor; with --executor ray give --num-workers and "
+                         "--gpus-per-worker instead")
+    if executor.gpus_per_worker is not None:
+        if device == "cuda" and executor.gpus_per_worker == 0:
+            raise InputError("--device cuda contradicts --gpus-per-worker 0; give one of them")
+        if device == "cpu" and executor.gpus_per_worker > 0:
+            raise InputError(f"--device cpu contradicts --gpus-per-worker {executor.gpus_per_worker:g}; "
+                             f"give one of them")
+    import_ray()
+    return executor
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError(f"--executor ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+# ---- the actor -----------------------------------------------------------------------------------------
+
+class ShardWorker:
+    """One Ray actor: the job's work, loaded once, computing shards into the shared shard directory."""
+
+    def __init__(self, job_name: str, shard_dir: str, name: str):
+        from .runner import ShardDir
+
+        log.setup(verbose=False)
+        self.job_name, self.name = job_name, name
+        self.shards = ShardDir(Path(shard_dir))
+        self.work = None
+        self._pool = None
+        self._ahead: dict = {}  # shard -> future of its prepare(), started while the shard before it ran
+
+    def where(self) -> dict:
+        import ray
+
+        return {"node": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def check_storage(self, inputs: list[str]) -> list[str]:
+        """What this node cannot do of what the job needs: read every input, write into the shard directory."""
+        problems = []
+        for path in inputs:
+            try:
+                files = [Path(path)] if Path(path).is_file() else sorted(Path(path).iterdir())
+                for file in (f for f in files if f.is_file()):
+                    with open(file, "rb") as fh:
+                        fh.read(1)
+            except OSError as exc:
+                problems.append(f"cannot open the input {path} ({exc.strerror or exc})")
+        probe = self.shards.shard_dir / f".probe-{socket.gethostname()}-{os.getpid()}"
+        try:
+            probe.write_bytes(b"hfbatch: can this node write here?\n")
+            probe.unlink()
+        except OSError as exc:
+            problems.append(f"cannot write into {self.shards.shard_dir} ({exc.strerror or exc})")
+        return problems
+
+    def load(self, make_work, device: str, slot: int | None, cpus: float) -> tuple[dict, str]:
+        """The job's work on `device`; a CPU actor first takes share `slot` of its node's cores, `cpus` of
+        them. Returns the work's info and the kind of device (`cpu`, `cuda (<GPU name>)`)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if slot is not None and hasattr(os, "sched_setaffinity"):
+            # before the model is made: torch's and OpenVINO's thread pools size themselves from the affinity
+            cores = sorted(os.sched_getaffinity(0))
+            n = max(1, int(cpus))
+            os.sched_setaffinity(0, [cores[(slot * n + k) % len(cores)] for k in range(min(n, len(cores)))])
+        self.work = make_work(device)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        kind = device
+        if device == "cuda":
+            import torch
+
+            kind = f"cuda ({torch.cuda.get_device_name(0)})"
+        return self.work.info, kind
+
+    def run(self, shard: int, upcoming: int | None) -> tuple[int, int, int, int]:
+        """Compute shard `shard` and record it; `upcoming`, the shard this actor gets next, is prepared
+        meanwhile. Returns (shard, rows, rows computed, rows resumed from parts)."""
+        ahead = self._ahead.pop(shard, None)
+        prepared = ahead.result() if ahead is not None else self.work.prepare(shard)
+        if upcoming is not None and upcoming not in self._ahead:
+            self._ahead[upcoming] = self._pool.submit(self.work.prepare, upcoming)
+        _test_fail(shard)
+        rows = 0
+
+        def on_rows(n):
+            nonlocal rows
+            rows += n
+            _test_hold(shard)
+
+        parts = self.shards.parts(shard, self.job_name)
+        table, counts = self.work.compute(shard, prepared, on_rows, parts)
+        self.shards.write_shard(shard, table, **counts, worker=self.name)  # (text: not summed as a count)
+        return shard, rows, parts.rows_computed, parts.rows_resumed
+
+
+def _test_hold(shard: int) -> None:
+    spec = os.environ.get("HFBATCH_TEST_RAY_HOLD")
+    if not spec:
+        return
+    path, _, only = spec.partition(":")
+    if only and int(only) != shard:
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return  # another actor (or an earlier attempt) took it
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    while True:  # until the test kills this process
+        time.sleep(1)
+
+
+def _test_fail(shard: int) -> None:
+    if os.environ.get("HFBATCH_TEST_RAY_FAIL") == str(shard):
+        raise RuntimeError(f"HFBATCH_TEST_RAY_FAIL: shard {shard} fails on every attempt")
+
+
+# ---- the driver ----------------------------------------------------------------------------------------
+
+@dataclass
+class _Worker:
+    """The driver's view of one actor."""
+
+    handle: object
+    name: str
+    place: dict = field(default_factory=dict)  # where(): node, node_ip, node_id, pid
+    info: dict = field(default_factory=dict)
+    kind: str = ""  # cpu, cuda (NVIDIA H200)
+    slot: int | None = None  # a CPU actor's share of its node's cores
+    running: tuple | None = None  # (shard, object ref)
+    reserved: int | None = None  # the shard it prepares meanwhile, and gets next
+    shards: int = 0
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """What each actor gets: Ray resources, and the device its work runs on."""
+
+    size: int
+    cpus: float
+    gpus: float
+    device: str  # "cpu" or "cuda"
+
+
+def run_on_ray(job, pending: list[int], make_work, executor: RayExecutor, device: str, progress):
+    """Finish the `pending` shards of `job` on a Ray actor pool; returns hfbatch.devices.ShardsDone with the
+    work's info, plus the executor, the cluster's device kinds and each worker's shard count."""
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        address = executor.address or os.environ.get("RAY_ADDRESS") or None
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="warning",
+                     configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise InputError(f"--ray-address {address}: cannot join the Ray cluster ({_first_line(exc)}); "
+                             f"start it with `ray start --head` or fix the address") from None
+    try:
+        pool = _plan_pool(ray, executor, device)
+        return _Driver(ray, job, pending, make_work, executor, pool, progress).run()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _plan_pool(ray, executor: RayExecutor, device: str) -> _Pool:
+    """How many actors, with what resources each, from the options and what the cluster has; refused in one
+    line when the cluster cannot hold them."""
+    gpus = executor.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if device == "cuda" else 0.0
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cluster_gpus = sum(n.get("GPU", 0) for n in nodes)
+    if gpus > 0:
+        size = executor.num_workers or max(1, int(cluster_gpus // gpus))
+        if size * gpus > cluster_gpus:
+            raise InputError(f"--num-workers {size} x --gpus-per-worker {gpus:g} needs {size * gpus:g} GPUs; the "
+                             f"Ray cluster has {cluster_gpus:g}: give fewer workers or --gpus-per-worker 0 (CPU)")
+        return _Pool(size, 1.0, gpus, "cuda")  # one CPU each: reading and tokenizing the next shard
+    size = executor.num_workers or max(1, len(nodes))
+    cpus = _cpus_per_worker([int(n.get("CPU", 0)) for n in nodes], size)
+    if cpus == 0:
+        total = sum(int(n.get("CPU", 0)) for n in nodes)
+        raise InputError(f"--num-workers {size}: the Ray cluster has {total} CPUs on {len(nodes)} node(s), not one "
+                         f"per worker; give fewer workers")
+    return _Pool(size, float(cpus), 0.0, "cpu")
+
+
+def _cpus_per_worker(node_cpus: list[int], workers: int) -> int:
+    """The most whole CPUs each of `workers` CPU actors can have with all of them placed (0: not possible)."""
+    for cpus in range(max(node_cpus, default=0), 0, -1):
+        if sum(n // cpus for n in node_cpus) >= workers:
+            return cpus
+    return 0
+
+
+class _Driver:
+    def __init__(self, ray, job, pending, make_work, executor, pool, progress):
+        self.ray, self.job, self.make_work, self.executor, self.pool = ray, job, make_work, executor, pool
+        self.progress = progress
+        self.queue = collections.deque(pending)
+        self.pending = list(pending)
+        self.attempts: collections.Counter = collections.Counter()
+        self.started = 0  # actors made, for their names
+        self.workers: list[_Worker] = []
+        self.retired: list[_Worker] = []  # dead ones, for the per-worker shard counts
+        self.deaths_at_start = 0
+        from .devices import ShardsDone
+
+        self.done = ShardsDone({})
+
+    # -- actors --
+    def _new_actors(self, count: int) -> list[_Worker]:
+        actor = self.ray.remote(ShardWorker).options(
+            num_cpus=self.pool.cpus, num_gpus=self.pool.gpus, max_restarts=0, max_task_retries=0,
+            runtime_env={"env_vars": _forwarded_environment()})
+        made = []
+        for _ in range(count):
+            name = f"ray#{self.started}"
+            self.started += 1
+            made.append(_Worker(actor.remote(self.job.name, str(self.job.shard_dir), name), name))
+        return made
+
+    def _start(self, count: int) -> list[_Worker]:
+        """`count` new actors, placed, checked and loaded (every problem found reported at once). Actors that
+        die while starting (OOM while loading, a node lost) are replaced, up to --max-retries times."""
+        while True:
+            workers = self._new_actors(count)
+            try:
+                return self._bring_up(workers)
+            except self.ray.exceptions.RayActorError as exc:
+                for w in workers:
+                    self.ray.kill(w.handle)
+                self.deaths_at_start += 1
+                if self.deaths_at_start > self.executor.max_retries:
+                    raise JobFailed(f"Ray workers died while starting ({self.deaths_at_start} times; last: "
+                                    f"{_first_line(exc)}); finished shards are kept: run the same command again "
+                                    f"to resume") from None
+                log.warn(self.job.name, "ray_worker_died", starting=count, reason=_first_line(exc))
+
+    def _bring_up(self, workers: list[_Worker]) -> list[_Worker]:
+        places = self._gather(workers, [w.handle.where.remote() for w in workers], "start", START_TIMEOUT_S)
+        for w, place in zip(workers, places):
+            w.place = place
+        inputs = [str(i["path"]) for i in self.job.inputs]
+        problems = self._gather(workers, [w.handle.check_storage.remote(inputs) for w in workers], "check storage")
+        said = [f"node {w.place['node']} ({w.place['node_ip']}): {p}" for w, ps in zip(workers, problems) for p in ps]
+        if said:
+            raise InputError(f"input and output must be on storage that every Ray node sees: {'; '.join(said)}")
+        slots = self._core_slots(workers)
+        loaded = self._gather(workers, [w.handle.load.remote(self.make_work, self.pool.device, slot, self.pool.cpus)
+                                        for w, slot in zip(workers, slots)], "load its work (the model)")
+        for w, (info, kind) in zip(workers, loaded):
+            w.info, w.kind = info, kind
+        return workers
+
+    def _core_slots(self, workers: list[_Worker]) -> list[int | None]:
+        """CPU actors: each its slot on its node (0, 1, ...: which share of the node's cores it takes); the
+        slot of an actor that died is given to its replacement. None for GPU actors (their CPU is for
+        tokenizing)."""
+        if self.pool.gpus > 0:
+            return [None] * len(workers)
+        for w in workers:
+            taken = {x.slot for x in self.workers + workers if x is not w and x.place["node_id"] == w.place["node_id"]}
+            w.slot = next(k for k in range(len(taken) + 1) if k not in taken)
+        return [w.slot for w in workers]
+
+    def _gather(self, workers: list[_Worker], refs: list, doing: str, timeout: float | None = None) -> list:
+        """The results of one start-up call per actor, or one line saying which actor failed and why (a dead
+        actor's RayActorError goes up to `_start`)."""
+        ray = self.ray
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise JobFailed(f"Ray did not start {len(workers)} worker(s) with {self.pool.cpus:g} CPU(s) and "
+                            f"{self.pool.gpus:g} GPU(s) each within {timeout:.0f} s: other jobs hold the cluster's "
+                            f"resources; try again later or give fewer --num-workers") from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = _cause(exc)
+            if isinstance(cause, HfbatchError):
+                raise type(cause)(f"{cause.message} (on a Ray worker, while it tried to {doing})") from None
+            raise JobFailed(f"a Ray worker could not {doing}: {_describe(cause)}") from None
+
+    # -- shards --
+    def _give(self, w: _Worker) -> None:
+        """The worker's next shard: its reserved one, or the queue's first; and a new reserved one."""
+        shard = w.reserved if w.reserved is not None else (self.queue.popleft() if self.queue else None)
+        w.reserved = self.queue.popleft() if shard is not None and self.queue else None
+        if shard is None:
+            w.running = None
+            return
+        w.running = (shard, w.handle.run.remote(shard, w.reserved))
+
+    def _give_back(self, w: _Worker) -> None:
+        """A failed or dead worker's shards go back to the front of the queue, in order."""
+        back = [s for s in ((w.running or (None,))[0], w.reserved) if s is not None]
+        self.queue.extendleft(reversed(back))
+        w.running, w.reserved = None, None
+
+    def run(self):
+        from .devices import _check_same_settings
+
+        self.workers = self._start(self.pool.size)
+        infos = {k: w.info for k, w in enumerate(self.workers)}
+        _check_same_settings(infos, [w.name for w in self.workers])
+        log.event(self.job.name, "ray_workers", workers=len(self.workers), shards=len(self.pending),
+                  nodes=",".join(sorted({w.place["node"] for w in self.workers})), cpus_each=f"{self.pool.cpus:g}",
+                  gpus_each=f"{self.pool.gpus:g}")
+        try:
+            for w in self.workers:
+                self._give(w)
+            while any(w.running for w in self.workers):
+                self._wait_one()
+        finally:
+            for w in self.workers:
+                self.ray.kill(w.handle)
+        left = [i for i in self.pending if not self.job.is_done(i)]
+        if left:
+            raise JobFailed(f"shards {left[:5]} were not finished by the Ray workers; run the same command again")
+        return self._finish()
+
+    def _wait_one(self) -> None:
+        ray = self.ray
+        by_ref = {w.running[1]: w for w in self.workers if w.running}
+        ready, _ = ray.wait(list(by_ref), num_returns=1)
+        w = by_ref[ready[0]]
+        shard = w.running[0]
+        try:
+            _, rows, computed, resumed = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as exc:
+            cause = _cause(exc)
+            if isinstance(cause, HfbatchError):  # hfbatch refused something: the same on every retry
+                raise type(cause)(f"{cause.message} (shard {shard}, Ray worker on {w.place['node']})") from None
+            self._failed(w, shard, _describe(cause))
+            self._give(w)  # the worker is alive: it takes the next shard (perhaps this one again)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+            self._failed(w, shard, f"its worker died ({_first_line(exc)})", died=True)
+            self.workers.remove(w)
+            self.retired.append(w)
+            self.ray.kill(w.handle)
+            fresh = self._start(1)[0]
+            self.workers.append(fresh)
+            for idle in [x for x in self.workers if not x.running]:  # the queue may have been empty meanwhile
+                self._give(idle)
+            return
+        w.shards += 1
+        self.done.add(computed, resumed)
+        self.progress.update(rows)
+        self._give(w)
+
+    def _failed(self, w: _Worker, shard: int, why: str, died: bool = False) -> None:
+        self.attempts[shard] += 1
+        tries = self.attempts[shard]
+        log.warn(self.job.name, "ray_shard_failed", shard=shard, worker=w.name, node=w.place.get("node"),
+                 attempt=tries, of=1 + self.executor.max_retries, reason=why)
+        if tries > self.executor.max_retries:
+            raise JobFailed(f"shard {shard} failed {tries} times (--max-retries {self.executor.max_retries}); "
+                            f"last on node {w.place.get('node')}: {why}; finished shards are kept: fix it and "
+                            f"run the same command again to resume")
+        self._give_back(w)
+        if not died:
+            self.queue.remove(shard)  # retried next, ahead of the rest
+            self.queue.appendleft(shard)
+
+    def _finish(self):
+        everyone = self.workers + self.retired
+        first = self.workers[0].info
+        info = dict(first)
+        kinds = sorted({w.kind for w in everyone})
+        info["device"] = ",".join(kinds)
+        info["executor"] = "ray"
+        info["cluster"] = {"device_kinds": kinds, "nodes": sorted({w.place["node"] for w in everyone}),
+                           "cpus_per_worker": self.pool.cpus, "gpus_per_worker": self.pool.gpus}
+        info["workers"] = [{"worker": w.name, "node": w.place["node"], "device": w.kind,
+                            "precision": w.info.get("precision"), "backend": w.info.get("backend"),
+                            "shards": w.shards} for w in everyone]
+        self.done.info = info
+        self.done.workers = [{"worker": w.name, "node": w.place["node"], "shards": w.shards} for w in everyone]
+        return self.done
+
+
+def _forwarded_environment() -> dict[str, str]:
+    """The driver's hfbatch and Hugging Face settings, for actors on every node (offline, no bars, the
+    cache and parts knobs)."""
+    prefixes = ("HFBATCH_", "HF_", "TRANSFORMERS_", "TOKENIZERS_PARALLELISM")
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+
+
+def _cause(exc):
+    """The exception raised inside the actor (Ray wraps it)."""
+    return getattr(exc, "cause", None) or exc
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _describe(exc) -> str:
+    return f"{type(exc).__name__}: {_first_line(exc)}"
