@@ -226,7 +226,8 @@ def run_on_ray(job, pending: list[int], make_work, executor: RayExecutor, device
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
-        address = executor.address or os.environ.get("RAY_ADDRESS") or None
+        # "local": a new Ray for this job, never a cluster someone else started on this machine
+        address = executor.address or os.environ.get("RAY_ADDRESS") or "local"
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="warning",
                      configure_logging=False)

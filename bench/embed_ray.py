@@ -1,0 +1,141 @@
+"""`hfbatch embed --executor ray` against `--executor local` on the shared Debian corpus (issue 18).
+
+    python bench/embed_ray.py                         # the bundled all-MiniLM-L6-v2, first 10,000 documents
+    python bench/embed_ray.py --docs 0 --model tiny   # the whole corpus, a tiny random 32-d BERT
+
+Ingests the first --docs documents (0: all 60,558), embeds them once unmeasured (the OpenVINO conversion is
+cached then), then embeds them again, each run its own process:
+  - local: `--executor local`;
+  - ray-1, ray-2: `--executor ray --num-workers 1|2`, joining a Ray head started beforehand with
+    `ray start --head --num-cpus CORES` (so Ray's own start-up is not counted; it is measured apart);
+  - ray-1-on-demand: `--executor ray --num-workers 1` with no cluster: the job starts a local Ray and stops it.
+Prints docs/s and each Ray run's overhead against local, and checks that every output has the local ids, in
+order, and its vectors (max abs difference). On a machine with few cores the workers share them: Ray adds
+overhead there and cannot add speed; what scales on a cluster is the number of nodes/GPUs (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from measure import run_hfbatch  # bench/ is on sys.path: these scripts run as `python bench/NAME.py`
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpora" / "debian-descriptions.jsonl.gz"
+
+
+def ray_cli() -> str:
+    ray = Path(sys.executable).with_name("ray")
+    if not ray.exists():
+        raise SystemExit(f"Ray is not installed in {sys.prefix}: pip install 'hfbatch[ray]'")
+    return str(ray)
+
+
+def start_head(cores: int, env: dict) -> tuple[subprocess.Popen, str]:
+    """A Ray head node of this benchmark's own (`ray start --head --block`), and its address."""
+    import re
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    head = subprocess.Popen([ray_cli(), "start", "--head", "--block", f"--port={port}", f"--num-cpus={cores}",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    said = []
+    for line in head.stdout:
+        said.append(line)
+        found = re.search(r"ray start --address='([^']+)'", line)
+        if found:
+            threading_drain(head)
+            return head, found.group(1)
+    raise SystemExit(f"ray start --head failed:\n{''.join(said)[-2000:]}")
+
+
+def threading_drain(proc: subprocess.Popen) -> None:
+    """Keep reading the head's output, so it never blocks on a full pipe."""
+    import threading
+
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, default=10_000, help="first N documents of the corpus (0: all)")
+    p.add_argument("--model", default="bundled", help="bundled, tiny, or a model directory")
+    p.add_argument("--shard-rows", type=int, default=1000)
+    p.add_argument("--cores", type=int, default=os.cpu_count(), help="CPUs the Ray head offers")
+    p.add_argument("--workdir", default="/tmp/hfbatch-bench-embed-ray")
+    args = p.parse_args()
+
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model = []
+    if args.model == "tiny":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import make_tiny_model
+
+        model = ["--model", make_tiny_model(work / "tiny-model")]
+    elif args.model != "bundled":
+        model = ["--model", args.model]
+    with gzip.open(CORPUS, "rt") as f, open(work / "docs.jsonl", "w") as out:
+        for n, line in enumerate(f):
+            if args.docs and n >= args.docs:
+                break
+            out.write(line)
+    run_hfbatch(["ingest", work / "docs.jsonl", "-o", work / "ds"])
+    docs = json.loads((work / "ds" / "manifest.json").read_text())["rows"]
+    common = ["embed", work / "ds", *model, "--shard-rows", args.shard_rows, "--json"]
+    # the on-demand run must not find a cluster through the environment; the head and its drivers agree on
+    # authentication (ray start and ray.init decide it differently when ~/.ray/auth_token exists)
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+
+    results = {}
+
+    def embed(name, extra, env=env):
+        measured = run_hfbatch([*common, "-o", work / name, *extra], env)
+        summary = json.loads(measured.done.stdout.strip().splitlines()[-1])
+        results[name] = {"wall_s": round(measured.wall_s, 2), "docs_per_s": round(docs / measured.wall_s, 1),
+                         "workers": summary.get("workers")}
+        print(f"{name:16s} {measured.wall_s:8.1f} s {docs / measured.wall_s:9.1f} docs/s", flush=True)
+
+    # unmeasured: the first run converts the model for OpenVINO (cached), which no measured run should pay
+    run_hfbatch([*common, "-o", work / "warm-up"], env)
+    embed("local", [])
+    head, address = start_head(args.cores, env)
+    try:
+        for workers in (1, 2):
+            embed(f"ray-{workers}", ["--executor", "ray", "--ray-address", address, "--num-workers", str(workers)])
+    finally:
+        head.terminate()  # `ray start --block` stops the processes it started (never `ray stop`: it ends every Ray)
+        head.wait(timeout=120)
+    embed("ray-1-on-demand", ["--executor", "ray", "--num-workers", "1"])
+
+    import datasets
+    import numpy as np
+
+    local = datasets.load_from_disk(str(work / "local"))
+    local_vectors = np.asarray(local["embedding"])
+    for name in results:
+        other = datasets.load_from_disk(str(work / name))
+        results[name]["same_ids_in_order"] = other["id"] == local["id"]
+        results[name]["max_abs_diff"] = float(np.abs(np.asarray(other["embedding"]) - local_vectors).max())
+    base = results["local"]["wall_s"]
+    for r in results.values():
+        r["overhead_vs_local"] = f"{(r['wall_s'] - base) / base:+.1%}"
+    print(json.dumps({"docs": docs, "shard_rows": args.shard_rows, "cores": os.cpu_count(), "model": args.model,
+                      "results": results}, indent=2))
+    if not all(r["same_ids_in_order"] and r["max_abs_diff"] <= 1e-5 for r in results.values()):
+        raise SystemExit("an output differs from the local one")
+
+
+if __name__ == "__main__":
+    main()
