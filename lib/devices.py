@@ -229,7 +229,7 @@ def _stop(workers, grace: float = 5.0) -> None:
             w.join()
 
 
-def _check_same_settings(infos: dict[int, dict], devices: list[str]) -> None:
+def _check_same_settings(infos: dict[int, dict], devices: list[str], option: str = "--devices") -> None:
     """Workers must compute rows alike: two GPUs where `--precision auto` resolves differently (bf16 on one,
     fp16 on an older one) would mix precisions in one output."""
     keys = ("precision", "backend", "dim", "max_length")
@@ -239,7 +239,7 @@ def _check_same_settings(infos: dict[int, dict], devices: list[str]) -> None:
         if differ:
             said = ", ".join(f"{k} {infos[first].get(k)} on {devices[first]} but {info.get(k)} on {devices[rank]}"
                              for k in differ)
-            raise InputError(f"--devices: the workers would compute rows differently ({said}); "
+            raise InputError(f"{option}: the workers would compute rows differently ({said}); "
                              f"give --precision explicitly, or devices of one kind")
 
 

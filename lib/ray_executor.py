@@ -307,9 +307,11 @@ class _Driver:
             workers = self._new_actors(count)
             try:
                 return self._bring_up(workers)
-            except self.ray.exceptions.RayActorError as exc:
-                for w in workers:
+            except BaseException as exc:
+                for w in workers:  # none is left holding the cluster's resources (a joined cluster outlives us)
                     self.ray.kill(w.handle)
+                if not isinstance(exc, self.ray.exceptions.RayActorError):
+                    raise
                 self.deaths_at_start += 1
                 if self.deaths_at_start > self.executor.max_retries:
                     raise JobFailed(f"Ray workers died while starting ({self.deaths_at_start} times; last: "
@@ -377,11 +379,13 @@ class _Driver:
         w.running, w.reserved = None, None
 
     def run(self):
-        from .devices import _check_same_settings
-
         self.workers = self._start(self.pool.size)
-        infos = {k: w.info for k, w in enumerate(self.workers)}
-        _check_same_settings(infos, [w.name for w in self.workers])
+        try:
+            self._check_same_settings()
+        except BaseException:
+            for w in self.workers:
+                self.ray.kill(w.handle)
+            raise
         log.event(self.job.name, "ray_workers", workers=len(self.workers), shards=len(self.pending),
                   nodes=",".join(sorted({w.place["node"] for w in self.workers})), cpus_each=f"{self.pool.cpus:g}",
                   gpus_each=f"{self.pool.gpus:g}")
@@ -397,6 +401,14 @@ class _Driver:
         if left:
             raise JobFailed(f"shards {left[:5]} were not finished by the Ray workers; run the same command again")
         return self._finish()
+
+    def _check_same_settings(self) -> None:
+        """Every worker computes rows alike (a GPU where `--precision auto` gives fp16 beside bf16 ones would
+        mix precisions in one output)."""
+        from .devices import _check_same_settings
+
+        _check_same_settings({k: w.info for k, w in enumerate(self.workers)},
+                             [f"{w.name} on {w.place['node']}" for w in self.workers], option="--executor ray")
 
     def _wait_one(self) -> None:
         ray = self.ray
@@ -420,6 +432,7 @@ class _Driver:
             self.ray.kill(w.handle)
             fresh = self._start(1)[0]
             self.workers.append(fresh)
+            self._check_same_settings()
             for idle in [x for x in self.workers if not x.running]:  # the queue may have been empty meanwhile
                 self._give(idle)
             return
