@@ -1,30 +1,31 @@
 """The Ray executor: a job's pending shards computed by a pool of Ray actors (`--executor ray`).
 
 The work units are hfbatch's own shards, and the work is the job's own `make_work(device)` factory (see
-hfbatch.devices): each actor (`ShardWorker`) calls it once, so it loads the model once, and then computes one
-shard per call, writing the shard file and its completion record into `.OUT.hfbatch-partial/shards/` with the
-same protocol as a local run (hfbatch.runner.ShardDir, in-shard parts included). The driver only hands out
-shard indices and collects counts; the job then assembles and publishes exactly as locally, in shard order,
-so the output's rows and order are those of a local run whichever actor computed what.
+hfbatch.devices): each actor (`ShardWorker`) calls it once, so it loads the model once, and then runs the job's
+shard loop (`compute_shards`: prepare one shard ahead, compute, write the shard file and its completion record
+into `.OUT.hfbatch-partial/shards/`, in-shard parts included) over the shards it claims. The driver only
+keeps the shard list and collects counts; the job then assembles and publishes exactly as locally, in shard
+order, so the output's rows and order are those of a local run whichever actor computed what.
 
 How the pool runs:
   - Start-up, before any shard: every actor reports where it runs, checks that it can open the job's inputs
     and write into the shard directory (shared storage), and loads its work; every problem is reported in
     one line by node name.
-  - Pull-based: an actor is given its next shard when it returns one (plus one reserved shard that it
-    prepares -- reads and tokenizes -- meanwhile), so faster actors take more shards.
+  - Pull-based: the shard list is a small actor (`ShardQueue`); an actor's loop claims the next shard when it
+    is ready for one, so faster actors take more shards.
   - CPU actors are pinned to as many cores as Ray gave them (disjoint shares on a node), and the model's
     thread pools size themselves from that; GPU actors see the GPUs Ray assigned them (CUDA_VISIBLE_DEVICES).
-  - An actor that dies (kill -9, OOM) is replaced and its shards go back to the queue; a shard is tried at
-    most 1 + `max_retries` times, then the job fails with that shard's last error in one line. hfbatch's own
-    errors (bad input, a refused model) fail the job at once: retrying cannot change them.
+  - An actor that dies (kill -9, OOM) is replaced, and its claimed shards without a completion record go
+    back to the queue; a shard is tried at most 1 + `max_retries` times (a failing actor that is still alive
+    goes on), then the job fails with that shard's last error in one line. hfbatch's own errors (bad input,
+    a refused model) fail the job at once: retrying cannot change them.
   - A killed driver leaves the finished shards (and parts) behind like a local run; Ray ends a dead driver's
     actors, and the next run resumes from the completion records, with either executor.
 
 Ray is an optional extra (`pip install 'hfbatch[ray]'`), imported only here and only when used.
 
 Hidden knobs (environment; tests only, never in a config):
-    HFBATCH_TEST_RAY_HOLD=FILE[:SHARD]  the first actor to reach a batch of shard SHARD (default: any shard)
+    HFBATCH_TEST_RAY_HOLD=FILE[:SHARD]  the first actor to finish a batch of shard SHARD (default: any shard)
                                         writes its pid into FILE and waits there to be killed (one-shot: FILE
                                         is created exclusively), so a test can kill -9 it deterministically
     HFBATCH_TEST_RAY_FAIL=SHARD         every attempt at shard SHARD raises RuntimeError
@@ -91,10 +92,51 @@ def import_ray():
     return ray
 
 
-# ---- the actor -----------------------------------------------------------------------------------------
+# ---- the actors ----------------------------------------------------------------------------------------
+
+class ShardQueue:
+    """The driver's shard list as one small actor: workers claim shards from it one at a time, as the job's
+    shard loop asks for them (so a faster worker claims more), and report rows and finished shards to it; the
+    driver polls it, and gives the unfinished claims of a failed worker back to it."""
+
+    def __init__(self, pending: list[int]):
+        self.queue = collections.deque(pending)
+        self.claims: dict[str, list[int]] = collections.defaultdict(list)
+        self.rows = 0
+        self.finished: list[tuple] = []
+
+    def claim(self, worker: str) -> int | None:
+        if not self.queue:
+            return None
+        shard = self.queue.popleft()
+        self.claims[worker].append(shard)
+        return shard
+
+    def report(self, rows: int, finished: tuple | None = None) -> None:
+        """`rows` computed since the last report; `finished`: (worker, shard, rows computed, rows resumed)."""
+        self.rows += rows
+        if finished is not None:
+            self.finished.append(finished)
+            self.claims[finished[0]].remove(finished[1])
+
+    def poll(self) -> tuple[int, list[tuple]]:
+        """The rows and finished shards reported since the last poll."""
+        rows, finished = self.rows, self.finished
+        self.rows, self.finished = 0, []
+        return rows, finished
+
+    def take_back(self, worker: str) -> list[int]:
+        """A failed worker's claims not reported finished (the driver puts back those not recorded)."""
+        return self.claims.pop(worker, [])
+
+    def put_back(self, shards: list[int]) -> None:
+        """Shards to compute again, ahead of the rest, in order."""
+        self.queue.extendleft(reversed(sorted(shards)))
+
 
 class ShardWorker:
-    """One Ray actor: the job's work, loaded once, computing shards into the shared shard directory."""
+    """One Ray actor: the job's work, loaded once, running the job's shard loop over the shards it claims
+    from the ShardQueue, into the shared shard directory."""
 
     def __init__(self, job_name: str, shard_dir: str, name: str):
         from .runner import ShardDir
@@ -103,8 +145,6 @@ class ShardWorker:
         self.job_name, self.name = job_name, name
         self.shards = ShardDir(Path(shard_dir))
         self.work = None
-        self._pool = None
-        self._ahead: dict = {}  # shard -> future of its prepare(), started while the shard before it ran
 
     def where(self) -> dict:
         import ray
@@ -134,63 +174,93 @@ class ShardWorker:
     def load(self, make_work, device: str, slot: int | None, cpus: float) -> tuple[dict, str]:
         """The job's work on `device`; a CPU actor first takes share `slot` of its node's cores, `cpus` of
         them. Returns the work's info and the kind of device (`cpu`, `cuda (<GPU name>)`)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         if slot is not None and hasattr(os, "sched_setaffinity"):
             # before the model is made: torch's and OpenVINO's thread pools size themselves from the affinity
             cores = sorted(os.sched_getaffinity(0))
             n = max(1, int(cpus))
             os.sched_setaffinity(0, [cores[(slot * n + k) % len(cores)] for k in range(min(n, len(cores)))])
-        self.work = make_work(device)
-        self._pool = ThreadPoolExecutor(max_workers=1)
+        self.work = _with_test_hooks(make_work(device))
         kind = device
         if device == "cuda":
             import torch
 
             kind = f"cuda ({torch.cuda.get_device_name(0)})"
-        return self.work.info, kind
+        return dict(getattr(self.work, "info", {})), kind
 
-    def run(self, shard: int, upcoming: int | None) -> tuple[int, int, int, int]:
-        """Compute shard `shard` and record it; `upcoming`, the shard this actor gets next, is prepared
-        meanwhile. Returns (shard, rows, rows computed, rows resumed from parts)."""
-        ahead = self._ahead.pop(shard, None)
-        prepared = ahead.result() if ahead is not None else self.work.prepare(shard)
-        if upcoming is not None and upcoming not in self._ahead:
-            self._ahead[upcoming] = self._pool.submit(self.work.prepare, upcoming)
-        _test_fail(shard)
-        rows = 0
+    def run(self, queue) -> None:
+        """Compute shards claimed from `queue` until it is empty."""
+        import ray
 
-        def on_rows(n):
-            nonlocal rows
-            rows += n
-            _test_hold(shard)
+        def claims():
+            while (shard := ray.get(queue.claim.remote(self.name))) is not None:
+                yield shard
 
-        parts = self.shards.parts(shard, self.job_name)
-        table, counts = self.work.compute(shard, prepared, on_rows, parts)
-        self.shards.write_shard(shard, table, **counts, worker=self.name)  # (text: not summed as a count)
-        return shard, rows, parts.rows_computed, parts.rows_resumed
+        unreported = 0
+        last = time.monotonic()
+
+        def on_rows(n):  # batched: one message a second, not one per batch
+            nonlocal unreported, last
+            unreported += n
+            if time.monotonic() - last >= 1.0:
+                queue.report.remote(unreported)
+                unreported, last = 0, time.monotonic()
+
+        def on_shard(shard, computed, resumed):
+            nonlocal unreported
+            ray.get(queue.report.remote(unreported, (self.name, shard, computed, resumed)))
+            unreported = 0
+
+        compute_shards(self.work, self.shards, claims(), self.job_name, on_rows, on_shard, worker=self.name)
 
 
-def _test_hold(shard: int) -> None:
-    spec = os.environ.get("HFBATCH_TEST_RAY_HOLD")
-    if not spec:
-        return
-    path, _, only = spec.partition(":")
-    if only and int(only) != shard:
-        return
+def compute_shards(work, shards, indices, job_name, on_rows, on_shard, worker):
+    """The job's shard loop, as --devices workers run it (prepare one shard ahead, compute, write, record)."""
+    from .batching import prefetch
+
+    for i, prepared in prefetch(work.prepare, indices):
+        parts = shards.parts(i, job_name)
+        table, counts = work.compute(i, prepared, on_rows, parts)
+        shards.write_shard(i, table, **counts, worker=worker)  # (text: not summed as a count)
+        on_shard(i, parts.rows_computed, parts.rows_resumed)
+
+
+class _TestHooks:
+    """The work with the HFBATCH_TEST_RAY_* hooks around its `compute` (see the module docstring)."""
+
+    def __init__(self, work, hold: str | None, fail: str | None):
+        self._work, self._hold, self._fail = work, hold, fail
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+    def compute(self, i, prepared, on_rows, parts=None):
+        if self._fail == str(i):
+            raise RuntimeError(f"HFBATCH_TEST_RAY_FAIL: shard {i} fails on every attempt")
+        path, _, only = (self._hold or "").partition(":")
+
+        def held(n):
+            on_rows(n)
+            if path and (not only or int(only) == i):
+                _hold_here(path)
+
+        return self._work.compute(i, prepared, held, parts)
+
+
+def _with_test_hooks(work):
+    hold, fail = os.environ.get("HFBATCH_TEST_RAY_HOLD"), os.environ.get("HFBATCH_TEST_RAY_FAIL")
+    return _TestHooks(work, hold, fail) if hold or fail else work
+
+
+def _hold_here(path: str) -> None:
+    """The first process here writes its pid into `path` and waits to be killed; any other goes on."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        return  # another actor (or an earlier attempt) took it
+        return
     os.write(fd, f"{os.getpid()}\n".encode())
     os.close(fd)
-    while True:  # until the test kills this process
+    while True:
         time.sleep(1)
-
-
-def _test_fail(shard: int) -> None:
-    if os.environ.get("HFBATCH_TEST_RAY_FAIL") == str(shard):
-        raise RuntimeError(f"HFBATCH_TEST_RAY_FAIL: shard {shard} fails on every attempt")
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
@@ -205,8 +275,6 @@ class _Worker:
     info: dict = field(default_factory=dict)
     kind: str = ""  # cpu, cuda (NVIDIA H200)
     slot: int | None = None  # a CPU actor's share of its node's cores
-    running: tuple | None = None  # (shard, object ref)
-    reserved: int | None = None  # the shard it prepares meanwhile, and gets next
     shards: int = 0
 
 
@@ -274,10 +342,11 @@ def _cpus_per_worker(node_cpus: list[int], workers: int) -> int:
 
 
 class _Driver:
+    """Starts the pool, runs every actor's shard loop over the ShardQueue, and replaces or retries what fails."""
+
     def __init__(self, ray, job, pending, make_work, executor, pool, progress):
         self.ray, self.job, self.make_work, self.executor, self.pool = ray, job, make_work, executor, pool
         self.progress = progress
-        self.queue = collections.deque(pending)
         self.pending = list(pending)
         self.attempts: collections.Counter = collections.Counter()
         self.started = 0  # actors made, for their names
@@ -363,85 +432,87 @@ class _Driver:
             raise JobFailed(f"a Ray worker could not {doing}: {_describe(cause)}") from None
 
     # -- shards --
-    def _give(self, w: _Worker) -> None:
-        """The worker's next shard: its reserved one, or the queue's first; and a new reserved one."""
-        shard = w.reserved if w.reserved is not None else (self.queue.popleft() if self.queue else None)
-        w.reserved = self.queue.popleft() if shard is not None and self.queue else None
-        if shard is None:
-            w.running = None
-            return
-        w.running = (shard, w.handle.run.remote(shard, w.reserved))
-
-    def _give_back(self, w: _Worker) -> None:
-        """A failed or dead worker's shards go back to the front of the queue, in order."""
-        back = [s for s in ((w.running or (None,))[0], w.reserved) if s is not None]
-        self.queue.extendleft(reversed(back))
-        w.running, w.reserved = None, None
-
+    # -- shards --
     def run(self):
-        self.workers = self._start(self.pool.size)
+        ray = self.ray
+        self.queue = ray.remote(ShardQueue).options(num_cpus=0).remote(self.pending)
+        running: dict = {}  # the ref of an actor's run() -> the actor
         try:
+            self.workers = self._start(self.pool.size)
             self._check_same_settings()
-        except BaseException:
-            for w in self.workers:
-                self.ray.kill(w.handle)
-            raise
-        log.event(self.job.name, "ray_workers", workers=len(self.workers), shards=len(self.pending),
-                  nodes=",".join(sorted({w.place["node"] for w in self.workers})), cpus_each=f"{self.pool.cpus:g}",
-                  gpus_each=f"{self.pool.gpus:g}")
-        try:
-            for w in self.workers:
-                self._give(w)
-            while any(w.running for w in self.workers):
-                self._wait_one()
+            log.event(self.job.name, "ray_workers", workers=len(self.workers), shards=len(self.pending),
+                      nodes=",".join(sorted({w.place["node"] for w in self.workers})),
+                      cpus_each=f"{self.pool.cpus:g}", gpus_each=f"{self.pool.gpus:g}")
+            running = {w.handle.run.remote(self.queue): w for w in self.workers}
+            idle: list[_Worker] = []  # done: the queue was empty when they asked
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                self._poll()
+                for ref in ready:
+                    w = running.pop(ref)
+                    again = self._ended(w, ref)
+                    if again is None:
+                        idle.append(w)
+                        continue
+                    for x in [again] + idle:  # shards went back to the queue: idle workers may take them
+                        running[x.handle.run.remote(self.queue)] = x
+                    idle = []
+            self._poll()
         finally:
             for w in self.workers:
-                self.ray.kill(w.handle)
+                ray.kill(w.handle)
+            ray.kill(self.queue)
         left = [i for i in self.pending if not self.job.is_done(i)]
         if left:
             raise JobFailed(f"shards {left[:5]} were not finished by the Ray workers; run the same command again")
         return self._finish()
 
-    def _check_same_settings(self) -> None:
-        """Every worker computes rows alike (a GPU where `--precision auto` gives fp16 beside bf16 ones would
-        mix precisions in one output)."""
-        from .devices import _check_same_settings
+    def _poll(self) -> None:
+        rows, finished = self.ray.get(self.queue.poll.remote())
+        self.progress.update(rows)
+        by_name = {w.name: w for w in self.workers + self.retired}
+        for name, _shard, computed, resumed in finished:
+            by_name[name].shards += 1
+            self.done.add(computed, resumed)
 
-        _check_same_settings({k: w.info for k, w in enumerate(self.workers)},
-                             [f"{w.name} on {w.place['node']}" for w in self.workers], option="--executor ray")
-
-    def _wait_one(self) -> None:
+    def _ended(self, w: _Worker, ref) -> _Worker | None:
+        """An actor's run() returned: None when it ran out of shards; else the actor to run again (it, or
+        its replacement when it died), once its unfinished shards are back in the queue."""
         ray = self.ray
-        by_ref = {w.running[1]: w for w in self.workers if w.running}
-        ready, _ = ray.wait(list(by_ref), num_returns=1)
-        w = by_ref[ready[0]]
-        shard = w.running[0]
         try:
-            _, rows, computed, resumed = ray.get(ready[0])
+            ray.get(ref)
+            return None
         except ray.exceptions.RayTaskError as exc:
             cause = _cause(exc)
+            shard = self._take_back(w)
             if isinstance(cause, HfbatchError):  # hfbatch refused something: the same on every retry
                 raise type(cause)(f"{cause.message} (shard {shard}, Ray worker on {w.place['node']})") from None
             self._failed(w, shard, _describe(cause))
-            self._give(w)  # the worker is alive: it takes the next shard (perhaps this one again)
-            return
+            return w  # alive, its model loaded: it goes on (with this shard again, or the next)
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
-            self._failed(w, shard, f"its worker died ({_first_line(exc)})", died=True)
+            shard = self._take_back(w)
+            self._failed(w, shard, f"its worker died ({_first_line(exc)})")
             self.workers.remove(w)
             self.retired.append(w)
-            self.ray.kill(w.handle)
+            ray.kill(w.handle)
             fresh = self._start(1)[0]
             self.workers.append(fresh)
             self._check_same_settings()
-            for idle in [x for x in self.workers if not x.running]:  # the queue may have been empty meanwhile
-                self._give(idle)
-            return
-        w.shards += 1
-        self.done.add(computed, resumed)
-        self.progress.update(rows)
-        self._give(w)
+            return fresh
 
-    def _failed(self, w: _Worker, shard: int, why: str, died: bool = False) -> None:
+    def _take_back(self, w: _Worker) -> int | None:
+        """The failed worker's claimed shards that have no completion record go back to the queue; returns
+        the first of them, the one it was computing (its shard loop records shards in order)."""
+        self._poll()  # what it finished before failing is counted first
+        claimed = self.ray.get(self.queue.take_back.remote(w.name))
+        back = sorted(s for s in claimed if not self.job.is_done(s))
+        self.ray.get(self.queue.put_back.remote(back))
+        return back[0] if back else None
+
+    def _failed(self, w: _Worker, shard: int | None, why: str) -> None:
+        if shard is None:  # it failed after its last shard was recorded: nothing to retry
+            log.warn(self.job.name, "ray_worker_failed", worker=w.name, node=w.place.get("node"), reason=why)
+            return
         self.attempts[shard] += 1
         tries = self.attempts[shard]
         log.warn(self.job.name, "ray_shard_failed", shard=shard, worker=w.name, node=w.place.get("node"),
@@ -450,10 +521,14 @@ class _Driver:
             raise JobFailed(f"shard {shard} failed {tries} times (--max-retries {self.executor.max_retries}); "
                             f"last on node {w.place.get('node')}: {why}; finished shards are kept: fix it and "
                             f"run the same command again to resume")
-        self._give_back(w)
-        if not died:
-            self.queue.remove(shard)  # retried next, ahead of the rest
-            self.queue.appendleft(shard)
+
+    def _check_same_settings(self) -> None:
+        """Every worker computes rows alike (a GPU where `--precision auto` gives fp16 beside bf16 ones would
+        mix precisions in one output)."""
+        from .devices import _check_same_settings
+
+        _check_same_settings({k: w.info for k, w in enumerate(self.workers)},
+                             [f"{w.name} on {w.place['node']}" for w in self.workers], option="--executor ray")
 
     def _finish(self):
         everyone = self.workers + self.retired

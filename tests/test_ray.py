@@ -28,7 +28,9 @@ COMMON = ["--shard-rows", str(SHARD_ROWS), "--precision", "fp32", "--batch-token
 def ray_address():
     """The session's local Ray (2 CPUs); its address, for drivers in other processes."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'hfbatch[ray]'")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, logging_level="warning")
+    # address "local": a Ray of its own, never a cluster that something else started on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+             logging_level="warning")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
