@@ -9,9 +9,10 @@ cached then), then embeds them again, each run its own process:
   - ray-1, ray-2: `--executor ray --num-workers 1|2`, joining a Ray head started beforehand with
     `ray start --head --num-cpus CORES` (so Ray's own start-up is not counted; it is measured apart);
   - ray-1-on-demand: `--executor ray --num-workers 1` with no cluster: the job starts a local Ray and stops it.
-Prints docs/s and each Ray run's overhead against local, and checks that every output has the local ids, in
-order, and its vectors (max abs difference). On a machine with few cores the workers share them: Ray adds
-overhead there and cannot add speed; what scales on a cluster is the number of nodes/GPUs (see README).
+--repeat rounds of the four, interleaved (medians). Prints docs/s and each Ray run's overhead against local,
+and checks that every output has the local ids, in order, and its vectors (max abs difference). On a machine
+with few cores the workers share them: Ray adds overhead there and cannot add speed; what scales on a
+cluster is the number of nodes/GPUs (see README).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import gzip
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +74,7 @@ def main() -> None:
     p.add_argument("--model", default="bundled", help="bundled, tiny, or a model directory")
     p.add_argument("--shard-rows", type=int, default=1000)
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="CPUs the Ray head offers")
+    p.add_argument("--repeat", type=int, default=2, help="rounds of the four runs, interleaved (medians)")
     p.add_argument("--workdir", default="/tmp/hfbatch-bench-embed-ray")
     args = p.parse_args()
 
@@ -94,30 +97,38 @@ def main() -> None:
     run_hfbatch(["ingest", work / "docs.jsonl", "-o", work / "ds"])
     docs = json.loads((work / "ds" / "manifest.json").read_text())["rows"]
     common = ["embed", work / "ds", *model, "--shard-rows", args.shard_rows, "--json"]
-    # the on-demand run must not find a cluster through the environment; the head and its drivers agree on
+    # the on-demand runs must not find a cluster through the environment; the head and its drivers agree on
     # authentication (ray start and ray.init decide it differently when ~/.ray/auth_token exists)
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 
     results = {}
+    ray = ["--executor", "ray", "--num-workers"]
+    runs = [("local", [], False), ("ray-1", [*ray, "1"], True), ("ray-2", [*ray, "2"], True),
+            ("ray-1-on-demand", [*ray, "1"], False)]  # (name, options, joins the head)
 
-    def embed(name, extra, env=env):
-        measured = run_hfbatch([*common, "-o", work / name, *extra], env)
+    def embed(name, extra, joins, address):
+        joined = ["--ray-address", address] if joins else []
+        out = work / name
+        shutil.rmtree(out, ignore_errors=True)
+        measured = run_hfbatch([*common, "-o", out, *extra, *joined], env)
         summary = json.loads(measured.done.stdout.strip().splitlines()[-1])
-        results[name] = {"wall_s": round(measured.wall_s, 2), "docs_per_s": round(docs / measured.wall_s, 1),
-                         "workers": summary.get("workers")}
+        r = results.setdefault(name, {"wall_s": [], "workers": summary.get("workers")})
+        r["wall_s"].append(round(measured.wall_s, 2))
         print(f"{name:16s} {measured.wall_s:8.1f} s {docs / measured.wall_s:9.1f} docs/s", flush=True)
 
     # unmeasured: the first run converts the model for OpenVINO (cached), which no measured run should pay
     run_hfbatch([*common, "-o", work / "warm-up"], env)
-    embed("local", [])
     head, address = start_head(args.cores, env)
     try:
-        for workers in (1, 2):
-            embed(f"ray-{workers}", ["--executor", "ray", "--ray-address", address, "--num-workers", str(workers)])
+        for _ in range(args.repeat):  # interleaved, so a busy spell on a shared machine hits every variant
+            for name, extra, joins in runs:
+                embed(name, extra, joins, address)
     finally:
         head.terminate()  # `ray start --block` stops the processes it started (never `ray stop`: it ends every Ray)
         head.wait(timeout=120)
-    embed("ray-1-on-demand", ["--executor", "ray", "--num-workers", "1"])
+    for r in results.values():
+        r["median_wall_s"] = statistics.median(r["wall_s"])
+        r["docs_per_s"] = round(docs / r["median_wall_s"], 1)
 
     import datasets
     import numpy as np
@@ -128,9 +139,9 @@ def main() -> None:
         other = datasets.load_from_disk(str(work / name))
         results[name]["same_ids_in_order"] = other["id"] == local["id"]
         results[name]["max_abs_diff"] = float(np.abs(np.asarray(other["embedding"]) - local_vectors).max())
-    base = results["local"]["wall_s"]
+    base = results["local"]["median_wall_s"]
     for r in results.values():
-        r["overhead_vs_local"] = f"{(r['wall_s'] - base) / base:+.1%}"
+        r["overhead_vs_local"] = f"{(r['median_wall_s'] - base) / base:+.1%}"
     print(json.dumps({"docs": docs, "shard_rows": args.shard_rows, "cores": os.cpu_count(), "model": args.model,
                       "results": results}, indent=2))
     if not all(r["same_ids_in_order"] and r["max_abs_diff"] <= 1e-5 for r in results.values()):
