@@ -41,7 +41,7 @@ from hfbatch.cli import (
 @force_option
 @json_summary("classify")
 def classify(dataset, output, model, text_column, text_pair_column, top_k, multi_label, device, devices,
-             executor, precision, backend, max_length, batch_tokens, shard_rows, trust_remote_code, force):
+             precision, backend, max_length, batch_tokens, shard_rows, trust_remote_code, force, **execution):
     """Classify the TEXT_COLUMN of DATASET (an `hfbatch ingest` or `hfbatch tokenize` output) into OUTPUT.
 
     OUTPUT has columns `id`, `label` (from the model's id2label) and `score` (softmax probability, or
@@ -54,4 +54,4 @@ def classify(dataset, output, model, text_column, text_pair_column, top_k, multi
     return run_classify(dataset, output, model=model, text_column=text_column, text_pair_column=text_pair_column,
                         top_k=top_k, multi_label=multi_label, device=device, devices=devices, precision=precision,
                         backend=backend, max_length=max_length, batch_tokens=batch_tokens, shard_rows=shard_rows,
-                        trust_remote_code=trust_remote_code, force=force, executor=executor)
+                        trust_remote_code=trust_remote_code, force=force, **execution)

@@ -45,9 +45,9 @@ from hfbatch.embedding import embed as run_embed
 @click.option("--chunk-overlap", type=click.IntRange(min=0), default=None, metavar="M",
               help="Tokens shared by consecutive windows (below N; default 0).")
 @json_summary("embed")
-def embed(dataset, output, model, text_column, device, devices, executor, precision, backend, max_length,
-          batch_tokens, shard_rows, trust_remote_code, force, incremental, num_shards, shard_index, chunk_tokens,
-          chunk_overlap):
+def embed(dataset, output, model, text_column, device, devices, precision, backend, max_length, batch_tokens,
+          shard_rows, trust_remote_code, force, incremental, num_shards, shard_index, chunk_tokens, chunk_overlap,
+          **execution):
     """Embed the TEXT_COLUMN of DATASET (an `hfbatch ingest` or `hfbatch tokenize` output) into OUTPUT.
 
     A tokenized DATASET's token ids are used as they are (no tokenizing here); it is refused when this model's
@@ -69,4 +69,4 @@ def embed(dataset, output, model, text_column, device, devices, executor, precis
                      precision=precision, backend=backend, max_length=max_length, batch_tokens=batch_tokens,
                      shard_rows=shard_rows, trust_remote_code=trust_remote_code, force=force, incremental=incremental,
                      num_shards=num_shards, shard_index=shard_index, chunk_tokens=chunk_tokens,
-                     chunk_overlap=chunk_overlap, executor=executor)
+                     chunk_overlap=chunk_overlap, **execution)

@@ -19,14 +19,16 @@ from .runner import Job
 def classify(dataset, output, *, model, text_column="text", text_pair_column=None, top_k=None, multi_label=False,
              device="auto", devices=None, precision="auto", backend="auto", max_length=None,
              batch_tokens=DEFAULT_BATCH_TOKENS, shard_rows=10_000, trust_remote_code=False, force=False,
-             executor=None) -> dict:
+             executor="local", ray_address=None, num_workers=None,
+             gpus_per_worker=None, max_retries=None) -> dict:
     """The classify job: DATASET's text column -> OUTPUT's labels and scores. Takes the command's options
-    (`devices` a list such as ["cuda:0", "cuda:1"]; `executor` "local", "ray" or an
-    hfbatch.ray_executor.RayExecutor) and returns the summary that --json prints."""
+    (`devices` a list such as ["cuda:0", "cuda:1"]; `executor` "local" or "ray", with
+    the Ray executor's options) and returns the summary that --json prints."""
     from .models import model_fingerprint, resolve_model_dir
     from .ray_executor import executor_for
 
-    executor = executor_for(executor, device, devices)  # None: this machine
+    executor = executor_for(executor, device, devices, ray_address, num_workers, gpus_per_worker,
+                            max_retries)  # None: this machine
     model_dir = resolve_model_dir(model)
     head = read_head(model_dir)
     multi_label = multi_label or head["problem_type"] == "multi_label_classification"

@@ -220,40 +220,22 @@ def _parse_devices(ctx, param, value):
 
 
 def executor_options(f):
-    """`--executor local|ray` and the Ray options, folded into one `executor` argument for the library
-    function: "local", or an hfbatch.ray_executor.RayExecutor."""
-
-    @click.option("--executor", "executor_name", type=click.Choice(["local", "ray"]), default="local",
-                  show_default=True,
-                  help="Where the shards are computed: on this machine, or on a Ray cluster (pip install "
-                       "'hfbatch[ray]'); the output is the same.")
-    @click.option("--ray-address", default=None, envvar="RAY_ADDRESS", metavar="ADDRESS",
-                  help="--executor ray: the cluster to join (env RAY_ADDRESS); default: a local Ray started "
-                       "for the job.")
-    @click.option("--num-workers", type=click.IntRange(min=1), default=None,
-                  help="--executor ray: model actors, each loading the model once (default: one per GPU "
-                       "with GPUs, else one per node).")
-    @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
-                  help="--executor ray: GPUs per actor (default 1 with --device cuda, else 0: CPU actors, "
-                       "each given an equal share of the CPUs).")
-    @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
-                  help="--executor ray: tries after the first for a shard whose worker died or failed.")
-    @functools.wraps(f)
-    def wrapper(*args, executor_name, ray_address, num_workers, gpus_per_worker, max_retries, **kwargs):
-        ctx = click.get_current_context()
-        if executor_name == "local":
-            given = [f"--{name.replace('_', '-')}" for name in ("ray_address", "num_workers", "gpus_per_worker",
-                                                                 "max_retries")
-                     if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-            if given:
-                raise click.UsageError(f"{', '.join(given)} needs --executor ray")
-            return f(*args, executor="local", **kwargs)
-        from .ray_executor import RayExecutor
-
-        return f(*args, executor=RayExecutor(address=ray_address, num_workers=num_workers,
-                                             gpus_per_worker=gpus_per_worker, max_retries=max_retries), **kwargs)
-
-    return wrapper
+    """`--executor local|ray` and the Ray executor's options (hfbatch.ray_executor.executor_for checks them)."""
+    f = click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where the shards are computed: on this machine, or on a Ray cluster (pip install "
+                          "'hfbatch[ray]'); the output is the same.")(f)
+    f = click.option("--ray-address", default=None, envvar="RAY_ADDRESS", metavar="ADDRESS",
+                     help="--executor ray: the cluster to join (env RAY_ADDRESS); default: a local Ray started "
+                          "for the job.")(f)
+    f = click.option("--num-workers", type=click.IntRange(min=1), default=None,
+                     help="--executor ray: model actors, each loading the model once (default: one per GPU "
+                          "with GPUs, else one per node).")(f)
+    f = click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+                     help="--executor ray: GPUs per actor (default 1 with --device cuda, else 0: CPU actors, "
+                          "each given an equal share of the CPUs).")(f)
+    return click.option("--max-retries", type=click.IntRange(min=0), default=None,
+                        help="--executor ray: tries after the first for a shard whose worker died or failed "
+                             "(default 2).")(f)
 
 
 def batching_options(f):

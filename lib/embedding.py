@@ -127,16 +127,18 @@ def read_similarity(model_dir) -> str:
 def embed(dataset, output, *, model=None, text_column="text", device="auto", devices=None, precision="auto",
           backend="auto", max_length=None, batch_tokens=DEFAULT_BATCH_TOKENS, shard_rows=10_000,
           trust_remote_code=False, force=False, incremental=False, num_shards=1, shard_index=0, chunk_tokens=None,
-          chunk_overlap=None, executor=None) -> dict:
+          chunk_overlap=None, executor="local", ray_address=None, num_workers=None, gpus_per_worker=None,
+          max_retries=None) -> dict:
     """The embed job (`hfbatch embed`): DATASET's text column -> OUTPUT's `id` + `embedding` dataset. Takes
-    the command's options (`devices` a list such as ["cuda:0", "cuda:1"]; `executor` "local", "ray" or an
-    hfbatch.ray_executor.RayExecutor) and returns the summary that --json prints."""
+    the command's options (`devices` a list such as ["cuda:0", "cuda:1"]; `executor` "local" or "ray", with
+    the Ray executor's options) and returns the summary that --json prints."""
     from .devices import check_devices, devices_kind, run_shards
     from .io import open_dataset, require_text_column
     from .models import model_fingerprint, resolve_model_dir
     from .ray_executor import executor_for
 
-    executor = executor_for(executor, device, devices)  # None: this machine
+    executor = executor_for(executor, device, devices, ray_address, num_workers, gpus_per_worker,
+                            max_retries)  # None: this machine
     if shard_index >= num_shards:
         raise InputError(f"--shard-index: {shard_index} is not below --num-shards {num_shards}")
     chunking = chunking_config(chunk_tokens, chunk_overlap, incremental)

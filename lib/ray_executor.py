@@ -56,20 +56,28 @@ class RayExecutor:
     address: str | None = None
     num_workers: int | None = None
     gpus_per_worker: float | None = None
-    max_retries: int = 2
+    max_retries: int = 2  # DEFAULT_MAX_RETRIES
 
 
 EXECUTORS = ("local", "ray")
+DEFAULT_MAX_RETRIES = 2
 
 
-def executor_for(executor, device: str = "auto", devices=None) -> RayExecutor | None:
-    """The executor a job runs its shards on, from its `executor` argument ("local", "ray", a RayExecutor or
-    None), checked against its --device/--devices before any work: None is the local executor."""
+def executor_for(executor="local", device: str = "auto", devices=None, ray_address=None, num_workers=None,
+                 gpus_per_worker=None, max_retries=None) -> RayExecutor | None:
+    """The executor a job's shards run on, from the job's options (`executor` "local" or "ray", or a
+    RayExecutor), checked against its --device/--devices before any work: None is the local executor."""
+    ray_options = {"ray_address": ray_address, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker,
+                   "max_retries": max_retries}
+    given = [f"--{k.replace('_', '-')}" for k, v in ray_options.items() if v is not None and k != "ray_address"]
     if executor is None or executor == "local":
+        if given:
+            raise InputError(f"{', '.join(given)} needs --executor ray")
         return None
     if executor == "ray":
-        executor = RayExecutor()
-    if not isinstance(executor, RayExecutor):
+        executor = RayExecutor(address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                               max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries)
+    elif not isinstance(executor, RayExecutor):
         raise InputError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     if devices:
         raise InputError("--devices is for the local executor; with --executor ray give --num-workers and "

@@ -195,6 +195,20 @@ def test_ray_options_need_the_ray_executor(tmp_path, runner, dataset, tiny_model
     assert not out.exists() and not OutputPaths(out).partial.exists()
 
 
+def test_the_python_api_takes_the_commands_ray_options(tmp_path, ray_address, dataset, tiny_model, local_embeddings):
+    from hfbatch.embedding import embed
+    from hfbatch.errors import InputError
+
+    out = tmp_path / "emb"
+    with pytest.raises(InputError, match="--num-workers, --max-retries needs --executor ray"):
+        embed(str(dataset), output=str(out), model=str(tiny_model), num_workers=2, max_retries=0)
+    assert not out.exists()
+    summary = embed(str(dataset), output=str(out), model=str(tiny_model), shard_rows=SHARD_ROWS,
+                    precision="fp32", batch_tokens=256, executor="ray", num_workers=1, max_retries=0)
+    assert summary["rows"] == ROWS and [w["shards"] for w in summary["workers"]] == [ROWS // SHARD_ROWS]
+    assert_same_embeddings(out, local_embeddings)
+
+
 def test_a_node_that_cannot_see_the_storage_says_what_it_cannot_do(tmp_path):
     from hfbatch.ray_executor import ShardWorker
 
