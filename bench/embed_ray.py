@@ -8,7 +8,8 @@ cached then), then embeds them again, each run its own process:
   - local: `--executor local`;
   - ray-1, ray-2: `--executor ray --num-workers 1|2`, joining a Ray head started beforehand with
     `ray start --head --num-cpus CORES` (so Ray's own start-up is not counted; it is measured apart);
-  - ray-1-on-demand: `--executor ray --num-workers 1` with no cluster: the job starts a local Ray and stops it.
+  - ray-1-on-demand: `--executor ray --num-workers 1` with no cluster: the job starts a local Ray and stops it;
+  - and the executor's own cost per shard: a claim and a report to its ShardQueue actor.
 --repeat rounds of the four, interleaved (medians). Prints docs/s and each Ray run's overhead against local,
 and checks that every output has the local ids, in order, and its vectors (max abs difference). On a machine
 with few cores the workers share them: Ray adds overhead there and cannot add speed; what scales on a
@@ -68,6 +69,26 @@ def threading_drain(proc: subprocess.Popen) -> None:
     threading.Thread(target=proc.stdout.read, daemon=True).start()
 
 
+def shard_round_trip_ms(address: str, env: dict, shards: int = 200) -> float:
+    """What the Ray executor's bookkeeping costs per shard: a worker's claim and its finished-shard report
+    to the ShardQueue actor (two actor calls), timed from a process of its own joined to the head."""
+    code = f"""
+import os, time, ray
+from hfbatch.ray_executor import ShardQueue
+ray.init(address={address!r}, logging_level="error")
+queue = ray.remote(ShardQueue).options(num_cpus=0).remote(list(range({shards})))
+ray.get(queue.poll.remote())
+start = time.perf_counter()
+while (shard := ray.get(queue.claim.remote("w"))) is not None:
+    ray.get(queue.report.remote(1, ("w", shard, 1, 0)))
+print((time.perf_counter() - start) / {shards} * 1000)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"timing the shard round trip failed:\n{done.stderr[-2000:]}")
+    return round(float(done.stdout.strip().splitlines()[-1]), 2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=10_000, help="first N documents of the corpus (0: all)")
@@ -123,6 +144,7 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved, so a busy spell on a shared machine hits every variant
             for name, extra, joins in runs:
                 embed(name, extra, joins, address)
+        per_shard_ms = shard_round_trip_ms(address, env)
     finally:
         head.terminate()  # `ray start --block` stops the processes it started (never `ray stop`: it ends every Ray)
         head.wait(timeout=120)
@@ -143,7 +165,7 @@ def main() -> None:
     for r in results.values():
         r["overhead_vs_local"] = f"{(r['median_wall_s'] - base) / base:+.1%}"
     print(json.dumps({"docs": docs, "shard_rows": args.shard_rows, "cores": os.cpu_count(), "model": args.model,
-                      "results": results}, indent=2))
+                      "ray_calls_per_shard_ms": per_shard_ms, "results": results}, indent=2))
     if not all(r["same_ids_in_order"] and r["max_abs_diff"] <= 1e-5 for r in results.values()):
         raise SystemExit("an output differs from the local one")
 
