@@ -167,10 +167,32 @@ def output_option(f):
                         help="Output directory (published atomically with a manifest.json).")(f)
 
 
-def force_option(f):
-    return click.option("--force", is_flag=True,
-                        help="Recompute OUTPUT and replace it when it is an hfbatch output made from other inputs or "
-                             "options. A directory hfbatch did not make is never replaced.")(f)
+FORCE_HELP = ("Recompute OUTPUT and replace it when it is an hfbatch output made from other inputs or options. A "
+              "directory hfbatch did not make is never replaced.")
+
+
+def force_option(f_or_help=FORCE_HELP):
+    """`--force`: as `@force_option`, or `@force_option("help")` where forcing means something else."""
+    if callable(f_or_help):
+        return click.option("--force", is_flag=True, help=FORCE_HELP)(f_or_help)
+    return click.option("--force", is_flag=True, help=f_or_help)
+
+
+def columns_option(help: str):
+    """`--columns a,b --columns c` -> ["a", "b", "c"] (None when not given)."""
+    return click.option("--columns", "columns", multiple=True, metavar="A,B,...", help=help,
+                        callback=lambda ctx, param, values: _names(values))
+
+
+def _names(values) -> list[str] | None:
+    from .ingestion import parse_columns
+
+    return parse_columns(values)
+
+
+def json_flag(help: str):
+    """`--json` of the commands that print a description (info, inspect), not a job summary."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
 
 
 def model_option(f):
