@@ -209,9 +209,13 @@ DEVICES = ["auto", "cpu", "cuda"]
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 
 
+def device_option(f):
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                        help="auto = CUDA when available, else CPU.")(f)
+
+
 def device_options(f):
-    f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-                     help="auto = CUDA when available, else CPU.")(f)
+    f = device_option(f)
     f = click.option("--devices", default=None, metavar="LIST", callback=_parse_devices,
                      help="Several devices at once, one worker process each, shards shared among them and "
                           "merged in order: GPU indices (0,1) or cuda:N; `cpu,cpu` splits the cores.")(f)
