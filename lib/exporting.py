@@ -109,7 +109,7 @@ def export(dataset, output, *, fmt: str = "auto", columns: list[str] | None = No
         write_atomically(ds, path, paths, fmt, compression)
     finally:
         lock.release()
-    return {"output": str(path), "rows": len(ds), "format": fmt, "compression": compression,
+    return {"job": "export", "status": "ok", "output": str(path), "rows": len(ds), "format": fmt, "compression": compression,
             "bytes": path.stat().st_size}
 
 
