@@ -109,8 +109,8 @@ def export(dataset, output, *, fmt: str = "auto", columns: list[str] | None = No
         write_atomically(ds, path, paths, fmt, compression)
     finally:
         lock.release()
-    return {"job": "export", "status": "ok", "output": str(path), "rows": len(ds), "format": fmt, "compression": compression,
-            "bytes": path.stat().st_size}
+    return {"job": "export", "status": "ok", "output": str(path), "rows": len(ds), "format": fmt,
+            "compression": compression, "bytes": path.stat().st_size}
 
 
 def selected_columns(dataset, wanted: list[str]):

@@ -869,9 +869,8 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
     "4GiB", or bytes), recorded as written (default: half the available memory). Returns the summary dict that
     --json prints."""
     from hfbatch.runner import Job, require_complete
-    from hfbatch.vectors import is_foreign
-
     from hfbatch.sizes import parse_size
+    from hfbatch.vectors import is_foreign
 
     path = Path(vectors)
     budget = memory_budget and parse_size(memory_budget, option="--memory-budget")

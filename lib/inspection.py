@@ -38,7 +38,8 @@ def inspect(model_dir) -> dict:
 
 def describe(path: Path) -> dict:
     config = read_json_object(path / "config.json")
-    tokenizer_config = read_json_object(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+    tokenizer_file = path / "tokenizer_config.json"
+    tokenizer_config = read_json_object(tokenizer_file) if tokenizer_file.exists() else {}
     architectures = config.get("architectures") or []
     head = next((task for suffix, task in HEADS.items() for a in architectures if a.endswith(suffix)), None)
     info = {
