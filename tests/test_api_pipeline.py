@@ -24,8 +24,8 @@ FAST_ARGS = ["--precision", "fp32", "--backend", "torch", "--shard-rows", "10"]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("api-pipeline")
-    return write_jsonl(root / "docs.jsonl", [{"id": f"d{i}", "text": f"document {i}: a {TOPICS[i % 4]}"}
-                                             for i in range(37)])
+    return write_jsonl(root / "docs.jsonl", [{"id": f"d{i}", "text": f"document {i}: a {TOPICS[i % 4]}",
+                                              "topic": TOPICS[i % 4]} for i in range(37)])
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,11 @@ def test_ingest_embed_index_search_in_one_process_equal_the_cli(runner, corpus, 
     cli_hits = [json.loads(line) for line in
                 invoke(runner, ["search", cli / "idx", *QUERIES, "-k", "3"]).stdout.splitlines()]
     assert list(hits) == cli_hits  # the hit dicts are search's JSON lines
+    assert list(hfbatch.search(str(root / "idx"), QUERIES[0], k=3)) == cli_hits[:3]  # a str is one query
+    filtered = hfbatch.search(str(root / "idx"), QUERIES[1], k=4, filters={"topic": "chess game"})
+    assert list(filtered) == [json.loads(line) for line in invoke(runner, [
+        "search", cli / "idx", QUERIES[1], "-k", "4", "--filter", "topic=chess game"]).stdout.splitlines()]
+    assert len(filtered) == 4 and all(int(hit["id"][1:]) % 4 == 0 for hit in filtered)
     assert [hit["query"] for hit in hits] == [QUERIES[0]] * 3 + [QUERIES[1]] * 3
     assert all(hit["text"].startswith("document ") and hit["id"].startswith("d") for hit in hits)
 
