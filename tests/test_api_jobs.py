@@ -102,3 +102,19 @@ def test_run_returns_each_steps_summary_and_names_the_failing_step(runner, datas
         hfbatch.run(str(pipeline))
     result = invoke(runner, ["run", pipeline], expect=2)
     assert result.output.strip().splitlines()[-1] == f"Error: {raised.value.message}"
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"eval_fraction": 1.5}, ["--eval-fraction", "1.5", "below 1"]),
+    ({"epochs": 0}, ["--epochs", "above 0"]),
+    ({"batch_size": "16"}, ["--batch-size", "'16'", "integer"]),
+    ({"device": "tpu"}, ["--device", "'tpu'", "cuda"]),
+    ({"precision": "fp16"}, ["--precision", "'fp16'", "bf16"]),
+    ({"label_column": "nope"}, ["'nope'", "--label-column"]),
+])
+def test_train_checks_the_options_click_would_before_it_starts(dataset, tmp_path, options, words):
+    with pytest.raises(InputError) as raised:
+        hfbatch.train(str(dataset), output=str(tmp_path / "model"), **{"label_column": "section", **options})
+    for word in words:
+        assert word in raised.value.message, raised.value.message
+    assert not (tmp_path / "model").exists()
