@@ -10,7 +10,7 @@ Every job is also a plain Python function, called as the command is::
     hits = hfbatch.search("idx", ["a chess game"], k=3)   # hit dicts, as search's JSON lines
 
 The inputs are positional, the options are the command's with underscores (`--shard-rows` -> `shard_rows=`),
-and each returns the summary dict that the command's `--json` prints. The functions keep the command's locks,
+and each returns the summary dict that the command's `--json` prints (less its `seconds`). The functions keep the command's locks,
 resume and manifests; they raise hfbatch.errors types (InputError, JobFailed, Busy) where the command would
 exit 2, 1 or 75.
 
