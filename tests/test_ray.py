@@ -196,15 +196,15 @@ def test_ray_options_need_the_ray_executor(tmp_path, runner, dataset, tiny_model
 
 
 def test_the_python_api_takes_the_commands_ray_options(tmp_path, ray_address, dataset, tiny_model, local_embeddings):
-    from hfbatch.embedding import embed
+    import hfbatch
     from hfbatch.errors import InputError
 
     out = tmp_path / "emb"
     with pytest.raises(InputError, match="--num-workers, --max-retries needs --executor ray"):
-        embed(str(dataset), output=str(out), model=str(tiny_model), num_workers=2, max_retries=0)
+        hfbatch.embed(str(dataset), output=str(out), model=str(tiny_model), num_workers=2, max_retries=0)
     assert not out.exists()
-    summary = embed(str(dataset), output=str(out), model=str(tiny_model), shard_rows=SHARD_ROWS,
-                    precision="fp32", batch_tokens=256, executor="ray", num_workers=1, max_retries=0)
+    summary = hfbatch.embed(str(dataset), output=str(out), model=str(tiny_model), shard_rows=SHARD_ROWS,
+                                    precision="fp32", batch_tokens=256, executor="ray", num_workers=1, max_retries=0)
     assert summary["rows"] == ROWS and [w["shards"] for w in summary["workers"]] == [ROWS // SHARD_ROWS]
     assert_same_embeddings(out, local_embeddings)
 
