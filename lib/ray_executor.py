@@ -45,6 +45,8 @@ from .errors import HfbatchError, InputError, JobFailed
 
 INSTALL_HINT = "pip install 'hfbatch[ray]'"
 START_TIMEOUT_S = 600.0  # actors waiting this long for CPUs/GPUs that other jobs hold: say so instead of hanging
+EXECUTORS = ("local", "ray")
+DEFAULT_MAX_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,7 @@ class RayExecutor:
     address: str | None = None
     num_workers: int | None = None
     gpus_per_worker: float | None = None
-    max_retries: int = 2  # DEFAULT_MAX_RETRIES
-
-
-EXECUTORS = ("local", "ray")
-DEFAULT_MAX_RETRIES = 2
+    max_retries: int = DEFAULT_MAX_RETRIES
 
 
 def executor_for(executor="local", device: str = "auto", devices=None, ray_address=None, num_workers=None,
@@ -304,10 +302,13 @@ def run_on_ray(job, pending: list[int], make_work, executor: RayExecutor, device
     if started_here:
         # "local": a new Ray for this job, never a cluster someone else started on this machine
         address = executor.address or os.environ.get("RAY_ADDRESS") or "local"
+        _check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="warning",
                      configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            if address == "local":
+                raise JobFailed(f"--executor ray: cannot start a local Ray ({_first_line(exc)})") from None
             raise InputError(f"--ray-address {address}: cannot join the Ray cluster ({_first_line(exc)}); "
                              f"start it with `ray start --head` or fix the address") from None
     try:
@@ -316,6 +317,19 @@ def run_on_ray(job, pending: list[int], make_work, executor: RayExecutor, device
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A cluster address (`host:port`) that nothing answers at is refused in one line: ray.init would keep
+    trying to connect to it for as long as the job lets it."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "local", "auto", a Ray Client address: ray.init's to judge
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InputError(f"--ray-address {address}: no Ray cluster answers there ({exc.strerror or exc}); start "
+                         f"one with `ray start --head`, or give the address it printed") from None
 
 
 def _plan_pool(ray, executor: RayExecutor, device: str) -> _Pool:

@@ -209,6 +209,20 @@ def test_the_python_api_takes_the_commands_ray_options(tmp_path, ray_address, da
     assert_same_embeddings(out, local_embeddings)
 
 
+def test_an_address_where_no_cluster_answers_is_one_line(tmp_path, dataset, tiny_model):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "emb"
+    done = subprocess.run([*HFBATCH, "embed", dataset, "-o", out, "--model", tiny_model, "--executor", "ray"],
+                          env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+        f"Error: --ray-address {address}: no Ray cluster answers there (")
+    assert not out.exists() and not OutputPaths(out).partial.exists()
+
+
 def test_a_node_that_cannot_see_the_storage_says_what_it_cannot_do(tmp_path):
     from hfbatch.ray_executor import ShardWorker
 
