@@ -182,6 +182,18 @@ def test_without_ray_the_error_is_one_line(tmp_path, runner, monkeypatch, datase
         assert not out.exists() and not OutputPaths(out).partial.exists()
 
 
+def test_ray_is_imported_only_when_a_job_uses_it():
+    code = ("import sys\n"
+            "import hfbatch.ray_executor, hfbatch.embedding, hfbatch.classification\n"
+            "assert 'click' not in sys.modules, 'the library imported click'\n"
+            "import hfbatch.jobs.embed, hfbatch.jobs.classify\n"
+            "from hfbatch.ray_executor import executor_for\n"
+            "assert executor_for('local') is None\n"
+            "assert 'ray' not in sys.modules, 'ray imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_ray_options_need_the_ray_executor(tmp_path, runner, dataset, tiny_model):
     out = tmp_path / "emb"
     result = invoke(runner, ["embed", dataset, "-o", out, "--model", tiny_model, "--num-workers", "2"], expect=2)
