@@ -49,6 +49,28 @@ def split_first_sentence(text: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
+def proxy_task(rows, n: int, seed: int = 0, keep_first_sentence: bool = False):
+    """(documents, dev queries, test queries) of the first-sentence task over `n` sampled packages.
+
+    A query is a first sentence with every package it begins as relevant; the distinct queries are shuffled
+    (seed) and split in halves: the lexical weight is chosen on dev, figures are reported on test."""
+    docs, groups = [], {}
+    for row in rows:
+        first, rest = split_first_sentence(row.get("text") or "")
+        body = " ".join((row.get("text") or "").split()) if keep_first_sentence else rest
+        if len(first) >= 15 and len(body) >= 20:
+            docs.append({"id": row["id"], "package": row["package"], "section": row.get("section"),
+                         "text": body, "first": first})
+    random.Random(seed).shuffle(docs)
+    docs = sorted(docs[:n], key=lambda d: d["id"])
+    for d in docs:
+        groups.setdefault(d["first"], []).append(d["id"])
+    queries = [{"query": first, "relevant": ids} for first, ids in groups.items()]
+    random.Random(seed + 1).shuffle(queries)
+    half = len(queries) // 2
+    return docs, queries[:half], queries[half:]
+
+
 def hfbatch(*args) -> tuple[str, float]:
     """(stdout, wall seconds) of `hfbatch ARGS`; a failure ends the benchmark."""
     measured = run_hfbatch(args)

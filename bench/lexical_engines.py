@@ -1,0 +1,165 @@
+"""tantivy (what hfbatch uses, through hfbatch.lexical) against bm25s for the lexical part of an index.
+
+    python bench/lexical_engines.py quality [--n 10000]         # BM25 quality on the first-sentence proxy task
+    python bench/lexical_engines.py scale [--n 1000000]         # build time, peak RSS, size, search RSS
+
+quality: the proxy task of bench/debian_retrieval.py (documents = descriptions without their first sentence,
+query = the first sentence), on its test queries; both engines with English stop words and Snowball stemming.
+
+scale: the Debian corpus repeated (fresh ids) to --n documents. Each engine builds in its own process (its peak
+RSS is that process's, from rusage), then a second process opens the index (tantivy memory-maps it; bm25s is
+loaded with mmap=True) and runs 200 queries; its RSS is read from /proc/self/status after them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from debian_retrieval import CORPUS, proxy_task  # noqa: E402
+from debian_sections import read_corpus  # noqa: E402
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set of this process in MB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+
+def texts_of(corpus, n):
+    rows = read_corpus(corpus)
+    texts = [" ".join((r.get("text") or "").split()) for r in rows]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def build(engine, texts, directory):
+    directory = Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    if engine == "tantivy":
+        from hfbatch.lexical import build_lexical
+
+        batch = 10_000
+        build_lexical(directory, (texts[i:i + batch] for i in range(0, len(texts), batch)))
+    else:
+        import bm25s
+        import Stemmer
+
+        tokens = bm25s.tokenize(texts, stopwords="en", stemmer=Stemmer.Stemmer("english"), show_progress=False)
+        model = bm25s.BM25()
+        model.index(tokens, show_progress=False)
+        model.save(str(directory))
+
+
+class Opened:
+    def __init__(self, engine, directory, count):
+        self.engine = engine
+        if engine == "tantivy":
+            from hfbatch.lexical import LexicalIndex, analyzer_record
+
+            self.index = LexicalIndex(Path(directory), {**analyzer_record("english"), "docs": count})
+        else:
+            import bm25s
+            import Stemmer
+
+            self.model = bm25s.BM25.load(str(directory), mmap=True)
+            self.stemmer = Stemmer.Stemmer("english")
+
+    def search(self, queries, k):
+        """positions [queries, k] (-1: none)."""
+        import numpy as np
+
+        if self.engine == "tantivy":
+            return self.index.search(queries, k)[1]
+        import bm25s
+
+        tokens = bm25s.tokenize(queries, stopwords="en", stemmer=self.stemmer, show_progress=False)
+        docs, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        return np.where(scores > 0, docs, -1)
+
+
+def quality(args):
+    from hfbatch import metrics
+
+    docs, _, test = proxy_task(read_corpus(args.corpus), args.n, args.seed)
+    out = {}
+    for engine in ("tantivy", "bm25s"):
+        directory = Path(args.workdir) / f"quality-{engine}"
+        build(engine, [d["text"] for d in docs], directory)
+        found = Opened(engine, directory, len(docs)).search([q["query"] for q in test], 10)
+        ranked = [[str(docs[p]["id"]) for p in row if p >= 0] for row in found]
+        relevant = [{str(i) for i in q["relevant"]} for q in test]
+        scores = metrics.evaluate(zip(ranked, relevant), {n: metrics.STANDARD[n] for n in ("recall@10", "mrr@10")})
+        out[engine] = {name: round(value, 4) for name, value in scores.items() if name != "queries"}
+        print(engine, out[engine], flush=True)
+    print(json.dumps({"n_docs": len(docs), "test_queries": len(test), **out}))
+
+
+def scale(args):
+    out = {}
+    for engine in ("tantivy", "bm25s"):
+        directory = Path(args.workdir) / f"scale-{engine}"
+        common = [sys.executable, __file__, "--n", str(args.n), "--corpus", args.corpus, "--workdir", args.workdir]
+        built = json.loads(run([*common, "_build", "--engine", engine]))
+        searched = json.loads(run([*common, "_search", "--engine", engine]))
+        size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+        out[engine] = {**built, **searched, "disk_mb": round(size / 2**20, 1)}
+        print(engine, out[engine], flush=True)
+    print(json.dumps({"n_docs": args.n, **out}))
+
+
+def run(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return done.stdout.strip().splitlines()[-1]
+
+
+def child_build(args):
+    texts = texts_of(args.corpus, args.n)
+    before = rss_mb()[0]
+    started = time.monotonic()
+    build(args.engine, texts, Path(args.workdir) / f"scale-{args.engine}")
+    seconds = time.monotonic() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"build_s": round(seconds, 1), "build_peak_rss_mb": round(peak), "texts_rss_mb": round(before)}))
+
+
+def child_search(args):
+    rows = read_corpus(args.corpus)
+    queries = [" ".join(r["text"].split()[:8]) for r in rows[::max(1, len(rows) // 200)]][:200]
+    opened_at = rss_mb()[0]
+    opened = Opened(args.engine, Path(args.workdir) / f"scale-{args.engine}", args.n)
+    after_open = rss_mb()[0]
+    started = time.monotonic()
+    opened.search(queries, 10)
+    seconds = time.monotonic() - started
+    now, peak = rss_mb()
+    print(json.dumps({"search_qps": round(len(queries) / seconds, 1), "rss_before_open_mb": round(opened_at),
+                      "rss_after_open_mb": round(after_open), "search_rss_mb": round(now),
+                      "search_peak_rss_mb": round(peak)}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["quality", "scale", "_build", "_search"])
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="tantivy")
+    p.add_argument("--corpus", default=os.environ.get("HFBATCH_DEBIAN_CORPUS", CORPUS))
+    p.add_argument("--workdir", default="/tmp/hfbatch-lexical")
+    args = p.parse_args()
+    args.n = args.n or (10_000 if args.what == "quality" else 1_000_000)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    {"quality": quality, "scale": scale, "_build": child_build, "_search": child_search}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
