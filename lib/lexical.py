@@ -175,3 +175,127 @@ class LexicalIndex:
             scores[i, :len(found_rows)] = found_scores
             positions[i, :len(found_rows)] = found_rows
         return scores, positions
+
+
+# ---- building it for `hfbatch index` ---------------------------------------------------------------------
+
+TEXT_BATCH = 10_000  # rows whose text is held at once while the lexical part is built
+
+
+def writer_heap(budget_bytes: int | None) -> int:
+    """The tantivy writer's heap: an eighth of the index job's memory budget, at most DEFAULT_HEAP (more only
+    makes fewer, larger segments to merge), at least tantivy's minimum."""
+    if not budget_bytes:
+        return DEFAULT_HEAP
+    return max(MIN_HEAP_PER_THREAD, min(DEFAULT_HEAP, int(budget_bytes) // 8))
+
+
+def indexed_source(record: dict) -> tuple[str | None, str]:
+    """(the source dataset's path, '') when the text of the rows being indexed is at hand: the dataset the
+    embeddings were made from, still the version they were made from; else (None, why not)."""
+    from hfbatch.indexing import SOURCE_KEY
+    from hfbatch.retrieval import current_manifest_hash
+
+    path = record.get("source_dataset")
+    if not path:
+        return None, "the embeddings record no source dataset (no text to index)"
+    current = current_manifest_hash(path)
+    if current is None:
+        return None, f"the source dataset {path} no longer exists"
+    if record.get(SOURCE_KEY) is None or current != record[SOURCE_KEY]:
+        return None, f"the source dataset {path} changed since the embeddings were made"
+    return path, ""
+
+
+def row_text_batches(source_path, text_column: str, row_table, chunked: bool, batch: int = TEXT_BATCH):
+    """The text of every index row, in row order, `batch` rows at a time: the source row of the same id (over
+    chunks, the document's text cut to the chunk's [char_start, char_end)). A row whose id the dataset lacks
+    gets None (nothing indexed)."""
+    import pyarrow.compute as pc
+
+    from hfbatch.io import open_dataset
+
+    source, _ = open_dataset(source_path, "source dataset")
+    if text_column not in source.column_names:
+        raise InputError(f"source dataset {source_path} has no text column {text_column!r}; available: "
+                         f"{', '.join(source.column_names)}")
+    texts = source.data.column(text_column)
+    ids = row_table.column("doc_id" if chunked else "id")
+    same = not chunked and "id" in source.column_names and len(source) == len(ids) and \
+        source.data.column("id").equals(ids)
+    source_ids = None if same else source.data.column("id").combine_chunks()
+    for start in range(0, len(ids), batch):
+        stop = min(len(ids), start + batch)
+        if same:
+            part = texts.slice(start, stop - start).to_pylist()
+        else:
+            rows = pc.index_in(ids.slice(start, stop - start), value_set=source_ids)
+            part = texts.take(rows.fill_null(0)).to_pylist()
+            part = [text if ok else None for text, ok in zip(part, rows.is_valid().to_pylist())]
+        if chunked:
+            spans = zip(row_table.column("char_start").slice(start, stop - start).to_pylist(),
+                        row_table.column("char_end").slice(start, stop - start).to_pylist())
+            part = [text and text[a:b] for text, (a, b) in zip(part, spans)]
+        yield part
+
+
+def add_lexical_part(tmp: Path, source_path, text_column, row_table, chunked, *, language, budget_bytes) -> dict:
+    """Build the lexical part into the job's temporary directory (published with the rest); its record."""
+    import time
+
+    started = time.monotonic()
+    record = build_lexical(tmp / LEXICAL_DIR, row_text_batches(source_path, text_column, row_table, chunked),
+                           language=language, heap_bytes=writer_heap(budget_bytes))
+    record.update(source_dataset=str(source_path), text_column=text_column,
+                  build_s=round(time.monotonic() - started, 3), bytes=directory_bytes(tmp / LEXICAL_DIR))
+    return record
+
+
+def make_lexical_index(path: Path, output, *, language: str = DEFAULT_LANGUAGE, text_column: str | None = None,
+                       memory_budget=None, budget_bytes: int | None = None, force: bool = False,
+                       incremental: bool = False) -> dict:
+    """`hfbatch index --kind lexical`: an index with only the lexical part, over a dataset (any hfbatch dataset
+    with `id` and a text column: no embeddings needed) or over an embeddings output's rows (chunks too), whose
+    text comes from their source dataset. --incremental rebuilds it (BM25 statistics depend on every row)."""
+    from hfbatch.indexing import CHUNK_COLUMNS, EMBEDDINGS_KEY, ROWS_FILE, SOURCE_KEY, source_manifest_hash
+    from hfbatch.io import open_dataset, require_column
+    from hfbatch.runner import Job
+
+    analyzer_record(language)  # a bad --language is refused before anything is written
+    dataset, manifest = open_dataset(path, "input")
+    from_embeddings = manifest.get("job") == "embed"
+    require_column(dataset, "id", path, option="hfbatch ingest")  # hits are named by id
+    chunked = from_embeddings and bool(manifest.get("chunking"))
+    row_table = dataset.data.table.select([c for c in ("id", *CHUNK_COLUMNS) if c in dataset.column_names])
+    del dataset
+    config = {"kind": "lexical", "memory_budget": memory_budget, "language": language, "text_column": text_column}
+    with Job("index", output, config=config, datasets=[path], force=force, incremental=incremental) as job:
+        if job.up_to_date:
+            return job.summary()
+        input_hash = job.inputs[0]["manifest_sha256"]
+        if from_embeddings:
+            record = {"embeddings": str(path), EMBEDDINGS_KEY: input_hash,
+                      "source_dataset": manifest.get("source_dataset"),
+                      SOURCE_KEY: source_manifest_hash(manifest), "chunking": manifest.get("chunking"),
+                      "text_column": text_column or manifest.get("text_column") or "text"}
+            source_path, why = indexed_source(record)
+            if source_path is None:
+                raise InputError(f"{path}: cannot build a lexical index: {why}; re-run hfbatch embed")
+        else:
+            record = {"embeddings": None, "source_dataset": str(path), SOURCE_KEY: input_hash, "chunking": None,
+                      "text_column": text_column or "text"}
+            source_path = str(path)
+        n = row_table.num_rows
+        if n == 0:
+            raise InputError(f"{path}: no rows to index")
+        extra = {"kind": "lexical", "factory": None, "model": None, "count": n, "dim": None, **record}
+
+        def fill(tmp):
+            import pyarrow.parquet as pq
+
+            pq.write_table(row_table, tmp / ROWS_FILE)
+            extra["lexical"] = add_lexical_part(tmp, source_path, record["text_column"], row_table, chunked,
+                                                language=language, budget_bytes=budget_bytes)
+
+        job.publish_files(fill, rows=n, extra=extra)
+        return {**job.summary(), "lexical_docs": n}
