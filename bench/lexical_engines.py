@@ -2,6 +2,7 @@
 
     python bench/lexical_engines.py quality [--n 10000]         # BM25 quality on the first-sentence proxy task
     python bench/lexical_engines.py scale [--n 1000000]         # build time, peak RSS, size, search RSS
+    python bench/lexical_engines.py hfbatch [--n 1000000] [--memory-budget 1GB]   # the same through hfbatch
 
 quality: the proxy task of bench/debian_retrieval.py (documents = descriptions without their first sentence,
 query = the first sentence), on its test queries; both engines with English stop words and Snowball stemming.
@@ -9,6 +10,11 @@ query = the first sentence), on its test queries; both engines with English stop
 scale: the Debian corpus repeated (fresh ids) to --n documents. Each engine builds in its own process (its peak
 RSS is that process's, from rusage), then a second process opens the index (tantivy memory-maps it; bm25s is
 loaded with mmap=True) and runs 200 queries; its RSS is read from /proc/self/status after them.
+
+hfbatch: the whole path, each step its own process measured by rusage (bench/measure.py): the repeated corpus
+written as JSON Lines, `hfbatch ingest`, `hfbatch index DATASET --kind lexical --memory-budget B` (peak RSS
+of the build), the index's size on disk, then `hfbatch search --mode lexical` with 200 queries (peak RSS of
+the search process: Python, pyarrow, the index's ids and the pages of the index its queries touched).
 """
 from __future__ import annotations
 
@@ -147,18 +153,50 @@ def child_search(args):
                       "search_peak_rss_mb": round(peak)}))
 
 
+def through_hfbatch(args):
+    from measure import run_hfbatch
+
+    w = Path(args.workdir)
+    docs = w / f"docs-{args.n}.jsonl"
+    if not docs.exists():
+        rows = read_corpus(args.corpus)
+        with open(docs, "w") as f:
+            for i in range(args.n):
+                row = rows[i % len(rows)]
+                f.write(json.dumps({"id": i, "section": row.get("section"), "text": row.get("text")}) + "\n")
+    out = {"n_docs": args.n, "memory_budget": args.memory_budget}
+    if not (w / f"ds-{args.n}" / "manifest.json").exists():
+        out["ingest_s"] = round(run_hfbatch(["ingest", docs, "-o", w / f"ds-{args.n}"]).wall_s, 1)
+    built = run_hfbatch(["index", w / f"ds-{args.n}", "-o", w / f"lex-{args.n}", "--kind", "lexical",
+                         "--memory-budget", args.memory_budget, "--force", "--json"])
+    manifest = json.loads((w / f"lex-{args.n}" / "manifest.json").read_text())
+    out.update(index_s=round(built.wall_s, 1), index_cpu_s=round(built.cpu_s, 1),
+               index_peak_rss_mb=round(built.peak_rss_mb), lexical_build_s=manifest["lexical"]["build_s"],
+               lexical_mb=round(manifest["lexical"]["bytes"] / 2**20, 1),
+               index_dir_mb=round(sum(p.stat().st_size for p in (w / f"lex-{args.n}").rglob("*") if p.is_file())
+                                  / 2**20, 1))
+    rows = read_corpus(args.corpus)
+    queries = w / "queries.txt"
+    queries.write_text("".join(" ".join(r["text"].split()[:6]) + "\n" for r in rows[::len(rows) // 200][:200]))
+    searched = run_hfbatch(["search", w / f"lex-{args.n}", "--queries", queries, "--mode", "lexical", "-k", "10"])
+    out.update(search_s=round(searched.wall_s, 1), search_peak_rss_mb=round(searched.peak_rss_mb))
+    print(json.dumps(out))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["quality", "scale", "_build", "_search"])
+    p.add_argument("what", choices=["quality", "scale", "hfbatch", "_build", "_search"])
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="tantivy")
     p.add_argument("--corpus", default=os.environ.get("HFBATCH_DEBIAN_CORPUS", CORPUS))
     p.add_argument("--workdir", default="/tmp/hfbatch-lexical")
+    p.add_argument("--memory-budget", default="1GB", help="hfbatch: the index job's --memory-budget")
     args = p.parse_args()
     args.n = args.n or (10_000 if args.what == "quality" else 1_000_000)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    {"quality": quality, "scale": scale, "_build": child_build, "_search": child_search}[args.what](args)
+    {"quality": quality, "scale": scale, "hfbatch": through_hfbatch, "_build": child_build,
+     "_search": child_search}[args.what](args)
 
 
 if __name__ == "__main__":

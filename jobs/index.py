@@ -43,9 +43,11 @@ from hfbatch.lexical import DEFAULT_LANGUAGE, LANGUAGES
                    "made from, for `search --mode hybrid|lexical`.")
 @click.option("--language", type=click.Choice(LANGUAGES), default=DEFAULT_LANGUAGE, show_default=True,
               help="The lexical part's stop words and stemmer (Snowball); none: lowercase words only.")
+@click.option("--text-column", default=None, metavar="NAME",
+              help="--kind lexical over a dataset: its column of text [default: text].")
 @json_summary("index")
 def index(embeddings, output, kind, factory, memory_budget, target_recall, force, incremental, vector_column,
-          id_column, ids_file, metric, lexical, language):
+          id_column, ids_file, metric, lexical, language, text_column):
     """Build a FAISS index over EMBEDDINGS in OUTPUT, and beside it a lexical (BM25) one over their text.
 
     EMBEDDINGS is an `hfbatch embed` output, or vectors made elsewhere: a Parquet file or directory of Parquet
@@ -77,4 +79,4 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
                       memory_budget=memory_budget and memory_budget.text,  # as written, for the manifest
                       budget_bytes=memory_budget and int(memory_budget), target_recall=target_recall, force=force,
                       incremental=incremental, vector_column=vector_column, id_column=id_column, ids=ids_file,
-                      metric=metric, lexical=lexical, language=language)
+                      metric=metric, lexical=lexical, language=language, text_column=text_column)

@@ -860,7 +860,8 @@ class IndexInput:
 def make_index(vectors, output, *, kind: str = "auto", factory: str | None = None, memory_budget=None,
                budget_bytes: int | None = None, target_recall: float = 0.95, force: bool = False,
                incremental: bool = False, vector_column: str | None = None, id_column: str | None = None,
-               ids=None, metric: str | None = None, lexical: bool = True, language: str = "english") -> dict:
+               ids=None, metric: str | None = None, lexical: bool = True, language: str = "english",
+               text_column: str | None = None) -> dict:
     """`hfbatch index`: build (or with `incremental`, update) a tuned FAISS index over `vectors` in `output`.
 
     `vectors` is an `hfbatch embed` output, or vectors made elsewhere (hfbatch.vectors: a Parquet file or
@@ -884,7 +885,10 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
         if given:
             raise InputError(f"{given[0]} does not apply to --kind lexical (an index of the rows' text only)")
         return make_lexical_index(path, output, language=language, memory_budget=memory_budget,
-                                  budget_bytes=budget_bytes, force=force, incremental=incremental)
+                                  budget_bytes=budget_bytes, force=force, incremental=incremental,
+                                  text_column=text_column)
+    if text_column is not None:
+        raise InputError("--text-column applies to --kind lexical; embeddings index the text they were made from")
     config = {"kind": kind, "factory": factory, "memory_budget": memory_budget, "target_recall": target_recall}
     if not lexical:  # recorded only when not the default, so that older indexes' configs still match
         config["lexical"] = False

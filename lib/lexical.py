@@ -265,6 +265,10 @@ def make_lexical_index(path: Path, output, *, language: str = DEFAULT_LANGUAGE, 
     dataset, manifest = open_dataset(path, "input")
     from_embeddings = manifest.get("job") == "embed"
     require_column(dataset, "id", path, option="hfbatch ingest")  # hits are named by id
+    if not from_embeddings:
+        require_column(dataset, text_column or "text", path, option="--text-column")
+    elif text_column:
+        raise InputError(f"--text-column: {path} is an embed output, whose text column is its own")
     chunked = from_embeddings and bool(manifest.get("chunking"))
     row_table = dataset.data.table.select([c for c in ("id", *CHUNK_COLUMNS) if c in dataset.column_names])
     del dataset

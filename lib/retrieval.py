@@ -721,8 +721,9 @@ class IndexRows:
         self.embeddings_hash = manifest.get(EMBEDDINGS_KEY) or next(
             (i.get("manifest_sha256") for i in manifest.get("inputs", []) if i.get("path") == self.embeddings_path),
             None)
-        text_only = manifest.get("kind") == "lexical" and not self.embeddings_path  # over a dataset: no embeddings
-        self.embeddings_changed = not text_only and self.embeddings_hash is None or \
+        # index --kind lexical over a dataset: no embeddings to fall behind
+        self.text_only = manifest.get("kind") == "lexical" and not self.embeddings_path
+        self.embeddings_changed = not self.text_only and self.embeddings_hash is None or \
             current_manifest_hash(self.embeddings_path) != self.embeddings_hash
         self.foreign = manifest.get("vectors")  # made elsewhere: no model, no source dataset, no text
         self.source, self.source_problem = self._indexed_source()
@@ -760,6 +761,9 @@ class IndexRows:
                        and _file_changed(i)]
             return ("index_outdated", f"{changed[0]} changed since {index_dir} was built: hits are the indexed "
                                       f"rows", index_cmd) if changed else None
+        if self.source is None and self.text_only:
+            return ("text_withheld", f"{self.source_problem}: hits have ids and scores but no text",
+                    f"hfbatch index {self.source_path} -o {index_dir}{index_options(self.manifest)} --incremental")
         if self.source is None:
             embed_cmd = f"hfbatch embed {self.source_path} -o {emb} {'--force' if self.chunked else '--incremental'}"
             fix = f"{embed_cmd} (with its options), then {index_cmd}" if self.source_path else \
@@ -846,9 +850,11 @@ def index_options(manifest) -> str:
              ("--memory-budget", config.get("memory_budget"), None),
              ("--target-recall", config.get("target_recall"), 0.95),
              ("--vector-column", vectors.get("vector_column"), None), ("--id-column", vectors.get("id_column"), None),
-             ("--ids", ids[0] if ids else None, None), ("--metric", vectors.get("metric"), "cosine")]
+             ("--ids", ids[0] if ids else None, None), ("--metric", vectors.get("metric"), "cosine"),
+             ("--language", config.get("language"), "english"), ("--text-column", config.get("text_column"), None)]
     return "".join(f" {option} {shlex.quote(str(value))}" for option, value, default in given
-                   if value is not None and value != default)
+                   if value is not None and value != default) + (" --no-lexical" if config.get("lexical") is False
+                                                                  else "")
 
 
 def read_rows_file(path: Path, columns, hint):

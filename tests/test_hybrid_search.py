@@ -145,6 +145,9 @@ def test_lexical_only_index_over_a_dataset_without_embeddings(tmp_path, runner):
     again = json.loads(invoke(runner, ["index", tmp_path / "ds", "-o", tmp_path / "lex", "--kind", "lexical",
                                        "--json"]).stdout)
     assert again["status"] == "up_to_date"
+    bad = invoke(runner, ["index", tmp_path / "ds", "-o", tmp_path / "lex2", "--kind", "lexical", "--text-column",
+                          "body"], expect=2)
+    assert "'body'" in bad.output and "--text-column" in bad.output and not (tmp_path / "lex2").exists()
 
 
 def test_incremental_update_of_the_lexical_part_equals_a_full_build(tmp_path, runner, tiny_model):
