@@ -40,7 +40,7 @@ MAX_WIDEN_ROUNDS = 8      # filtered search: how often nprobe / efSearch / k_fac
 CHUNKS_PER_DOCUMENT = 4   # chunked index: chunks fetched per document wanted, times 4 again while too few documents
 MODES = ("hybrid", "dense", "lexical")
 # chosen on the dev half of bench/debian_retrieval.py's proxy task (MiniLM, 10,000 Debian descriptions)
-DEFAULT_LEXICAL_WEIGHT = 0.3
+DEFAULT_LEXICAL_WEIGHT = 0.2
 FUSION_DEPTH = 100        # hybrid: rows each part returns per query before fusion
 
 
