@@ -801,7 +801,7 @@ class IndexRows:
                 self._source_ids = source.data.column("id").combine_chunks()
             rows = pc.index_in(self.table.column(self.id_column).take(_take(positions)), value_set=self._source_ids)
         found = rows.is_valid()
-        texts = source.data.column(self.text_column).take(rows.fill_null(0)).to_pylist()
+        texts = take_by_chunk(source.data.column(self.text_column), rows.fill_null(0))
         return [text if ok else None for text, ok in zip(texts, found.to_pylist())]
 
     def doc_codes(self):
@@ -894,6 +894,25 @@ def current_manifest_hash(path) -> str | None:
         return sha256_file(Path(path) / MANIFEST)[:16]
     except OSError:
         return None
+
+
+def take_by_chunk(column, rows) -> list:
+    """column.take(rows).to_pylist() for a ChunkedArray, taken chunk by chunk: Arrow's take over a chunked
+    string column first concatenates every chunk, copying a whole memory-mapped text column into memory
+    (measured: +700 MB to name 2,000 hits in 1M Debian descriptions)."""
+    import numpy as np
+    import pyarrow as pa
+
+    rows = np.asarray(rows, dtype=np.int64)
+    bounds = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
+    chunk_of = np.searchsorted(bounds, rows, side="right") - 1
+    out = [None] * len(rows)
+    for chunk in np.unique(chunk_of):
+        picked = np.flatnonzero(chunk_of == chunk)
+        values = column.chunks[chunk].take(pa.array(rows[picked] - bounds[chunk])).to_pylist()
+        for at, value in zip(picked, values):
+            out[at] = value
+    return out
 
 
 def _take(positions):
