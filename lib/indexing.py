@@ -858,7 +858,7 @@ class IndexInput:
 
 
 def make_index(vectors, output, *, kind: str = "auto", factory: str | None = None, memory_budget=None,
-               budget_bytes: int | None = None, target_recall: float = 0.95, force: bool = False,
+               target_recall: float = 0.95, force: bool = False,
                incremental: bool = False, vector_column: str | None = None, id_column: str | None = None,
                ids=None, metric: str | None = None, lexical: bool = True, language: str = "english",
                text_column: str | None = None) -> dict:
@@ -866,16 +866,19 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
 
     `vectors` is an `hfbatch embed` output, or vectors made elsewhere (hfbatch.vectors: a Parquet file or
     directory, a save_to_disk dataset, a .npy file with `ids`), whose model is unknown: `metric` (cosine, dot,
-    l2; default cosine) says how they compare. `memory_budget` is recorded as given, `budget_bytes` is its
-    value (default: half the available memory). Returns the summary dict that --json prints.
+    l2; default cosine) says how they compare. `memory_budget` is a size as --memory-budget takes it ("4GB",
+    "4GiB", or bytes), recorded as written (default: half the available memory). Returns the summary dict that
+    --json prints.
 
     Beside the FAISS index, `lexical` (default) builds a BM25 index over the rows' text (hfbatch.lexical), in
     `language` (stop words, stemming); kind "lexical" builds that alone, over any dataset (no embeddings)."""
     from hfbatch.lexical import analyzer_record, make_lexical_index
     from hfbatch.runner import Job, require_complete
+    from hfbatch.sizes import parse_size
     from hfbatch.vectors import is_foreign
 
     path = Path(vectors)
+    budget = memory_budget and parse_size(memory_budget, option="--memory-budget")
     if lexical:
         analyzer_record(language)  # a bad --language is refused first
     if kind == "lexical":
@@ -884,12 +887,13 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
                  if value is not None] + (["--no-lexical"] if not lexical else [])
         if given:
             raise InputError(f"{given[0]} does not apply to --kind lexical (an index of the rows' text only)")
-        return make_lexical_index(path, output, language=language, memory_budget=memory_budget,
-                                  budget_bytes=budget_bytes, force=force, incremental=incremental,
+        return make_lexical_index(path, output, language=language, memory_budget=budget and budget.text,
+                                  budget_bytes=budget and int(budget), force=force, incremental=incremental,
                                   text_column=text_column)
     if text_column is not None:
         raise InputError("--text-column applies to --kind lexical; embeddings index the text they were made from")
-    config = {"kind": kind, "factory": factory, "memory_budget": memory_budget, "target_recall": target_recall}
+    config = {"kind": kind, "factory": factory, "memory_budget": budget and budget.text,
+              "target_recall": target_recall}
     if not lexical:  # recorded only when not the default, so that older indexes' configs still match
         config["lexical"] = False
     if language != "english":
@@ -914,9 +918,9 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
             return job.summary()
         if source is None:
             source = open_embeddings(path, similarity, job.inputs[0])
-        text = {"language": language, "budget_bytes": budget_bytes} if lexical and source.record.get("model") \
-            else None  # vectors made elsewhere have no text
-        return build_and_publish(job, source, kind, factory, budget_bytes or default_budget(), target_recall, text)
+        text = {"language": language, "budget_bytes": budget and int(budget)} \
+            if lexical and source.record.get("model") else None  # vectors made elsewhere have no text
+        return build_and_publish(job, source, kind, factory, int(budget or default_budget()), target_recall, text)
 
 
 def open_foreign(path: Path, vector_column, id_column, ids, metric):
