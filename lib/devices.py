@@ -114,7 +114,8 @@ def run_shards(job, pending: list[int], make_work: Callable, devices: list[str] 
     if executor is not None:
         from .ray_executor import run_on_ray
 
-        done = run_on_ray(job, pending, make_work, executor, device, progress)
+        done = run_on_ray(job.name, job, pending, make_work, executor, device, progress,
+                          [i["path"] for i in job.inputs])
     elif not devices:
         work = make_work(None)
         done = ShardsDone(work.info)

@@ -294,8 +294,10 @@ class _Pool:
     device: str  # "cpu" or "cuda"
 
 
-def run_on_ray(job, pending: list[int], make_work, executor: RayExecutor, device: str, progress):
-    """Finish the `pending` shards of `job` on a Ray actor pool; returns hfbatch.devices.ShardsDone with the
+def run_on_ray(job_name: str, shards, pending: list[int], make_work, executor: RayExecutor, device: str, progress,
+               inputs: list[str]):
+    """Finish the `pending` shards of the shard directory `shards` (hfbatch.runner.ShardDir, on storage every
+    node sees, as are the `inputs` paths) on a Ray actor pool; returns hfbatch.devices.ShardsDone with the
     work's info, plus the executor, the cluster's device kinds and each worker's shard count."""
     ray = import_ray()
     started_here = not ray.is_initialized()
@@ -313,7 +315,7 @@ def run_on_ray(job, pending: list[int], make_work, executor: RayExecutor, device
                              f"start it with `ray start --head` or fix the address") from None
     try:
         pool = _plan_pool(ray, executor, device)
-        return _Driver(ray, job, pending, make_work, executor, pool, progress).run()
+        return _Driver(ray, job_name, shards, inputs, pending, make_work, executor, pool, progress).run()
     finally:
         if started_here:
             ray.shutdown()
@@ -366,8 +368,9 @@ def _cpus_per_worker(node_cpus: list[int], workers: int) -> int:
 class _Driver:
     """Starts the pool, runs every actor's shard loop over the ShardQueue, and replaces or retries what fails."""
 
-    def __init__(self, ray, job, pending, make_work, executor, pool, progress):
-        self.ray, self.job, self.make_work, self.executor, self.pool = ray, job, make_work, executor, pool
+    def __init__(self, ray, job_name, shards, inputs, pending, make_work, executor, pool, progress):
+        self.ray, self.make_work, self.executor, self.pool = ray, make_work, executor, pool
+        self.job_name, self.shards, self.inputs = job_name, shards, [str(p) for p in inputs]
         self.progress = progress
         self.pending = list(pending)
         self.attempts: collections.Counter = collections.Counter()
@@ -388,7 +391,7 @@ class _Driver:
         for _ in range(count):
             name = f"ray#{self.started}"
             self.started += 1
-            made.append(_Worker(actor.remote(self.job.name, str(self.job.shard_dir), name), name))
+            made.append(_Worker(actor.remote(self.job_name, str(self.shards.shard_dir), name), name))
         return made
 
     def _start(self, count: int) -> list[_Worker]:
@@ -408,14 +411,14 @@ class _Driver:
                     raise JobFailed(f"Ray workers died while starting ({self.deaths_at_start} times; last: "
                                     f"{_first_line(exc)}); finished shards are kept: run the same command again "
                                     f"to resume") from None
-                log.warn(self.job.name, "ray_worker_died", starting=count, reason=_first_line(exc))
+                log.warn(self.job_name, "ray_worker_died", starting=count, reason=_first_line(exc))
 
     def _bring_up(self, workers: list[_Worker]) -> list[_Worker]:
         places = self._gather(workers, [w.handle.where.remote() for w in workers], "start", START_TIMEOUT_S)
         for w, place in zip(workers, places):
             w.place = place
-        inputs = [str(i["path"]) for i in self.job.inputs]
-        problems = self._gather(workers, [w.handle.check_storage.remote(inputs) for w in workers], "check storage")
+        problems = self._gather(workers, [w.handle.check_storage.remote(self.inputs) for w in workers],
+                                "check storage")
         said = [f"node {w.place['node']} ({w.place['node_ip']}): {p}" for w, ps in zip(workers, problems) for p in ps]
         if said:
             raise InputError(f"input and output must be on storage that every Ray node sees: {'; '.join(said)}")
@@ -462,7 +465,7 @@ class _Driver:
         try:
             self.workers = self._start(self.pool.size)
             self._check_same_settings()
-            log.event(self.job.name, "ray_workers", workers=len(self.workers), shards=len(self.pending),
+            log.event(self.job_name, "ray_workers", workers=len(self.workers), shards=len(self.pending),
                       nodes=",".join(sorted({w.place["node"] for w in self.workers})),
                       cpus_each=f"{self.pool.cpus:g}", gpus_each=f"{self.pool.gpus:g}")
             running = {w.handle.run.remote(self.queue): w for w in self.workers}
@@ -484,7 +487,7 @@ class _Driver:
             for w in self.workers:
                 ray.kill(w.handle)
             ray.kill(self.queue)
-        left = [i for i in self.pending if not self.job.is_done(i)]
+        left = [i for i in self.pending if not self.shards.is_done(i)]
         if left:
             raise JobFailed(f"shards {left[:5]} were not finished by the Ray workers; run the same command again")
         return self._finish()
@@ -527,17 +530,17 @@ class _Driver:
         the first of them, the one it was computing (its shard loop records shards in order)."""
         self._poll()  # what it finished before failing is counted first
         claimed = self.ray.get(self.queue.take_back.remote(w.name))
-        back = sorted(s for s in claimed if not self.job.is_done(s))
+        back = sorted(s for s in claimed if not self.shards.is_done(s))
         self.ray.get(self.queue.put_back.remote(back))
         return back[0] if back else None
 
     def _failed(self, w: _Worker, shard: int | None, why: str) -> None:
         if shard is None:  # it failed after its last shard was recorded: nothing to retry
-            log.warn(self.job.name, "ray_worker_failed", worker=w.name, node=w.place.get("node"), reason=why)
+            log.warn(self.job_name, "ray_worker_failed", worker=w.name, node=w.place.get("node"), reason=why)
             return
         self.attempts[shard] += 1
         tries = self.attempts[shard]
-        log.warn(self.job.name, "ray_shard_failed", shard=shard, worker=w.name, node=w.place.get("node"),
+        log.warn(self.job_name, "ray_shard_failed", shard=shard, worker=w.name, node=w.place.get("node"),
                  attempt=tries, of=1 + self.executor.max_retries, reason=why)
         if tries > self.executor.max_retries:
             raise JobFailed(f"shard {shard} failed {tries} times (--max-retries {self.executor.max_retries}); "
