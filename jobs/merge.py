@@ -68,7 +68,7 @@ def merge(parts, output, force):
 
         for i, path in enumerate(ordered):
             if not job.is_done(i):
-                job.write_shard(i, open_dataset(path, "part")[0].data.table)
+                job.shards.write_shard(i, open_dataset(path, "part")[0].data.table)
         features = open_dataset(ordered[0], "part")[0].features
         job.publish_dataset(count, features, extra={
             "merged_from": first.get("job"), **{k: first[k] for k in COPIED if k in first}})

@@ -1,7 +1,7 @@
 """Texts in, vectors out, and the embed job.
 
 `EncoderRun` (tokenizer + encoder + token-budget batching) is shared by embed, search and classify. `embed` is
-the job behind `hfbatch embed`: its shards (`EmbedShards`, run by hfbatch.devices.run_shards), row slices
+the job behind `hfbatch embed`: its shards (`EmbedShards`, run by hfbatch.executor.run_shards), row slices
 for --num-shards, chunking, and the reuse of an older output's vectors with --incremental
 (`PreviousVectors`, the text hash side file).
 """
@@ -131,7 +131,8 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
     """The embed job (`hfbatch embed`): DATASET's text column -> OUTPUT's `id` + `embedding` dataset. Takes
     the command's options (`devices` a list such as ["cuda:0", "cuda:1"]) and returns the summary that --json
     prints."""
-    from .devices import check_devices, devices_kind, run_shards
+    from .devices import check_devices, devices_kind
+    from .executor import run_shards
     from .io import open_dataset, require_text_column
     from .models import model_fingerprint, resolve_model_dir
 
@@ -163,9 +164,9 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
                          trust_remote_code=trust_remote_code, shard_rows=shard_rows, num_shards=num_shards,
                          shard_index=shard_index, chunking=chunking,
                          previous_output=str(job.output) if job.previous else None)
-        n_shards, pending, pending_rows = job.plan_rows(stop - start, shard_rows)
+        n_shards, pending, pending_rows = job.shards.plan_rows(stop - start, shard_rows)
         progress = log.Progress("embed", pending_rows)
-        done = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress)
+        done = run_shards("embed", job.shards, pending, functools.partial(EmbedShards, plan), devices, progress)
         progress.close()
         info = done.info
         extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
@@ -182,9 +183,9 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
             log.event("embed", "chunked", documents=counts.get("documents", 0), chunks=counts.get("chunks", 0),
                       split_documents=counts.get("split_documents", 0))
             return {**job.summary(), **done.summary()}
-        features = embeddings_features(source.features["id"], info["dim"])
-        job.publish_dataset(n_shards, features, fill=_write_hashes(info["hash_scheme"]),
-                            extra={k: v for k, v in extra.items() if k != "hash_scheme"})
+        assembly = job.publisher.assemble_dataset(n_shards, embeddings_features(source.features["id"], info["dim"]))
+        _write_hashes(assembly, info["hash_scheme"])
+        job.publish(assembly, extra={k: v for k, v in extra.items() if k != "hash_scheme"})
         warn_truncated(job, info["max_length"])
         return {**job.summary(), **done.summary()}
 
@@ -200,7 +201,7 @@ class EmbedPlan(ModelRun):
 
 
 class EmbedShards:
-    """One process's embed work (see hfbatch.devices): the dataset slice, the model on `device`, and with
+    """One process's embed work (see hfbatch.executor): the dataset slice, the model on `device`, and with
     --incremental the vectors being reused."""
 
     def __init__(self, plan: EmbedPlan, device: str | None = None):
@@ -318,16 +319,14 @@ def given_hashes(dataset, text_column, scheme, total, start, stop):
     return stored.hashes[start:stop]
 
 
-def _write_hashes(scheme):
-    def fill(tmp, joined):
-        """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a
-        Parquet side file for the next --incremental run."""
-        import numpy as np
+def _write_hashes(assembly, scheme) -> None:
+    """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a Parquet
+    side file for the next --incremental run."""
+    import numpy as np
 
-        table = joined.data.table  # (no rows: joined from no shard, without the shards' text_hash)
-        hashes = table.column("text_hash").to_numpy() if "text_hash" in table.column_names else np.zeros(0, np.int64)
-        write_hash_file(tmp, table.column("id"), hashes, scheme=scheme)
-    return fill
+    table = assembly.joined.data.table  # (no rows: joined from no shard, without the shards' text_hash)
+    hashes = table.column("text_hash").to_numpy() if "text_hash" in table.column_names else np.zeros(0, np.int64)
+    write_hash_file(assembly.dir, table.column("id"), hashes, scheme=scheme)
 
 
 class PreviousVectors:

@@ -1,23 +1,32 @@
-"""Computing a job's pending shards: in this process on one device, or with `--devices` on several devices at
-once, one worker process per device.
+"""One loop for every job's shards: claim a pending shard, compute it, write it, record it; a re-run resumes
+from the completion records. ingest, tokenize, embed and classify all run through `run_shards`.
 
-A job describes its per-shard work as a picklable factory `make_work(device) -> work`, where `work` has
-  - `info`: a dict for the manifest (dim, max_length, device/precision/backend in force, ...);
+The seam between a job and an executor is the job's *work*: a factory `make_work(device) -> work`
+(picklable where the job offers --devices: it is called in each worker process), where `work` has
+  - `info`: a dict for the manifest (dim, max_length, device/precision/backend in force, ...; {} if none);
   - `prepare(i)`: the CPU side of shard i (read rows, tokenize), run in a thread one shard ahead;
-  - `compute(i, prepared, on_rows, parts) -> (table, counts)`: the model side; `on_rows(n)` reports
-    progress; `parts` (hfbatch.parts.ShardParts) goes to the batch loop, which commits the shard's finished
-    batches every few seconds and, on a re-run, takes the batches a killed attempt committed.
-`run_shards` finishes every pending shard with the runner's shard protocol (data file, then completion
-record), so a killed run resumes the same way however many processes wrote the shards (and their parts),
-and the output is assembled in shard order: rows come out in the dataset's order whatever device computed
-them.
+  - `compute(i, prepared, on_rows, parts) -> (data, counts)`: the rest of shard i. `on_rows(n)` reports
+    progress; `parts` (hfbatch.parts.ShardParts) goes to a model's batch loop, which commits the shard's
+    finished batches every few seconds and, on a re-run, takes the batches a killed attempt committed.
+    `data` is an Arrow table, or a `Stream` (batches written as they come, so a shard larger than memory
+    never sits in memory). `counts` are the fields of the shard's completion record (summed into the
+    manifest's counts where numeric), or a function returning them, called once `data` is written; a
+    `rejects` list is written beside the record, `arrays` ({suffix: numpy array}) are saved beside the shard.
+  - optionally `recorded(i)`: called in the loop's thread once shard i's record is durable (ingest stops
+    early there when --max-rejects is exceeded).
+An executor runs that work over the pending shards and writes them with the runner's shard protocol
+(hfbatch.runner.ShardDir: data file, then completion record). Records are written in a thread while the
+next shard is computed, one at a time and in order, so a kill leaves the first shards done. The output is
+assembled in shard order, so rows come out in the dataset's order whatever process computed them.
 
-Workers are spawned (never forked: CUDA and the tokenizers' thread pools do not survive a fork), claim shards
-one at a time from a shared counter (a faster device takes more), ignore Ctrl-C (the coordinator stops
-them), and die with the coordinating process
-(PR_SET_PDEATHSIG), so a `kill -9` of the job leaves no worker writing into the next run's shards.
-A CUDA worker sees only its own GPU (CUDA_VISIBLE_DEVICES); `cpu` workers get disjoint shares of the cores.
-A later Ray executor is another `run_shards` over the same `make_work` factories.
+Two executors exist, both around the one loop `compute_shards`:
+  - in this process, on the job's own --device (`make_work(None)`);
+  - with `--devices`, one spawned worker process per device (never forked: CUDA and the tokenizers' thread
+    pools do not survive a fork). Workers claim shards one at a time from a shared counter (a faster device
+    takes more), ignore Ctrl-C (the coordinator stops them) and die with the coordinating process
+    (hfbatch.devices); a worker sees only its own device.
+A Ray executor is one more function beside `_run_workers`: it calls `compute_shards` in each Ray task over
+the same `make_work` factories and the same shard directory.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ import os
 import queue
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,53 +44,16 @@ from . import log
 from .batching import prefetch
 from .errors import EXIT_FAILED, HfbatchError, InputError, JobFailed
 
-_PR_SET_PDEATHSIG = 1
 
+@dataclass
+class Stream:
+    """A shard's data as it comes: Arrow tables or record batches of `schema`. With `link`, an Arrow stream
+    file that holds exactly these rows already (an older output's data file): it is hard-linked as the
+    shard, where the filesystem allows, instead of writing `tables` (then only counted)."""
 
-def parse_devices(spec: str | None) -> list[str] | None:
-    """`--devices` text -> device names: "0,1" and "cuda:0,cuda:1" -> ["cuda:0", "cuda:1"]; "cpu,cpu" ->
-    two CPU workers. None when the option was not given."""
-    if spec is None:
-        return None
-    devices = []
-    for part in (p.strip().lower() for p in spec.split(",")):
-        if part.isdigit():
-            part = f"cuda:{int(part)}"
-        elif part.startswith("cuda:") and part[5:].isdigit():
-            part = f"cuda:{int(part[5:])}"
-        elif part != "cpu":
-            raise InputError(f"--devices: {part!r} is not a device: give CUDA indices (0,1), cuda:N or cpu")
-        devices.append(part)
-    cuda = [d for d in devices if d != "cpu"]
-    if cuda and len(cuda) != len(devices):
-        raise InputError("--devices mixes CPU and CUDA devices: their rows would be computed in different "
-                         "precisions; use one kind")
-    if len(set(cuda)) != len(cuda):
-        raise InputError("--devices names a GPU twice: one worker per GPU")
-    return devices
-
-
-def devices_kind(devices: list[str]) -> str:
-    """What --devices contributes to a job's config: the kind of device, not the list. How many GPUs, and
-    which, change speed, not rows: a run killed on `--devices 0,1` resumes on `--devices 0`."""
-    return "cpu" if devices[0] == "cpu" else "cuda"
-
-
-def check_devices(devices: list[str], device: str) -> None:
-    """Refuse, before any worker starts, devices this machine does not have."""
-    kind = devices_kind(devices)
-    if device not in ("auto", kind):
-        raise InputError(f"--device {device} contradicts --devices {','.join(devices)}; give one of them")
-    if kind == "cpu":
-        return
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    missing = [d for d in devices if int(d.split(":")[1]) >= count]
-    if missing:
-        have = f"CUDA devices 0..{count - 1}" if count else "no CUDA device"
-        raise InputError(f"--devices {','.join(devices)}: this machine has {have}; "
-                         f"name existing GPUs, or drop --devices to run on the CPU")
+    schema: object
+    tables: Iterable
+    link: Path | None = None
 
 
 @dataclass
@@ -100,25 +73,64 @@ class ShardsDone:
         return {"rows_computed": self.rows_computed, "rows_resumed": self.rows_resumed}
 
 
-def run_shards(job, pending: list[int], make_work: Callable, devices: list[str] | None,
-               progress: log.Progress) -> ShardsDone:
-    """Finish the `pending` shards of `job`. Its `info` has `devices` when there were several workers.
-    Without `devices`, `make_work(None)` runs here, on the job's own --device."""
+def run_shards(job_name: str, shards, pending: list[int], make_work: Callable, devices: list[str] | None = None,
+               progress: log.Progress | None = None) -> ShardsDone:
+    """Finish the `pending` shards of the shard directory `shards` (hfbatch.runner.ShardDir). Without
+    `devices`, `make_work(None)` runs here, on the job's own --device; with them, on one worker per device
+    (then `info` has `devices`)."""
+    on_rows = progress.update if progress is not None else (lambda n: None)
     if not devices:
         work = make_work(None)
-        done = ShardsDone(work.info)
-        for i, prepared in prefetch(work.prepare, pending):  # the next shard is read and tokenized meanwhile
-            parts = job.parts(i, job.name)
-            table, counts = work.compute(i, prepared, progress.update, parts)
-            job.write_shard(i, table, **counts)
-            done.add(parts.rows_computed, parts.rows_resumed)
+        done = ShardsDone(dict(getattr(work, "info", {})))
+        compute_shards(work, shards, pending, job_name, on_rows, on_shard=lambda i, *rows: done.add(*rows))
     else:
-        done = _run_workers(job, pending, make_work, devices, progress)
-    log.event(job.name, "model_rows", computed=done.rows_computed, resumed=done.rows_resumed)
+        done = _run_workers(job_name, shards, pending, make_work, devices, on_rows)
+    if done.rows_computed or done.rows_resumed:  # a model job (ingest and tokenize run no batches)
+        log.event(job_name, "model_rows", computed=done.rows_computed, resumed=done.rows_resumed)
     return done
 
 
-def _run_workers(job, pending, make_work, devices, progress) -> ShardsDone:
+def compute_shards(work, shards, indices: Iterable[int], job_name: str, on_rows: Callable[[int], None],
+                   on_shard: Callable | None = None, worker: str | None = None) -> None:
+    """The loop: each shard of `indices` (taken lazily: a worker's claims) computed by `work`, written, then
+    recorded in a thread while the next one is computed. `on_shard(i, rows_computed, rows_resumed)` follows
+    each record; `worker` (text, not summed as a count) goes into the records."""
+    recorded = getattr(work, "recorded", None)
+    with ThreadPoolExecutor(1) as recorder:
+        in_flight = None
+
+        def wait():
+            i, future, parts = in_flight
+            future.result()
+            if on_shard is not None:
+                on_shard(i, parts.rows_computed, parts.rows_resumed)
+            if recorded is not None:
+                recorded(i)
+
+        for i, prepared in prefetch(work.prepare, indices):  # the next shard is read and tokenized meanwhile
+            parts = shards.parts(i, job_name)
+            data, counts = work.compute(i, prepared, on_rows, parts)
+            rows = _write(shards, i, data)
+            counts = dict(counts() if callable(counts) else counts)
+            if worker is not None:
+                counts["worker"] = worker
+            if in_flight is not None:
+                wait()
+            in_flight = (i, recorder.submit(shards.finish_shard, i, rows, **counts), parts)
+        if in_flight is not None:
+            wait()
+
+
+def _write(shards, i: int, data) -> int:
+    """Shard i's data file (not yet durable: its record's `finish_shard` syncs it); returns its rows."""
+    if not isinstance(data, Stream):
+        return shards.write_shard_stream(i, data.schema, [data])
+    if data.link is not None and shards.link_shard(i, data.link):
+        return sum(t.num_rows for t in data.tables)
+    return shards.write_shard_stream(i, data.schema, data.tables)
+
+
+def _run_workers(job_name, shards, pending, make_work, devices, on_rows) -> ShardsDone:
     import multiprocessing
     import signal
 
@@ -126,11 +138,11 @@ def _run_workers(job, pending, make_work, devices, progress) -> ShardsDone:
     # Shards are handed out by a shared counter into `pending` (no task queue: a queue of 10k+ indices
     # has a feeder thread that a failing run would wait on forever).
     claimed, results = ctx.Value("q", 0), ctx.Queue()
-    workers = [ctx.Process(target=_worker, name=f"hfbatch-{job.name}-{device}", daemon=True,
-                           args=(make_work, device, rank, len(devices), os.getpid(), job.name, str(job.shard_dir),
+    workers = [ctx.Process(target=_worker, name=f"hfbatch-{job_name}-{device}", daemon=True,
+                           args=(make_work, device, rank, len(devices), os.getpid(), job_name, str(shards.shard_dir),
                                  pending, claimed, results))
                for rank, device in enumerate(devices)]
-    log.event(job.name, "workers", devices=",".join(devices), shards=len(pending))
+    log.event(job_name, "workers", devices=",".join(devices), shards=len(pending))
     # Ctrl-C is the coordinator's to handle (it stops the workers): they start with SIGINT ignored, so no
     # worker prints a KeyboardInterrupt traceback, even while it is still importing.
     try:
@@ -150,7 +162,7 @@ def _run_workers(job, pending, make_work, devices, progress) -> ShardsDone:
 
     def handle(kind, rank, payload):
         if kind == "rows":
-            progress.update(payload)
+            on_rows(payload)
         elif kind == "shard":
             shards_by[rank] += 1
             done.add(*payload[1:])  # (shard, rows computed, rows resumed)
@@ -192,7 +204,7 @@ def _run_workers(job, pending, make_work, devices, progress) -> ShardsDone:
         _stop(workers)
         results.close()
         results.cancel_join_thread()
-    left = [i for i in pending if not job.is_done(i)]
+    left = [i for i in pending if not shards.is_done(i)]
     if left:
         raise JobFailed(f"shards {left[:5]} were not finished by the workers; run the same command again")
     info = dict(infos[0])
@@ -232,43 +244,18 @@ def _check_same_settings(infos: dict[int, dict], devices: list[str]) -> None:
                              f"give --precision explicitly, or devices of one kind")
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when the coordinating process dies, even by kill -9."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (AttributeError, OSError):  # not Linux: the daemon flag still stops workers on a normal exit
-        pass
-
-
-def _claim_device(device: str, rank: int, workers: int) -> str:
-    """Make this process see only its device; returns the --device value for the work."""
-    if device.startswith("cuda:"):
-        # Before torch is imported in this fresh (spawned) process: the worker sees its GPU as cuda:0. The
-        # index counts the GPUs the job was given: with CUDA_VISIBLE_DEVICES=2,3 set, cuda:1 is GPU 3.
-        index = int(device.split(":")[1])
-        given = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-        os.environ["CUDA_VISIBLE_DEVICES"] = given[index] if index < len(given) else str(index)
-        return "cuda"
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) > 1 and workers > 1:  # disjoint core shares; thread pools size themselves from affinity
-        share = cores[rank::workers] or [cores[rank % len(cores)]]
-        os.sched_setaffinity(0, share)
-    return "cpu"
-
-
 def _worker(make_work, device, rank, workers, parent, job_name, shard_dir, pending, claimed, results) -> None:
     import signal
 
+    from .devices import claim_device, die_with_parent
+    from .runner import ShardDir
+
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped by the coordinator: exit normally
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:  # the job died before PDEATHSIG was armed: nothing to do for anyone
         os._exit(1)
-    local_device = _claim_device(device, rank, workers)
+    local_device = claim_device(device, rank, workers)
     log.setup(verbose=False)
-    from .runner import ShardDir
 
     try:
         work = make_work(local_device)
@@ -284,14 +271,8 @@ def _worker(make_work, device, rank, workers, parent, job_name, shard_dir, pendi
                     return
                 yield pending[k]
 
-        def report(n):
-            results.put(("rows", rank, n))
-
-        for i, prepared in prefetch(work.prepare, shard_indices()):
-            parts = shards.parts(i, job_name)
-            table, counts = work.compute(i, prepared, report, parts)
-            shards.write_shard(i, table, **counts, worker=f"{device}#{rank}")  # (text: not summed as a count)
-            results.put(("shard", rank, (i, parts.rows_computed, parts.rows_resumed)))
+        compute_shards(work, shards, shard_indices(), job_name, lambda n: results.put(("rows", rank, n)),
+                       on_shard=lambda *shard: results.put(("shard", rank, shard)), worker=f"{device}#{rank}")
         results.put(("done", rank, None))
     except HfbatchError as exc:
         results.put(("error", rank, (exc.exit_code, exc.message)))
