@@ -25,14 +25,12 @@ class EncoderRun:
 
     def __init__(self, model_dir, *, task="embed", backend="auto", device="auto", precision="auto",
                  max_length=None, batch_tokens=DEFAULT_BATCH_TOKENS, trust_remote_code=False):
-        from .models import effective_max_length, load_config, load_tokenizer, make_encoder
+        from .models import load_tokenization, make_encoder
 
-        self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
+        self.tokenizer, config, self.max_length = load_tokenization(model_dir, max_length, trust_remote_code)
+        self.config = config
         self.encoder, self.settings = make_encoder(model_dir, task=task, backend=backend, device=device,
                                                    precision=precision, trust_remote_code=trust_remote_code)
-        config = load_config(model_dir, trust_remote_code)
-        self.config = config
-        self.max_length = effective_max_length(model_dir, self.tokenizer, config, max_length)
         self.batch_tokens = batch_tokens
         self.dim = config.num_labels if task == "classify" else config.hidden_size
 

@@ -186,11 +186,25 @@ def effective_max_length(path: Path, tokenizer, config, requested: int | None) -
 
 
 def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512_BF16 or AMX), so bf16 inference is fast and offered
+    (by --precision auto, and by the OpenVINO backend)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return False
+
+
+def load_tokenization(path: Path, requested: int | None, trust_remote_code: bool = False, tokenizer=None):
+    """(tokenizer, config, max_length) of a model directory, without loading its weights: the one place that
+    loads the tokenizer and config to decide the max_length a job cuts at (`requested`: --max-length)."""
+    path = Path(path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path, trust_remote_code)
+    config = load_config(path, trust_remote_code)
+    return tokenizer, config, effective_max_length(path, tokenizer, config, requested)
 
 
 def choose_device(device: str) -> str:
@@ -289,7 +303,7 @@ def load_torch_model(path: Path, auto_class: str = "AutoModel", device: str = "c
         try:
             model = cls.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[precision]),
                                         trust_remote_code=trust_remote_code, attn_implementation="sdpa", **kwargs)
-        except ValueError as exc:
+        except (ValueError, ImportError, TypeError) as exc:
             if "trust_remote_code" in str(exc):
                 raise InputError(f"{path} needs its own Python code to load; pass --trust-remote-code if you "
                                  f"trust it")

@@ -185,24 +185,44 @@ def _same_input(a: dict, b: dict) -> bool:
     return a.get("kind") == b.get("kind") and all(a.get(k) == b.get(k) for k in keys)
 
 
-def describe_changes(manifest: dict, job: str, config: dict, inputs: list[dict]) -> list[str]:
-    """What differs between an existing output and the run asked for, in words a user can act on."""
+@dataclass(frozen=True)
+class Change:
+    """One difference between an existing output and the run asked for: `kind` "job" (another job made it),
+    "option" (a config entry `name`) or "input" (the input at path `name`; `old`/`new` are None where it is
+    not given any more / is new). str() is the words a user can act on."""
+
+    kind: str
+    name: str
+    old: object = None
+    new: object = None
+
+    def __str__(self) -> str:
+        if self.kind == "job":
+            return f"it was made by `hfbatch {self.old}`, not `{self.new}`"
+        if self.kind == "option":
+            return f"option {self.name}: {self.old!r} -> {self.new!r}"
+        if self.new is None:
+            return f"input {self.name} is no longer given"
+        if self.old is None:
+            return f"input {self.name} is new"
+        return f"input {self.name} changed"
+
+
+def describe_changes(manifest: dict, job: str, config: dict, inputs: list[dict]) -> list[Change]:
+    """What differs between an existing output and the run asked for."""
     changes = []
     if manifest.get("job") != job:
-        changes.append(f"it was made by `hfbatch {manifest.get('job')}`, not `{job}`")
+        changes.append(Change("job", "job", manifest.get("job"), job))
     old_config = manifest.get("config", {})
     for key in sorted(set(old_config) | set(config)):
         if old_config.get(key) != config.get(key):
-            changes.append(f"option {key}: {old_config.get(key)!r} -> {config.get(key)!r}")
+            changes.append(Change("option", key, old_config.get(key), config.get(key)))
     old_inputs = {i["path"]: i for i in manifest.get("inputs", [])}
     new_inputs = {i["path"]: i for i in inputs}
     for path in sorted(set(old_inputs) | set(new_inputs)):
-        if path not in new_inputs:
-            changes.append(f"input {path} is no longer given")
-        elif path not in old_inputs:
-            changes.append(f"input {path} is new")
-        elif not _same_input(old_inputs[path], new_inputs[path]):
-            changes.append(f"input {path} changed")
+        old, new = old_inputs.get(path), new_inputs.get(path)
+        if old is None or new is None or not _same_input(old, new):
+            changes.append(Change("input", path, old, new))
     return changes
 
 
@@ -664,13 +684,14 @@ class Job:
                 self.manifest = existing
                 log.event(self.name, "up_to_date", output=self.output)
                 return
-            if self.incremental and all(c.startswith("input ") for c in changes):
+            said = "; ".join(map(str, changes))
+            if self.incremental and all(c.kind == "input" for c in changes):
                 self.previous = existing
-                log.event(self.name, "incremental", output=self.output, changes="; ".join(changes))
+                log.event(self.name, "incremental", output=self.output, changes=said)
             else:
                 hint = ("--incremental updates an output only when its options are unchanged; pass --force"
                         if self.incremental else "pass --force to recompute it (or --incremental where offered)")
-                raise InputError(f"{self.output} was made from other inputs or options ({'; '.join(changes)}); "
+                raise InputError(f"{self.output} was made from other inputs or options ({said}); "
                                  f"{hint}")
         self._prepare_partial(partial_job)
 

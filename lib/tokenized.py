@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .batching import truncation_flags
 from .errors import InputError
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "offset_mapping", "truncated")
@@ -42,25 +43,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def expected_tokenization(model_dir, max_length: int | None, trust_remote_code: bool = False) -> dict:
     """Tokenizer fingerprint and effective max_length for a model directory, without loading its weights."""
-    from .models import effective_max_length, load_config
+    from .models import load_tokenization
 
-    tokenizer = cached_tokenizer(model_dir, trust_remote_code)
-    config = load_config(Path(model_dir), trust_remote_code)
-    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "max_length": effective_max_length(Path(model_dir), tokenizer, config, max_length)}
-
-
-def truncation_flags(tokenizer, texts, pairs, ids, max_length: int) -> list[bool]:
-    """Which rows truncation cut: a cut row fills max_length exactly, so only those few are re-tokenized."""
-    flags = [False] * len(ids)
-    full = [i for i, row in enumerate(ids) if len(row) >= max_length]
-    if full:
-        lengths = tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs else None,
-                            truncation=False, padding=False, return_attention_mask=False,
-                            return_token_type_ids=False, verbose=False)["input_ids"]
-        for i, row in zip(full, lengths):
-            flags[i] = len(row) > max_length
-    return flags
+    tokenizer, _, max_length = load_tokenization(model_dir, max_length, trust_remote_code,
+                                                 tokenizer=cached_tokenizer(model_dir, trust_remote_code))
+    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": max_length}
 
 
 def token_features(tokenizer, offsets: bool):
