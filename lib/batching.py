@@ -14,7 +14,7 @@ import numpy as np
 if TYPE_CHECKING:
     from .parts import ShardParts
 
-DEFAULT_BATCH_TOKENS = 2048  # fastest measured for OpenVINO on 2 cores (bench/ov_prototype.py)
+DEFAULT_BATCH_TOKENS = 2048  # fastest measured for OpenVINO on 2 cores (when its backend was written)
 T = TypeVar("T")
 R = TypeVar("R")
 

@@ -5,9 +5,9 @@
   - `memory_mapped_tables(path)`: each data file's rows as an Arrow table over the memory-mapped file
     (zero-copy: nothing is read until it is used);
   - `ArrowVectors(path, column)`: a vector column (a fixed-size list, or lists of floats all of one length)
-    read as float32 matrix rows by row range, copying only those rows;
-  - `read_rows`: the row-range walk over consecutive blocks that every vector reader shares (hfbatch.vectors'
-    Parquet reader too);
+    read as float32 matrix rows by row range or row numbers, copying only those rows;
+  - `read_rows`, `take_rows`: the walks over consecutive blocks (by row range, by row numbers) that every
+    vector reader shares (hfbatch.vectors' Parquet reader too);
   - `save_around(directory, features, files, fingerprint)`: a saved dataset whose data files are existing Arrow
     files (hard links), so a job publishes its shards without copying them.
 """
@@ -80,6 +80,22 @@ def read_rows(starts: np.ndarray, block: Callable[[int, int, int], np.ndarray], 
     return out
 
 
+def take_rows(starts: np.ndarray, block: Callable[[int, int, int], np.ndarray], rows, dim: int,
+              copied: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+    """Rows in any order (row numbers) of a vector column stored in blocks as for `read_rows`, as one float32
+    [len(rows), dim] array; each block is read once."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    blocks = np.searchsorted(starts, rows, side="right") - 1
+    for j in np.unique(blocks):
+        where = np.flatnonzero(blocks == j)
+        part = block(int(j), 0, int(starts[j + 1] - starts[j]))
+        out[where] = part[rows[where] - starts[j]]
+        if copied is not None:
+            copied(int(j), part)
+    return out
+
+
 class ArrowVectors:
     """Zero-copy reader of the vector column of a dataset saved with `datasets.Dataset.save_to_disk` (or of a
     directory of Arrow stream files), usable as hfbatch.indexing's read_chunk.
@@ -109,6 +125,9 @@ class ArrowVectors:
             base = pa.py_buffer(mm)
             self._maps.append((mm, base.address))
             table = pa.ipc.open_stream(base).read_all()      # zero-copy over the map
+            kind = table.schema.field(column).type
+            if self.dim is None and pa.types.is_fixed_size_list(kind):
+                self.dim = kind.list_size  # (also where there are no rows)
             for chunk in table.column(column).chunks:
                 if pa.types.is_fixed_size_list(chunk.type):
                     dims = {chunk.type.list_size}
@@ -134,6 +153,10 @@ class ArrowVectors:
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         return read_rows(self._starts, self._block, start, stop, self.dim, self._release)
+
+    def take(self, rows) -> np.ndarray:
+        """Rows in any order (row numbers), each data file's chunk read once."""
+        return take_rows(self._starts, self._block, rows, self.dim, self._release)
 
     def _block(self, j: int, lo: int, hi: int) -> np.ndarray:
         values = self._chunks[j][0].slice(lo, hi - lo).flatten()  # respects the slice offset; no copy

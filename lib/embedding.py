@@ -336,6 +336,7 @@ class PreviousVectors:
         import numpy as np
         import pandas as pd
 
+        from .dataset import ArrowVectors
         from .io import load_saved_dataset
 
         stored = read_hash_file(path)
@@ -346,13 +347,11 @@ class PreviousVectors:
         self.hashes = np.asarray(stored.hashes, dtype=np.int64)
         rows = pd.Series(np.arange(len(self.hashes)), index=stored.ids.to_pandas())
         self.rows = rows[~rows.index.duplicated(keep="last")]  # a repeated id: its last row, as a dict would
-        column = load_saved_dataset(path, "the output --incremental updates", "embed").data.table.column("embedding")
-        self.dim = column.type.list_size
-        # zero-copy [rows, dim] views of the memory-mapped chunks (pyarrow's ChunkedArray.take would first
-        # concatenate them: a copy of every old vector per call)
-        self.blocks = [np.asarray(chunk.flatten().to_numpy(zero_copy_only=chunk.null_count == 0),
-                                  dtype=np.float32).reshape(-1, self.dim) for chunk in column.chunks]
-        self.starts = np.cumsum([0] + [len(b) for b in self.blocks])
+        load_saved_dataset(path, "the output --incremental updates", "embed")  # refused, in one line, if damaged
+        # read by row from zero-copy views of the memory-mapped chunks (pyarrow's ChunkedArray.take would
+        # first concatenate them: a copy of every old vector per call)
+        self.reader = ArrowVectors(path)
+        self.dim = self.reader.dim
 
     def reusable(self, ids, hashes):
         """For each row: the old output's row holding its vector when the id is there with the same text
@@ -369,8 +368,6 @@ class PreviousVectors:
         import numpy as np
 
         out = np.zeros((len(old_rows), self.dim), dtype=np.float32)
-        block_of = np.searchsorted(self.starts, old_rows, side="right") - 1
-        for b in np.unique(block_of[old_rows >= 0]):
-            rows = np.flatnonzero((block_of == b) & (old_rows >= 0))
-            out[rows] = self.blocks[b][old_rows[rows] - self.starts[b]]
+        found = old_rows >= 0
+        out[found] = self.reader.take(old_rows[found])
         return out

@@ -351,8 +351,8 @@ def _check_rejects(job: Job, units: list[Unit], reject_limit: RejectLimit, final
     than --max-rejects were rejected."""
     n = len(units)
     records = [_shard_record(job, i) for i in range(n) if job.shards.is_done(i)]
-    read = sum(r["rows_read"] for r in records)
-    rejected = sum(r["rejects"] for r in records)
+    totals = sum_counts(records)
+    read, rejected = totals.get("rows_read", 0), totals.get("rejects", 0)
     if rejected > reject_limit.allowed(read):
         kinds = sum_counts(r.get("reject_kinds", {}) for r in records)
         gathered = job.partial / "rejects.jsonl"

@@ -107,23 +107,37 @@ def safetensors_tensors(file: Path) -> dict[str, tuple[str, list[int]]]:
 
 
 def model_fingerprint(path: Path) -> str:
-    """Content identity of a model directory: small files hashed whole, weights by size and their first
-    and last 4 MiB (hashing gigabytes on every run would make a no-op re-run slow)."""
+    """Content identity of a model directory for a job's config: small files hashed whole, weights by size and
+    their first and last 4 MiB (hashing gigabytes on every run would make a no-op re-run slow)."""
+    return model_content_hash(path).hexdigest()[:16]
+
+
+def model_content_hash(path: Path, files=None, whole: bool = False):
+    """The one hash of a model directory's contents: sha256 over each of `files` (default: every file that is
+    not hidden), in sorted order, as its relative path, size and bytes. Files over 16 MiB count by their first
+    and last 4 MiB unless `whole` (the OpenVINO cache, where a collision would run another model's graph).
+    Returns the hashlib object, so a caller can add its own options to the key."""
+    path = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    if files is None:
+        files = (p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path).as_posix()))
+    for file in sorted(files):
         rel = file.relative_to(path).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue
         size = file.stat().st_size
         digest.update(f"{rel}\0{size}\0".encode())
         with open(file, "rb") as fh:
-            if size <= 16 << 20:
-                digest.update(fh.read())
+            if whole or size <= 16 << 20:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
             else:
                 digest.update(fh.read(4 << 20))
                 fh.seek(-(4 << 20), os.SEEK_END)
                 digest.update(fh.read())
-    return digest.hexdigest()[:16]
+    return digest
+
+
+def _hidden(rel: str) -> bool:
+    return rel.startswith(".") or "/." in rel
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -122,23 +121,6 @@ def _model_files(model_dir: Path) -> list[Path]:
     return files
 
 
-_file_digest_memo: dict[tuple[str, int, int], bytes] = {}
-
-
-def _file_digest(p: Path) -> bytes:
-    st = p.stat()
-    memo_key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    d = _file_digest_memo.get(memo_key)
-    if d is None:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        d = h.digest()
-        _file_digest_memo[memo_key] = d
-    return d
-
-
 def _graph_options(task: str, pooling: str | None, normalize: bool) -> dict[str, Any]:
     import openvino as ov
 
@@ -163,13 +145,10 @@ def cache_key(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str
               normalize: bool = False) -> str:
     """sha256 (hex) over config + weight files (relative path and bytes), graph options and versions."""
     _check_options(task, pooling, normalize)
+    from .models import model_content_hash
+
     model_dir = Path(model_dir)
-    h = hashlib.sha256()
-    for p in _model_files(model_dir):
-        rel = p.relative_to(model_dir).as_posix().encode()
-        h.update(len(rel).to_bytes(8, "little") + rel)
-        h.update(p.stat().st_size.to_bytes(8, "little"))
-        h.update(_file_digest(p))
+    h = model_content_hash(model_dir, _model_files(model_dir), whole=True)
     h.update(json.dumps(_graph_options(task, pooling, normalize), sort_keys=True).encode())
     return h.hexdigest()
 

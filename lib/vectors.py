@@ -211,13 +211,9 @@ class ParquetVectors:
 
     def take(self, rows) -> np.ndarray:
         """Rows in any order, each row group decoded once."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        groups = np.searchsorted(self._starts, rows, side="right") - 1
-        for group in np.unique(groups):
-            where = np.flatnonzero(groups == group)
-            out[where] = self._decode(int(group))[rows[where] - self._starts[group]]
-        return out
+        from hfbatch.dataset import take_rows
+
+        return take_rows(self._starts, lambda group, lo, hi: self._decode(group)[lo:hi], rows, self.dim)
 
 
 class NpyVectors:
