@@ -96,29 +96,32 @@ def compute_shards(work, shards, indices: Iterable[int], job_name: str, on_rows:
     recorded in a thread while the next one is computed. `on_shard(i, rows_computed, rows_resumed)` follows
     each record; `worker` (text, not summed as a count) goes into the records."""
     recorded = getattr(work, "recorded", None)
-    with ThreadPoolExecutor(1) as recorder:
-        in_flight = None
+    in_flight = []  # the shard being recorded: (index, future, its parts)
 
-        def wait():
-            i, future, parts = in_flight
+    def settle():
+        """The shard being recorded is durable, and reported."""
+        while in_flight:
+            i, future, parts = in_flight.pop()
             future.result()
             if on_shard is not None:
                 on_shard(i, parts.rows_computed, parts.rows_resumed)
             if recorded is not None:
                 recorded(i)
 
+    with ThreadPoolExecutor(1) as recorder:
         for i, prepared in prefetch(work.prepare, indices):  # the next shard is read and tokenized meanwhile
             parts = shards.parts(i, job_name)
+            # no part of this shard is committed before the last shard's record: after a kill, what is done
+            # does not depend on how fast the recorder was
+            parts.before_commit = settle
             data, counts = work.compute(i, prepared, on_rows, parts)
             rows = _write(shards, i, data)
             counts = dict(counts() if callable(counts) else counts)
             if worker is not None:
                 counts["worker"] = worker
-            if in_flight is not None:
-                wait()
-            in_flight = (i, recorder.submit(shards.finish_shard, i, rows, **counts), parts)
-        if in_flight is not None:
-            wait()
+            settle()
+            in_flight.append((i, recorder.submit(shards.finish_shard, i, rows, **counts), parts))
+        settle()
 
 
 def _write(shards, i: int, data) -> int:
