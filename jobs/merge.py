@@ -67,7 +67,7 @@ def merge(parts, output, force):
         from hfbatch.io import open_dataset
 
         for i, path in enumerate(ordered):
-            if not job.is_done(i):
+            if not job.shards.is_done(i):
                 job.shards.write_shard(i, open_dataset(path, "part")[0].data.table)
         features = open_dataset(ordered[0], "part")[0].features
         job.publish_dataset(count, features, extra={
