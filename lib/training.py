@@ -124,15 +124,14 @@ def _train(job, dataset, base_dir, bundled, config, save_steps, trust_remote_cod
         eval_counts=np.bincount(label_ids[eval_rows], minlength=len(names)).tolist(),
         unlabelled=unlabelled, truncated=tokenized.truncated, settings=settings, metrics=metrics)
 
-    def fill(tmp):
-        model.save_pretrained(str(tmp))  # safetensors
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "README.md").write_text(card)
-
-    job.publish_files(fill, rows=len(train_rows), counts={
+    assembly = job.publisher.assemble_files(rows=len(train_rows), counts={
         "train_rows": len(train_rows), "eval_rows": len(eval_rows), "unlabelled": unlabelled,
-        "truncated": tokenized.truncated}, extra={
+        "truncated": tokenized.truncated})
+    model.save_pretrained(str(assembly.dir))  # safetensors
+    tokenizer.save_pretrained(str(assembly.dir))
+    (assembly.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (assembly.dir / "README.md").write_text(card)
+    job.publish(assembly, extra={
         "labels": names, "eval": metrics["eval"], "best_epoch": metrics["best_epoch"], "device": device,
         "precision": precision, "source_dataset": job.inputs[0]["path"]})
     log.event("train", "done", accuracy=metrics["eval"]["accuracy"], macro_f1=metrics["eval"]["macro_f1"],
