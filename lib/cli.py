@@ -36,6 +36,8 @@ JOBS = {
     "inspect": "hfbatch.jobs.inspect:inspect",
     "evaluate": "hfbatch.jobs.evaluate:evaluate",
     "tokenize": "hfbatch.jobs.tokenize:tokenize",
+    "generate": "hfbatch.jobs.generate:generate",
+    "train-tokenizer": "hfbatch.jobs.train_tokenizer:train_tokenizer",
 }
 
 
@@ -188,6 +190,13 @@ PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 
 
 def device_options(f):
+    f = torch_device_options(f)
+    return click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
+                        show_default=True, help="Inference engine. auto = OpenVINO on CPU, torch on CUDA.")(f)
+
+
+def torch_device_options(f):
+    """--device, --devices, --precision: jobs that run a torch model (embed and classify add --backend)."""
     f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="auto = CUDA when available, else CPU.")(f)
     f = click.option("--devices", default=None, metavar="LIST", callback=_parse_devices,
@@ -197,8 +206,6 @@ def device_options(f):
                      show_default=True,
                      help="auto = bf16 where the hardware has it (AVX512-BF16/AMX CPUs, CUDA), fp16 on older "
                           "CUDA, else fp32. fp32 is exact.")(f)
-    f = click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
-                     show_default=True, help="Inference engine. auto = OpenVINO on CPU, torch on CUDA.")(f)
     return f
 
 
