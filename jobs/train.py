@@ -19,11 +19,22 @@ BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 @click.command()
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
 @output_option
-@click.option("--label-column", required=True, help="Column holding each row's label (text or integer).")
+@click.option("--task", type=click.Choice(["classification", "causal-lm"]), default="classification",
+              show_default=True, help="classification: a text classifier; causal-lm: a language model for "
+                                      "`hfbatch generate` (hfbatch.causal_lm).")
+@click.option("--label-column", default=None, help="Column holding each row's label (text or integer); "
+                                                   "classification needs it.")
 @text_column_option
 @click.option("--base-model", default=None, metavar="DIR",
-              help="Local model directory to start from; a new classification head is put on it "
-                   "(default: the bundled all-MiniLM-L6-v2).")
+              help="Local model directory to start from; classification puts a new head on it (default: the "
+                   "bundled all-MiniLM-L6-v2); causal-lm fine-tunes it.")
+@click.option("--from-config", default=None, metavar="NAME|FILE",
+              help="causal-lm from scratch: gpt2-tiny, gpt2-small or a config.json (with model_type); needs "
+                   "--tokenizer.")
+@click.option("--tokenizer", default=None, metavar="DIR",
+              help="causal-lm with --from-config: the tokenizer (e.g. made by `hfbatch train-tokenizer`).")
+@click.option("--block-size", type=click.IntRange(min=2), default=128, show_default=True,
+              help="causal-lm: tokens per training block (texts packed, separated by EOS).")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True,
               help="Peak learning rate (AdamW, linear warm-up and decay).")
@@ -43,9 +54,10 @@ BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 @trust_remote_code_option
 @force_option
 @json_summary("train")
-def train(dataset, output, label_column, text_column, base_model, epochs, lr, batch_size, eval_fraction, seed,
-          max_length, device, precision, save_steps, trust_remote_code, force):
-    """Fine-tune a text classifier on DATASET (an `hfbatch ingest` output) and publish it at OUTPUT.
+def train(dataset, output, task, label_column, text_column, base_model, from_config, tokenizer, block_size, epochs,
+          lr, batch_size, eval_fraction, seed, max_length, device, precision, save_steps, trust_remote_code, force):
+    """Fine-tune a text classifier on DATASET (an `hfbatch ingest` output) and publish it at OUTPUT; with
+    --task causal-lm, train a causal language model on DATASET's text instead.
 
     OUTPUT is a complete transformers model directory (config with the labels, safetensors weights,
     tokenizer) with metrics.json and a model card README.md; `hfbatch classify --model OUTPUT` uses it.
@@ -54,7 +66,19 @@ def train(dataset, output, label_column, text_column, base_model, epochs, lr, ba
     \b
     Example:
         hfbatch train out/labelled -o out/section-model --label-column section --epochs 2
+        hfbatch train out/texts -o out/gpt2 --task causal-lm --from-config gpt2-tiny --tokenizer out/tok
     """
+    if task == "causal-lm":
+        from hfbatch.causal_lm import train_causal_lm
+
+        return train_causal_lm(dataset, output, base_model=base_model, from_config=from_config, tokenizer=tokenizer,
+                               text_column=text_column, block_size=block_size, epochs=epochs, lr=lr,
+                               batch_size=batch_size, eval_fraction=eval_fraction, seed=seed, device=device,
+                               precision=precision, save_steps=save_steps, trust_remote_code=trust_remote_code,
+                               force=force)
+    if label_column is None or from_config or tokenizer:
+        raise InputError("--task classification needs --label-column, and takes no --from-config or --tokenizer "
+                         "(those are for --task causal-lm)")
     from hfbatch.models import model_fingerprint, resolve_model_dir
 
     base_dir = resolve_model_dir(base_model, "--base-model")
