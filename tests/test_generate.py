@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import HFBATCH, invoke, load, manifest, write_jsonl
 
 EOS = "<|endoftext|>"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import SAMPLE, invoke, manifest, sample_rows, write_tokenizer
 
 ROUND_TRIP = "A fast text editor for the console, with plugins: 3 modes."
