@@ -70,7 +70,7 @@ def perplexity(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     block = args.block_size
     eos = tokenizer.eos_token_id
-    heldout = datasets.load_from_disk(args.heldout)["text"]
+    heldout = list(datasets.load_from_disk(args.heldout)["text"])
     blocks = torch.tensor(pack(tokenizer, heldout, block, eos))
     losses = []
     with torch.inference_mode():

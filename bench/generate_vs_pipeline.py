@@ -25,7 +25,7 @@ from pathlib import Path
 def prompts_of(dataset: str, rows: int, words: int) -> list[str]:
     import datasets
 
-    texts = datasets.load_from_disk(dataset)["text"][:rows]
+    texts = list(datasets.load_from_disk(dataset)["text"])[:rows]
     return [" ".join(t.split()[:words]) for t in texts]
 
 
