@@ -304,3 +304,13 @@ def test_a_killed_run_resumes_with_identical_samples(tmp_path, gpt2, prompts):
     resumed = hfbatch([*args, "-o", out], {"HFBATCH_PART_SECONDS": "0"})
     assert resumed["rows_resumed"] == 4 and resumed["rows_computed"] == len(PROMPTS) - 4  # 2 batches of 2 kept
     assert list(load(out)) == list(load(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_samples_do_not_depend_on_devices_or_shards(tmp_path, gpt2, prompts):
+    args = ["generate", prompts, "--model", gpt2, *SAMPLING, "--seed", 5]
+    hfbatch([*args, "-o", tmp_path / "one"])
+    two = hfbatch([*args, "-o", tmp_path / "two", "--devices", "cpu,cpu", "--shard-rows", 3, "--batch-size", 2])
+    assert two["rows"] == len(PROMPTS)
+    assert manifest(tmp_path / "two")["devices"][0]["device"] == "cpu"
+    assert list(load(tmp_path / "two")) == list(load(tmp_path / "one"))
