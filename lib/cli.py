@@ -246,6 +246,23 @@ def query_device_options(f):
     return f
 
 
+def mode_option(f):
+    """search and evaluate: which parts of the index rank the hits (hfbatch.retrieval's module doc)."""
+    from hfbatch.retrieval import MODES
+
+    return click.option("--mode", type=click.Choice(MODES), default=None,
+                        help="hybrid: dense and lexical fused; dense: the model only; lexical: BM25 only "
+                             "[default: hybrid where the index has both parts, else the part it has].")(f)
+
+
+def lexical_weight_option(f):
+    from hfbatch.retrieval import DEFAULT_LEXICAL_WEIGHT
+
+    return click.option("--lexical-weight", type=click.FloatRange(0.0, 1.0), default=None, metavar="W",
+                        help=f"Hybrid mode: the share of the normalised BM25 score in the fused score [default: "
+                             f"{DEFAULT_LEXICAL_WEIGHT}, chosen on bench/debian_retrieval.py's dev queries].")(f)
+
+
 def _parse_devices(ctx, param, value):
     from .devices import parse_devices
 

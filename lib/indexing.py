@@ -860,22 +860,44 @@ class IndexInput:
 def make_index(vectors, output, *, kind: str = "auto", factory: str | None = None, memory_budget=None,
                target_recall: float = 0.95, force: bool = False,
                incremental: bool = False, vector_column: str | None = None, id_column: str | None = None,
-               ids=None, metric: str | None = None) -> dict:
+               ids=None, metric: str | None = None, lexical: bool = True, language: str = "english",
+               text_column: str | None = None) -> dict:
     """`hfbatch index`: build (or with `incremental`, update) a tuned FAISS index over `vectors` in `output`.
 
     `vectors` is an `hfbatch embed` output, or vectors made elsewhere (hfbatch.vectors: a Parquet file or
     directory, a save_to_disk dataset, a .npy file with `ids`), whose model is unknown: `metric` (cosine, dot,
     l2; default cosine) says how they compare. `memory_budget` is a size as --memory-budget takes it ("4GB",
     "4GiB", or bytes), recorded as written (default: half the available memory). Returns the summary dict that
-    --json prints."""
+    --json prints.
+
+    Beside the FAISS index, `lexical` (default) builds a BM25 index over the rows' text (hfbatch.lexical), in
+    `language` (stop words, stemming); kind "lexical" builds that alone, over any dataset (no embeddings)."""
+    from hfbatch.lexical import analyzer_record, make_lexical_index
     from hfbatch.runner import Job, require_complete
     from hfbatch.sizes import parse_size
     from hfbatch.vectors import is_foreign
 
     path = Path(vectors)
     budget = memory_budget and parse_size(memory_budget, option="--memory-budget")
+    if lexical:
+        analyzer_record(language)  # a bad --language is refused first
+    if kind == "lexical":
+        given = [name for name, value in (("--factory", factory), ("--vector-column", vector_column),
+                                          ("--id-column", id_column), ("--ids", ids), ("--metric", metric))
+                 if value is not None] + (["--no-lexical"] if not lexical else [])
+        if given:
+            raise InputError(f"{given[0]} does not apply to --kind lexical (an index of the rows' text only)")
+        return make_lexical_index(path, output, language=language, memory_budget=budget and budget.text,
+                                  budget_bytes=budget and int(budget), force=force, incremental=incremental,
+                                  text_column=text_column)
+    if text_column is not None:
+        raise InputError("--text-column applies to --kind lexical; embeddings index the text they were made from")
     config = {"kind": kind, "factory": factory, "memory_budget": budget and budget.text,
               "target_recall": target_recall}
+    if not lexical:  # recorded only when not the default, so that older indexes' configs still match
+        config["lexical"] = False
+    if language != "english":
+        config["language"] = language
     source = None
     if is_foreign(path):
         source, found = open_foreign(path, vector_column, id_column, ids, metric)  # checked before the job
@@ -896,7 +918,9 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
             return job.summary()
         if source is None:
             source = open_embeddings(path, similarity, job.inputs[0])
-        return build_and_publish(job, source, kind, factory, int(budget or default_budget()), target_recall)
+        text = {"language": language, "budget_bytes": budget and int(budget)} \
+            if lexical and source.record.get("model") else None  # vectors made elsewhere have no text
+        return build_and_publish(job, source, kind, factory, int(budget or default_budget()), target_recall, text)
 
 
 def open_foreign(path: Path, vector_column, id_column, ids, metric):
@@ -939,8 +963,9 @@ def open_embeddings(embeddings: Path, similarity: str, input_record: dict) -> In
     return IndexInput(embeddings, reader, row_table, similarity, record)
 
 
-def build_and_publish(job, source: IndexInput, kind, factory, budget, target_recall) -> dict:
-    """Plan, build (or update in place), tune and publish the index; the job's summary dict."""
+def build_and_publish(job, source: IndexInput, kind, factory, budget, target_recall, lexical=None) -> dict:
+    """Plan, build (or update in place), tune and publish the index; the job's summary dict. `lexical`
+    ({language, budget_bytes}): also the lexical part (hfbatch.lexical), always built anew from the text."""
     vectors, similarity = source.reader, source.similarity
     ids = source.row_table.column("id").combine_chunks()
     n, dim = vectors.n, vectors.dim
@@ -977,13 +1002,30 @@ def build_and_publish(job, source: IndexInput, kind, factory, budget, target_rec
         save_index(built, tmp / INDEX_FILE)
         write_rows_file(tmp / ROWS_FILE, source.row_table, hashes)
         phases["save_s"] = time.monotonic() - started
+        if lexical:
+            extra["lexical"] = lexical_part(tmp, source, lexical)
         extra.update({k: round(v, 3) for k, v in phases.items()})  # the manifest is written after fill
 
     job.publish_files(fill, rows=n, extra=extra, counts=counts)
     log.event("index", "quality", recall_at_10=f"{search['recall']:.4f}", qps=f"{search['qps']:.0f}",
               params=params, **{k: f"{v:.1f}" for k, v in phases.items()})
     return {**job.summary(), "recall_at_10": round(search["recall"], 4), "factory": plan.factory,
-            "updated_in_place": update is not None}
+            "updated_in_place": update is not None, "lexical": bool(extra.get("lexical"))}
+
+
+def lexical_part(tmp, source: IndexInput, settings: dict) -> dict | None:
+    """The lexical part beside the FAISS index, or None (with a warning) where the rows' text is not at hand.
+    Always a full build: BM25's statistics (document frequencies, mean length) depend on every row, so an
+    updated part would differ from a new one; building it costs a fraction of embedding the same text."""
+    from hfbatch.lexical import add_lexical_part, indexed_source
+
+    source_path, why = indexed_source(source.record)
+    if source_path is None:
+        log.warn("index", "no_lexical_part", reason=why, hint="search will be dense only")
+        return None
+    return add_lexical_part(tmp, source_path, source.record.get("text_column") or "text", source.row_table,
+                            bool(source.record.get("chunking")), language=settings["language"],
+                            budget_bytes=settings["budget_bytes"])
 
 
 def default_budget() -> int:

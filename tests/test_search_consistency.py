@@ -185,7 +185,7 @@ def test_the_index_answers_as_brute_force_under_the_models_similarity(tmp_path, 
         truth = q @ vectors.T
     else:
         truth = -np.linalg.norm(q[:, None, :] - vectors[None, :, :], axis=2)
-    hits = hits_of(invoke(runner, ["search", tmp_path / "index", *queries, "-k", "1"]))
+    hits = hits_of(invoke(runner, ["search", tmp_path / "index", *queries, "-k", "1", "--mode", "dense"]))
     ids = [r["id"] for r in rows]
     assert [h["id"] for h in hits] == [ids[i] for i in truth.argmax(axis=1)]
     np.testing.assert_allclose([h["score"] for h in hits], truth.max(axis=1), rtol=1e-3, atol=1e-3)
