@@ -39,6 +39,8 @@ API = {
     "run": "hfbatch.pipeline:run",
     "info": "hfbatch.output_info:info",
     "inspect": "hfbatch.inspection:inspect",
+    "generate": "hfbatch.generation:generate",
+    "train_tokenizer": "hfbatch.tokenizer_training:train_tokenizer",
 }
 
 __all__ = ["__version__", *API]
