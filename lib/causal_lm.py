@@ -198,17 +198,15 @@ def _train(job, dataset, config, tokenizer_dir, save_steps, trust_remote_code):
                       text_column=text_column, tokenizer_dir=tokenizer_dir, config=config, device=device,
                       precision=precision, metrics=metrics)
 
-    def fill(tmp):
-        model.save_pretrained(str(tmp))  # safetensors, with generation_config.json
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "README.md").write_text(card)
-
-    job.publish_files(fill, rows=len(source), counts={"train_rows": metrics["train_rows"], "eval_rows": n_eval,
-                                                      "train_blocks": len(train_blocks),
-                                                      "eval_blocks": len(eval_blocks)},
-                      extra={"task": "causal-lm", "eval": metrics["eval"], "history": history, "device": device,
-                             "precision": precision, "source_dataset": job.inputs[0]["path"]})
+    assembly = job.publisher.assemble_files(rows=len(source), counts={
+        "train_rows": metrics["train_rows"], "eval_rows": n_eval, "train_blocks": len(train_blocks),
+        "eval_blocks": len(eval_blocks)})
+    model.save_pretrained(str(assembly.dir))  # safetensors, with generation_config.json
+    tokenizer.save_pretrained(str(assembly.dir))
+    (assembly.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (assembly.dir / "README.md").write_text(card)
+    job.publish(assembly, extra={"task": "causal-lm", "eval": metrics["eval"], "history": history, "device": device,
+                                 "precision": precision, "source_dataset": job.inputs[0]["path"]})
     log.event("train", "done", perplexity=metrics["eval"]["perplexity"], minutes=round(train_seconds / 60, 1))
     return {**job.summary(), **metrics["eval"]}
 

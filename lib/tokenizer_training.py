@@ -79,12 +79,12 @@ def train_tokenizer(dataset, output, *, base=None, vocab_size=None, algorithm=No
         if vocab_size and vocab < vocab_size:
             log.warn("train-tokenizer", "vocabulary_smaller_than_asked", vocab_size=vocab, asked=vocab_size,
                      hint="the corpus has fewer distinct pieces than that")
-        job.publish_files(tokenizer.save_pretrained, rows=len(texts),
-                          counts={"training_rows": len(texts) - len(heldout) if stride else len(texts),
-                                  "heldout_rows": len(heldout)},
-                          extra={"vocab_size": vocab, "algorithm": algorithm or model_algorithm(tokenizer),
-                                 "base": str(base_dir) if base_dir else None, "fertility": fertility,
-                                 "source_dataset": str(job.inputs[0]["path"])})
+        assembly = job.publisher.assemble_files(rows=len(texts), counts={
+            "training_rows": len(texts) - len(heldout) if stride else len(texts), "heldout_rows": len(heldout)})
+        tokenizer.save_pretrained(str(assembly.dir))
+        job.publish(assembly, extra={"vocab_size": vocab, "algorithm": algorithm or model_algorithm(tokenizer),
+                                     "base": str(base_dir) if base_dir else None, "fertility": fertility,
+                                     "source_dataset": str(job.inputs[0]["path"])})
         log.event("train-tokenizer", "fertility", tokens_per_word=fertility["tokens_per_word"],
                   reference_tokens_per_word=fertility["reference"]["tokens_per_word"],
                   unknown_share=fertility["unknown_share"])
