@@ -18,11 +18,22 @@ from hfbatch.cli import (
 @click.command()
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
 @output_option
-@click.option("--label-column", required=True, help="Column holding each row's label (text or integer).")
+@click.option("--task", type=click.Choice(["classification", "causal-lm"]), default="classification",
+              show_default=True, help="classification: a text classifier; causal-lm: a language model for "
+                                      "`hfbatch generate` (hfbatch.causal_lm).")
+@click.option("--label-column", default=None, help="Column holding each row's label (text or integer); "
+                                                   "classification needs it.")
 @text_column_option
 @click.option("--base-model", default=None, metavar="DIR",
-              help="Local model directory to start from; a new classification head is put on it "
-                   "(default: the bundled all-MiniLM-L6-v2).")
+              help="Local model directory to start from; classification puts a new head on it (default: the "
+                   "bundled all-MiniLM-L6-v2); causal-lm fine-tunes it.")
+@click.option("--from-config", default=None, metavar="NAME|FILE",
+              help="causal-lm from scratch: gpt2-tiny, gpt2-small or a config.json (with model_type); needs "
+                   "--tokenizer.")
+@click.option("--tokenizer", default=None, metavar="DIR",
+              help="causal-lm with --from-config: the tokenizer (e.g. made by `hfbatch train-tokenizer`).")
+@click.option("--block-size", type=click.IntRange(min=2), default=128, show_default=True,
+              help="causal-lm: tokens per training block (texts packed, separated by EOS).")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True,
               help="Peak learning rate (AdamW, linear warm-up and decay).")
@@ -42,7 +53,8 @@ from hfbatch.cli import (
 @force_option
 @json_summary("train")
 def train(dataset, output, **options):
-    """Fine-tune a text classifier on DATASET (an `hfbatch ingest` output) and publish it at OUTPUT.
+    """Fine-tune a text classifier on DATASET (an `hfbatch ingest` output) and publish it at OUTPUT; with
+    --task causal-lm, train a causal language model on DATASET's text instead.
 
     OUTPUT is a complete transformers model directory (config with the labels, safetensors weights,
     tokenizer) with metrics.json and a model card README.md; `hfbatch classify --model OUTPUT` uses it.
@@ -51,6 +63,7 @@ def train(dataset, output, **options):
     \b
     Example:
         hfbatch train out/labelled -o out/section-model --label-column section --epochs 2
+        hfbatch train out/texts -o out/gpt2 --task causal-lm --from-config gpt2-tiny --tokenizer out/tok
     """
     from hfbatch.training import train as run_train
 

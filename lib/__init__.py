@@ -10,9 +10,9 @@ Every job is also a plain Python function, called as the command is::
     hits = hfbatch.search("idx", ["a chess game"], k=3)   # hit dicts, as search's JSON lines
 
 The inputs are positional, the options are the command's with underscores (`--shard-rows` -> `shard_rows=`),
-and each returns the summary dict that the command's `--json` prints (less its `seconds`). The functions keep the command's locks,
-resume and manifests; they raise hfbatch.errors types (InputError, JobFailed, Busy) where the command would
-exit 2, 1 or 75.
+and each returns the summary dict that the command's `--json` prints (less its `seconds`). The functions keep
+the command's locks, resume and manifests; they raise hfbatch.errors types (InputError, JobFailed, Busy)
+where the command would exit 2, 1 or 75.
 
 `import hfbatch` stays cheap: a job's module (and torch, faiss, ...) is imported the first time its function
 is looked up (PEP 562 module __getattr__).
@@ -39,6 +39,8 @@ API = {
     "run": "hfbatch.pipeline:run",
     "info": "hfbatch.output_info:info",
     "inspect": "hfbatch.inspection:inspect",
+    "generate": "hfbatch.generation:generate",
+    "train_tokenizer": "hfbatch.tokenizer_training:train_tokenizer",
 }
 
 __all__ = ["__version__", *API]

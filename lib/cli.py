@@ -36,6 +36,8 @@ JOBS = {
     "inspect": "hfbatch.jobs.inspect:inspect",
     "evaluate": "hfbatch.jobs.evaluate:evaluate",
     "tokenize": "hfbatch.jobs.tokenize:tokenize",
+    "generate": "hfbatch.jobs.generate:generate",
+    "train-tokenizer": "hfbatch.jobs.train_tokenizer:train_tokenizer",
 }
 
 
@@ -215,6 +217,13 @@ def device_option(f):
 
 
 def device_options(f):
+    f = torch_device_options(f)
+    return click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
+                        show_default=True, help="Inference engine. auto = OpenVINO on CPU, torch on CUDA.")(f)
+
+
+def torch_device_options(f):
+    """--device, --devices, --precision: jobs that run a torch model (embed and classify add --backend)."""
     f = device_option(f)
     f = click.option("--devices", default=None, metavar="LIST", callback=_parse_devices,
                      help="Several devices at once, one worker process each, shards shared among them and "
@@ -223,8 +232,6 @@ def device_options(f):
                      show_default=True,
                      help="auto = bf16 where the hardware has it (AVX512-BF16/AMX CPUs, CUDA), fp16 on older "
                           "CUDA, else fp32. fp32 is exact.")(f)
-    f = click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
-                     show_default=True, help="Inference engine. auto = OpenVINO on CPU, torch on CUDA.")(f)
     return f
 
 

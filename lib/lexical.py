@@ -294,12 +294,11 @@ def make_lexical_index(path: Path, output, *, language: str = DEFAULT_LANGUAGE, 
             raise InputError(f"{path}: no rows to index")
         extra = {"kind": "lexical", "factory": None, "model": None, "count": n, "dim": None, **record}
 
-        def fill(tmp):
-            import pyarrow.parquet as pq
+        import pyarrow.parquet as pq
 
-            pq.write_table(row_table, tmp / ROWS_FILE)
-            extra["lexical"] = add_lexical_part(tmp, source_path, record["text_column"], row_table, chunked,
-                                                language=language, budget_bytes=budget_bytes)
-
-        job.publish_files(fill, rows=n, extra=extra)
+        assembly = job.publisher.assemble_files(rows=n)
+        pq.write_table(row_table, assembly.dir / ROWS_FILE)
+        extra["lexical"] = add_lexical_part(assembly.dir, source_path, record["text_column"], row_table, chunked,
+                                            language=language, budget_bytes=budget_bytes)
+        job.publish(assembly, extra=extra)
         return {**job.summary(), "lexical_docs": n}

@@ -30,8 +30,8 @@ def merge(parts, output, *, force: bool = False) -> dict:
         from .io import open_dataset
 
         for i, path in enumerate(ordered):
-            if not job.is_done(i):
-                job.write_shard(i, open_dataset(path, "part")[0].data.table)
+            if not job.shards.is_done(i):
+                job.shards.write_shard(i, open_dataset(path, "part")[0].data.table)
         features = open_dataset(ordered[0], "part")[0].features
         job.publish_dataset(len(ordered), features, extra={
             "merged_from": first.get("job"), **{k: first[k] for k in COPIED if k in first}})

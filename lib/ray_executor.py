@@ -1,7 +1,7 @@
 """The Ray executor: a job's pending shards computed by a pool of Ray actors (`--executor ray`).
 
 The work units are hfbatch's own shards, and the work is the job's own `make_work(device)` factory (see
-hfbatch.devices): each actor (`ShardWorker`) calls it once, so it loads the model once, and then runs the job's
+hfbatch.executor): each actor (`ShardWorker`) calls it once, so it loads the model once, and then runs the job's
 shard loop (`compute_shards`: prepare one shard ahead, compute, write the shard file and its completion record
 into `.OUT.hfbatch-partial/shards/`, in-shard parts included) over the shards it claims. The driver only
 keeps the shard list and collects counts; the job then assembles and publishes exactly as locally, in shard
@@ -216,18 +216,9 @@ class ShardWorker:
             ray.get(queue.report.remote(unreported, (self.name, shard, computed, resumed)))
             unreported = 0
 
+        from .executor import compute_shards
+
         compute_shards(self.work, self.shards, claims(), self.job_name, on_rows, on_shard, worker=self.name)
-
-
-def compute_shards(work, shards, indices, job_name, on_rows, on_shard, worker):
-    """The job's shard loop, as --devices workers run it (prepare one shard ahead, compute, write, record)."""
-    from .batching import prefetch
-
-    for i, prepared in prefetch(work.prepare, indices):
-        parts = shards.parts(i, job_name)
-        table, counts = work.compute(i, prepared, on_rows, parts)
-        shards.write_shard(i, table, **counts, worker=worker)  # (text: not summed as a count)
-        on_shard(i, parts.rows_computed, parts.rows_resumed)
 
 
 class _TestHooks:
@@ -297,7 +288,7 @@ class _Pool:
 def run_on_ray(job_name: str, shards, pending: list[int], make_work, executor: RayExecutor, device: str, progress,
                inputs: list[str]):
     """Finish the `pending` shards of the shard directory `shards` (hfbatch.runner.ShardDir, on storage every
-    node sees, as are the `inputs` paths) on a Ray actor pool; returns hfbatch.devices.ShardsDone with the
+    node sees, as are the `inputs` paths) on a Ray actor pool; returns hfbatch.executor.ShardsDone with the
     work's info, plus the executor, the cluster's device kinds and each worker's shard count."""
     ray = import_ray()
     started_here = not ray.is_initialized()
@@ -378,7 +369,7 @@ class _Driver:
         self.workers: list[_Worker] = []
         self.retired: list[_Worker] = []  # dead ones, for the per-worker shard counts
         self.deaths_at_start = 0
-        from .devices import ShardsDone
+        from .executor import ShardsDone
 
         self.done = ShardsDone({})
 
@@ -550,7 +541,7 @@ class _Driver:
     def _check_same_settings(self) -> None:
         """Every worker computes rows alike (a GPU where `--precision auto` gives fp16 beside bf16 ones would
         mix precisions in one output)."""
-        from .devices import _check_same_settings
+        from .executor import _check_same_settings
 
         _check_same_settings({k: w.info for k, w in enumerate(self.workers)},
                              [f"{w.name} on {w.place['node']}" for w in self.workers], option="--executor ray")

@@ -116,7 +116,7 @@ def search(index_dir, queries=(), *, queries_file=None, query_vectors=None, quer
         if job.up_to_date:
             return job.summary()
         table, features = hits_table(searcher, run(), show_span)
-        job.write_shard(0, table, queries=len(labels))
+        job.shards.write_shard(0, table, queries=len(labels))
         job.publish_dataset(1, features, extra={"k": k, "filters": filters or {}, "mode": searcher.mode,
                                                 "index": str(Path(index_dir).resolve()),
                                                 "filtered_rows": searcher.allowed_count,

@@ -26,18 +26,32 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
-def train(dataset, output, *, label_column: str, text_column: str = "text", base_model=None, epochs: float = 3,
-          lr: float = 5e-5, batch_size: int = 16, eval_fraction: float = 0.1, seed: int = 42, max_length: int = 128,
-          device: str = "auto", precision: str = "auto", save_steps: int = 100, trust_remote_code: bool = False,
-          force: bool = False) -> dict:
+def train(dataset, output, *, label_column: str | None = None, text_column: str = "text", base_model=None,
+          epochs: float = 3, lr: float = 5e-5, batch_size: int = 16, eval_fraction: float = 0.1, seed: int = 42,
+          max_length: int = 128, device: str = "auto", precision: str = "auto", save_steps: int = 100,
+          trust_remote_code: bool = False, force: bool = False, task: str = "classification", from_config=None,
+          tokenizer=None, block_size: int = 128) -> dict:
     """`hfbatch train`: fine-tune a text classifier on `dataset` (an `hfbatch ingest` output) and publish it
     at `output` (a transformers model directory with metrics.json and a model card README.md). The options
-    are the command's; returns its summary (the job's, plus the held-out accuracy and macro-F1)."""
+    are the command's; returns its summary (the job's, plus the held-out accuracy and macro-F1). With
+    task="causal-lm", hfbatch.causal_lm trains a language model instead (from_config, tokenizer, block_size)."""
     from .models import model_fingerprint, resolve_model_dir
     from .runner import Job
 
     check_options(epochs=epochs, lr=lr, batch_size=batch_size, eval_fraction=eval_fraction, max_length=max_length,
                   save_steps=save_steps, device=device, precision=precision)
+    if task == "causal-lm":
+        from .causal_lm import train_causal_lm
+
+        return train_causal_lm(dataset, output, base_model=base_model, from_config=from_config, tokenizer=tokenizer,
+                               text_column=text_column, block_size=block_size, epochs=epochs, lr=lr,
+                               batch_size=batch_size, eval_fraction=eval_fraction, seed=seed, device=device,
+                               precision=precision, save_steps=save_steps, trust_remote_code=trust_remote_code,
+                               force=force)
+    if task != "classification" or label_column is None or from_config or tokenizer:
+        raise InputError("--task classification needs --label-column, and takes no --from-config or --tokenizer "
+                         "(those are for --task causal-lm)" if task == "classification" else
+                         f"--task {task!r}: choose classification or causal-lm")
     base_dir = resolve_model_dir(base_model, "--base-model")
     config = {"base_model": str(base_dir), "base_model_fingerprint": model_fingerprint(base_dir),
               "text_column": text_column, "label_column": label_column, "epochs": epochs, "lr": lr,
@@ -124,15 +138,14 @@ def _train(job, dataset, base_dir, bundled, config, save_steps, trust_remote_cod
         eval_counts=np.bincount(label_ids[eval_rows], minlength=len(names)).tolist(),
         unlabelled=unlabelled, truncated=tokenized.truncated, settings=settings, metrics=metrics)
 
-    def fill(tmp):
-        model.save_pretrained(str(tmp))  # safetensors
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "README.md").write_text(card)
-
-    job.publish_files(fill, rows=len(train_rows), counts={
+    assembly = job.publisher.assemble_files(rows=len(train_rows), counts={
         "train_rows": len(train_rows), "eval_rows": len(eval_rows), "unlabelled": unlabelled,
-        "truncated": tokenized.truncated}, extra={
+        "truncated": tokenized.truncated})
+    model.save_pretrained(str(assembly.dir))  # safetensors
+    tokenizer.save_pretrained(str(assembly.dir))
+    (assembly.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (assembly.dir / "README.md").write_text(card)
+    job.publish(assembly, extra={
         "labels": names, "eval": metrics["eval"], "best_epoch": metrics["best_epoch"], "device": device,
         "precision": precision, "source_dataset": job.inputs[0]["path"]})
     log.event("train", "done", accuracy=metrics["eval"]["accuracy"], macro_f1=metrics["eval"]["macro_f1"],

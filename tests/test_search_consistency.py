@@ -204,7 +204,7 @@ def synthetic_embeddings(path, n, dim, seed=0):
     vectors = centres[rng.integers(0, 40, n)] + 0.6 * rng.normal(size=(n, dim))
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     with Job("embed", path, config={"synthetic": True}, force=True) as job:
-        job.write_shard(0, embeddings_table(list(range(n)), vectors, dim))
+        job.shards.write_shard(0, embeddings_table(list(range(n)), vectors, dim))
         job.publish_dataset(1, embeddings_features(datasets.Value("int64"), dim), extra={"dim": dim})
     return vectors
 
