@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import click
 
-from hfbatch.cli import force_option, json_summary, output_option, torch_device_options, trust_remote_code_option
+from hfbatch.cli import (
+    executor_options,
+    force_option,
+    json_summary,
+    output_option,
+    torch_device_options,
+    trust_remote_code_option,
+)
 from hfbatch.generation import DEFAULT_BATCH_SIZE
 from hfbatch.generation import generate as run_generate
 
@@ -47,6 +54,7 @@ from hfbatch.generation import generate as run_generate
 @click.option("--stop", multiple=True, metavar="TEXT",
               help="Stop a generation when its text contains TEXT (repeatable); the text is cut before it.")
 @torch_device_options
+@executor_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
               help="Sequences decoded together (prompts are sorted by length first; finished ones leave the "
                    "batch).")
@@ -58,7 +66,7 @@ from hfbatch.generation import generate as run_generate
 @json_summary("generate")
 def generate(dataset, output, model, prompt_column, chat_history_column, max_history_turns, max_new_tokens,
              do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, seed, stop, device,
-             devices, precision, batch_size, shard_rows, trust_remote_code, force):
+             devices, precision, batch_size, shard_rows, trust_remote_code, force, **execution):
     """Generate text for every prompt of DATASET (an `hfbatch ingest` output) into OUTPUT.
 
     OUTPUT has columns `id`, `prompt` (as the model saw it), `generation`, `prompt_tokens`,
@@ -76,4 +84,4 @@ def generate(dataset, output, model, prompt_column, chat_history_column, max_his
                         top_p=top_p, repetition_penalty=repetition_penalty,
                         num_return_sequences=num_return_sequences, seed=seed, stop=stop, device=device,
                         devices=devices, precision=precision, batch_size=batch_size, shard_rows=shard_rows,
-                        trust_remote_code=trust_remote_code, force=force)
+                        trust_remote_code=trust_remote_code, force=force, **execution)

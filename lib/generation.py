@@ -63,10 +63,16 @@ def sequence_seed(seed: int, row_id, options_key: str, k: int) -> int:
 def generate(dataset, output, *, model, prompt_column="text", chat_history_column=None, max_history_turns=None,
              max_new_tokens=64, do_sample=False, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
              num_return_sequences=1, seed=0, stop=(), device="auto", devices=None, precision="auto",
-             batch_size=DEFAULT_BATCH_SIZE, shard_rows=10_000, trust_remote_code=False, force=False) -> dict:
+             batch_size=DEFAULT_BATCH_SIZE, shard_rows=10_000, trust_remote_code=False, force=False,
+             executor="local", ray_address=None, num_workers=None, gpus_per_worker=None, max_retries=None) -> dict:
     """The generate job: DATASET's prompts -> OUTPUT's `id`, `prompt`, `generation`, `prompt_tokens`,
-    `generated_tokens`, `finish_reason`. Takes the command's options and returns the summary --json prints."""
+    `generated_tokens`, `finish_reason`. Takes the command's options (`executor` "local" or "ray", with the Ray
+    executor's options) and returns the summary --json prints."""
     from .models import model_fingerprint, resolve_model_dir
+    from .ray_executor import executor_for
+
+    executor = executor_for(executor, device, devices, ray_address, num_workers, gpus_per_worker,
+                            max_retries)  # None: this machine
 
     options = GenerationOptions(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                 top_k=top_k or None, top_p=top_p, repetition_penalty=repetition_penalty,
@@ -99,7 +105,8 @@ def generate(dataset, output, *, model, prompt_column="text", chat_history_colum
                             batch_size=batch_size, shard_rows=shard_rows, trust_remote_code=trust_remote_code)
         n_shards, pending, pending_rows = job.shards.plan_rows(len(source), shard_rows)
         progress = log.Progress("generate", pending_rows)
-        done = run_shards("generate", job.shards, pending, functools.partial(GenerateShards, plan), devices, progress)
+        done = run_shards("generate", job.shards, pending, functools.partial(GenerateShards, plan), devices, progress,
+                          executor=executor, device=device, inputs=[dataset])
         progress.close()
         manifest = job.publish_dataset(n_shards, generation_features(source.features["id"], num_return_sequences),
                                        extra={"source_dataset": str(job.inputs[0]["path"]), "model": str(model_dir),

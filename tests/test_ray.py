@@ -93,6 +93,21 @@ def test_classify_on_ray_equals_local(tmp_path, runner, ray_address, dataset, ti
     assert manifest["cluster"]["cpus_per_worker"] == 2 and len(manifest["workers"]) == 1
 
 
+def test_generate_on_ray_equals_local(tmp_path, runner, ray_address, tiny_model):
+    from test_generate import PROMPTS, make_tiny_gpt2
+
+    model = make_tiny_gpt2(tmp_path / "gpt2")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "text": t} for i, t in enumerate(PROMPTS)])
+    invoke(runner, ["ingest", tmp_path / "prompts.jsonl", "-o", tmp_path / "ds"])
+    args = ["--model", model, "--shard-rows", "2", "--max-new-tokens", "8", "--do-sample", "--seed", "7"]
+    invoke(runner, ["generate", tmp_path / "ds", "-o", tmp_path / "local", *args])
+    invoke(runner, ["generate", tmp_path / "ds", "-o", tmp_path / "ray", *args, "--executor", "ray",
+                    "--num-workers", "2"])
+    a, b = load(tmp_path / "local"), load(tmp_path / "ray")
+    assert b["id"] == a["id"] and b["generation"] == a["generation"] and b["finish_reason"] == a["finish_reason"]
+    assert json.loads((tmp_path / "ray" / "manifest.json").read_text())["executor"] == "ray"
+
+
 def driver(args, env_extra):
     """`hfbatch ARGS` as its own process (a driver the test can kill)."""
     env = {**os.environ, "HFBATCH_PART_SECONDS": "0", **env_extra}  # a part after every batch
