@@ -216,10 +216,9 @@ def fit(model, tokenizer_dir, train_set, eval_set, work_dir: Path, config, devic
     """transformers.Trainer over the blocks; returns (the Trainer holding the best model by held-out loss, the
     step it resumed from)."""
     from transformers import Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
 
     from .models import load_tokenizer
-    from .training import CHECKPOINT_PREFIX, last_complete_checkpoint
+    from .training import events_callback, train_resuming
 
     args = TrainingArguments(
         output_dir=str(work_dir), num_train_epochs=config["epochs"], learning_rate=config["lr"],
@@ -233,13 +232,9 @@ def fit(model, tokenizer_dir, train_set, eval_set, work_dir: Path, config, devic
     if padded.pad_token is None:
         padded.pad_token = padded.eos_token or padded.sep_token  # blocks are full: nothing is ever padded
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=packed_blocks_collator(padded), callbacks=[events_callback(save_steps)])
-    trainer.remove_callback(PrinterCallback)  # it prints dicts on stdout, where --json goes
-    checkpoint = last_complete_checkpoint(work_dir)
-    if checkpoint is not None:
-        log.event("train", "resuming", checkpoint=checkpoint.name)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    return trainer, int(checkpoint.name[len(CHECKPOINT_PREFIX):]) if checkpoint else 0
+                      data_collator=packed_blocks_collator(padded),
+                      callbacks=[events_callback(save_steps, perplexity_scores)])
+    return train_resuming(trainer, work_dir)
 
 
 def packed_blocks_collator(tokenizer):
@@ -257,33 +252,10 @@ def packed_blocks_collator(tokenizer):
     return PackedBlocks(tokenizer, mlm=False)
 
 
-def events_callback(save_steps: int):
-    """Our log lines and progress instead of Trainer's prints, and the between-epoch saves."""
-    from transformers import TrainerCallback
-
-    class Events(TrainerCallback):
-        progress = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.progress = log.Progress("train", state.max_steps, unit="steps")
-            self.progress.update(state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.progress.update(1)
-            if save_steps and state.global_step % save_steps == 0:
-                control.should_save = True  # a resume point; only epoch-end checkpoints compete for "best"
-            return control
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            loss = (metrics or {}).get("eval_loss", float("nan"))
-            log.event("train", "evaluated", epoch=round(state.epoch or 0, 2), step=state.global_step,
-                      eval_loss=round(loss, 4), perplexity=round(math.exp(loss), 3) if loss == loss else None)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.close()
-
-    return Events()
+def perplexity_scores(metrics: dict) -> dict:
+    """The `evaluated` log line's figures for a causal LM: held-out loss and perplexity."""
+    loss = metrics.get("eval_loss", float("nan"))
+    return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3) if loss == loss else None}
 
 
 def perplexity_history(log_history: list[dict]) -> list[dict]:

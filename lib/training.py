@@ -281,7 +281,6 @@ def fine_tune(model, tokenizer, train_set, eval_set, work_dir: Path, settings: S
     newest complete checkpoint in `work_dir`.
     """
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
 
     n_labels = model.config.num_labels
 
@@ -304,6 +303,14 @@ def fine_tune(model, tokenizer, train_set, eval_set, work_dir: Path, settings: S
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=compute_metrics, callbacks=[events_callback(settings.save_steps)])
+    return train_resuming(trainer, work_dir)
+
+
+def train_resuming(trainer, work_dir: Path):
+    """Run `trainer`, resuming from the last complete checkpoint in `work_dir` (a killed run's): (trainer, the
+    step it resumed from, or 0)."""
+    from transformers.trainer_callback import PrinterCallback
+
     trainer.remove_callback(PrinterCallback)  # it prints dicts on stdout, where --json goes
     checkpoint = last_complete_checkpoint(work_dir)
     if checkpoint is not None:
@@ -312,14 +319,22 @@ def fine_tune(model, tokenizer, train_set, eval_set, work_dir: Path, settings: S
     return trainer, int(checkpoint.name[len(CHECKPOINT_PREFIX):]) if checkpoint else 0
 
 
-def events_callback(save_steps: int):
+def classifier_scores(metrics: dict) -> dict:
+    """The `evaluated` log line's figures for a classifier."""
+    nan = float("nan")
+    return {"accuracy": round(metrics.get("eval_accuracy", nan), 4),
+            "macro_f1": round(metrics.get("eval_macro_f1", nan), 4),
+            "eval_loss": round(metrics.get("eval_loss", nan), 4)}
+
+
+def events_callback(save_steps: int, scores=classifier_scores):
     """Our log lines and progress instead of Trainer's prints, and the between-epoch saves (a class made here:
-    its base, TrainerCallback, imports transformers)."""
+    its base, TrainerCallback, imports transformers). `scores(metrics)` gives the figures of each `evaluated`
+    line."""
     from transformers import TrainerCallback
 
     class Events(TrainerCallback):
-        def __init__(self, save_steps: int):
-            self.save_steps = save_steps
+        def __init__(self):
             self.progress = None
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -328,22 +343,19 @@ def events_callback(save_steps: int):
 
         def on_step_end(self, args, state, control, **kwargs):
             self.progress.update(1)
-            if self.save_steps and state.global_step % self.save_steps == 0:
+            if save_steps and state.global_step % save_steps == 0:
                 control.should_save = True  # a resume point; only epoch-end checkpoints compete for "best"
             return control
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            metrics = metrics or {}
             log.event("train", "evaluated", epoch=round(state.epoch or 0, 2), step=state.global_step,
-                      accuracy=round(metrics.get("eval_accuracy", float("nan")), 4),
-                      macro_f1=round(metrics.get("eval_macro_f1", float("nan")), 4),
-                      eval_loss=round(metrics.get("eval_loss", float("nan")), 4))
+                      **scores(metrics or {}))
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.progress is not None:
                 self.progress.close()
 
-    return Events(save_steps)
+    return Events()
 
 
 def epoch_history(log_history: list[dict]) -> list[dict]:
