@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -87,14 +88,35 @@ class Synth:
         return out
 
 
-def ensure_synthetic(workdir: str, n: int, dim: int, seed: int, queries: int) -> tuple[str, np.ndarray]:
-    """A Parquet file of n rows (generated once) and `queries` held-out rows (.npy beside it)."""
+def write_npy(path: str, gen: Synth, n: int, block: int = 65_536) -> None:
+    """n rows of gen as a float32 .npy file, written block by block (RSS stays ~one block; 10M x 384 is 15 GB):
+    the file `hfbatch index` memory-maps, and re-ranks from, as it is."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, gen.dim)})
+        for start in range(0, n, block):
+            f.write(gen.rows(start, min(n, start + block)).tobytes())
+            if start // block % 16 == 15:
+                print(f"  {start + block:,} rows", flush=True)
+    os.replace(tmp, path)
+
+
+def ensure_synthetic(workdir: str, n: int, dim: int, seed: int, queries: int,
+                     fmt: str = "parquet") -> tuple[str, np.ndarray]:
+    """A Parquet (or .npy) file of n rows (generated once) and `queries` held-out rows (.npy beside it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = os.path.join(workdir, f"synth-n{n}-d{dim}-s{seed}-v2.parquet")
-    qpath = path.replace(".parquet", f"-heldout-{queries}.npy")
+    path = os.path.join(workdir, f"synth-n{n}-d{dim}-s{seed}-v2.{fmt}")
+    qpath = re.sub(r"\.(parquet|npy)$", f"-heldout-{queries}.npy", path)
     gen = None
+    if fmt == "npy" and not os.path.exists(path):
+        t = time.perf_counter()
+        print(f"generating {n:,} x {dim} vectors -> {path}", flush=True)
+        os.makedirs(workdir, exist_ok=True)
+        gen = Synth(n, dim, seed)
+        write_npy(path, gen, n)
+        print(f"  generated in {time.perf_counter() - t:.0f} s", flush=True)
     if not os.path.exists(path):
         t = time.perf_counter()
         print(f"generating {n:,} x {dim} vectors -> {path}", flush=True)

@@ -14,10 +14,15 @@ from hfbatch.cli import SizeType, force_option, json_summary, output_option
 @click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw", "ivfpq"]), default="auto",
               show_default=True, help="auto: exact Flat for small sets, IVF+PQ with re-ranking for large ones.")
 @click.option("--factory", default=None, metavar="STRING",
-              help="Any faiss.index_factory string (experts; overrides --kind), e.g. 'IVF1024,PQ96x4fs,RFlat'.")
+              help="Any faiss.index_factory string (experts; overrides --kind), e.g. 'IVF1024,PQ96x4fs,RFlat'; "
+                   "hfbatch's suffix ',RDisk' re-ranks the shortlist exactly from the vectors on disk.")
 @click.option("--memory-budget", type=SizeType(), default=None, metavar="SIZE",
-              help="Largest index to build, e.g. 4GB (10^9 bytes) or 4GiB (2^30) (default: half the available "
-                   "memory).")
+              help="Largest index to build, e.g. 4GB (10^9 bytes) or 4GiB (2^30) [default: 4GiB]. Its memory is "
+                   "estimated before building; the best kind that fits is chosen (re-ranking from the vectors on "
+                   "disk when a copy in memory does not fit), and none fitting is refused with the budget needed.")
+@click.option("--shards", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Build the index as N shards over row ranges (each trained on the same sample, buildable on "
+                   "its own), merged into one: answers as a one-piece build does. Not for hnsw.")
 @click.option("--target-recall", type=click.FloatRange(0.01, 1.0), default=0.95, show_default=True,
               help="recall@10 against exact search that nprobe/efSearch are tuned to reach.")
 @force_option
@@ -36,8 +41,8 @@ from hfbatch.cli import SizeType, force_option, json_summary, output_option
 @click.option("--metric", type=click.Choice(["cosine", "dot", "l2"]), default=None,
               help="Vectors made elsewhere: how they compare (no model says it) [default: cosine].")
 @json_summary("index")
-def index(embeddings, output, kind, factory, memory_budget, target_recall, force, incremental, vector_column,
-          id_column, ids_file, metric):
+def index(embeddings, output, kind, factory, memory_budget, shards, target_recall, force, incremental,
+          vector_column, id_column, ids_file, metric):
     """Build a FAISS index over EMBEDDINGS in OUTPUT.
 
     EMBEDDINGS is an `hfbatch embed` output, or vectors made elsewhere: a Parquet file or directory of Parquet
@@ -56,6 +61,7 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
         hfbatch index out/embeddings -o out/index --incremental   # after re-embedding a changed corpus
         hfbatch index vectors.parquet -o out/index --vector-column vec --metric dot
         hfbatch index vectors.npy --ids ids.txt -o out/index
+        hfbatch index vectors.npy -o out/index --factory 'IVF2048,PQ96x4fs,RDisk' --shards 4
     """
     from hfbatch.indexing import make_index
 
@@ -63,4 +69,4 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
                       memory_budget=memory_budget and memory_budget.text,  # as written, for the manifest
                       budget_bytes=memory_budget and int(memory_budget), target_recall=target_recall, force=force,
                       incremental=incremental, vector_column=vector_column, id_column=id_column, ids=ids_file,
-                      metric=metric)
+                      metric=metric, shards=shards)

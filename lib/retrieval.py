@@ -379,7 +379,9 @@ def open_index_file(index_dir: Path, manifest):
     if manifest.get("count") is not None and index.ntotal != manifest["count"]:
         raise InputError(f"{path} holds {index.ntotal:,} vectors, its manifest says {manifest['count']:,}; "
                          f"{rebuild_hint(index_dir, manifest)}")
-    return index
+    from hfbatch.index_rerank import attach
+
+    return attach(index, index_dir, manifest)  # an `,RDisk` index re-ranks from the vectors it was built from
 
 
 def rebuild_hint(index_dir, manifest):
