@@ -34,8 +34,16 @@ import numpy as np
 
 from hfbatch import log
 from hfbatch.errors import InputError
-from hfbatch.index_budget import (DEFAULT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET_TEXT, RDISK, base_factory,
-                                  build_overhead, first_that_fits, index_bytes, reranks_from_disk)
+from hfbatch.index_budget import (
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_MEMORY_BUDGET_TEXT,
+    RDISK,
+    base_factory,
+    build_overhead,
+    first_that_fits,
+    index_bytes,
+    reranks_from_disk,
+)
 from hfbatch.index_rerank import DiskRerank, unwrap
 
 # faiss ships its own OpenMP runtime, which by default spins at every barrier.
@@ -60,7 +68,7 @@ FLAT_MAX_N = 100_000       # below this, exact search is fast enough and needs n
 TRAIN_PER_LIST = 40        # k-means wants >= 39 points per centroid (faiss warns below)
 TRAIN_BLOCKS = 256         # the training sample is read as this many evenly spaced blocks
 ID_BYTES = 8               # inverted lists store an int64 id per vector
-MAX_LISTS = 2048           # IVF lists chosen for the largest n (see _nlist)
+MAX_LISTS = 1024           # IVF lists chosen for the largest n (see _nlist)
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 SIMILARITY_METRIC = {"cosine": "ip", "dot": "ip", "euclidean": "l2"}  # sentence-transformers' names
 UNIT_TOLERANCE = 1e-4      # a row whose norm is this close to 1 is left as it is (bit for bit)
@@ -85,8 +93,10 @@ def _nlist(n: int) -> int:
     # main cost, while fast-scan makes scanning longer lists cheap. Measured at
     # 1M x 384 (recall@10 0.95): 1024, 1536 and 2048 lists give the same QPS,
     # built in 14, 17 and 25 s.
-    # At most MAX_LISTS: assigning n vectors costs n x nlist x dim multiply-adds (10M x 4096 x 384 is ~2 h
-    # of one shared core), while fast-scan scans longer lists cheaply.
+    # At most MAX_LISTS: assigning n vectors to lists costs n x nlist x dim multiply-adds, the build's main
+    # cost (measured on the shared 2-core machine: 4.1 CPU-s per 65,536 x 1024 x 384, so 630 CPU-s at 10M
+    # with 1024 lists, 1,260 with 2048), while fast-scan scans longer lists cheaply (10M with 1024 lists
+    # still answers at far more than 20x exact search).
     return int(min(MAX_LISTS, max(16, 2 ** round(math.log2(math.sqrt(n))))))
 
 
@@ -349,7 +359,21 @@ def with_reranking(index: faiss.Index, plan: IndexPlan, read_chunk: ReadChunk):
     if not supports_row_reads(read_chunk):
         raise InputError(f"{plan.factory}: re-ranking from disk needs vectors that can be read row by row "
                          f"(an embed output or a .npy file)")
-    return DiskRerank(index, read_chunk, plan.metric, source="the vectors being indexed")
+    return DiskRerank(index, row_reader(read_chunk), plan.metric, source="the vectors being indexed")
+
+
+def row_reader(read_chunk):
+    """The reader re-ranking reads rows through: a .npy file by pread (hfbatch.index_rerank.NpyRows), so
+    random rows add nothing to the resident memory; others as they are."""
+    from hfbatch.index_rerank import NpyRows
+    from hfbatch.vectors import NpyVectors
+
+    inner = getattr(read_chunk, "read_chunk", read_chunk)
+    filename = getattr(getattr(inner, "array", None), "filename", None)
+    if not isinstance(inner, NpyVectors) or not filename:
+        return read_chunk
+    rows = NpyRows(Path(filename))
+    return UnitRows(rows) if isinstance(read_chunk, UnitRows) else rows
 
 
 class blas_for_batches:

@@ -22,7 +22,7 @@ def data(tmp_path_factory):
 
 def opened(index_dir):
     from hfbatch.index_rerank import attach
-    from hfbatch.indexing import apply_search_params, load_index
+    from hfbatch.indexing import load_index
 
     manifest = json.loads((index_dir / "manifest.json").read_text())
     return attach(load_index(index_dir / "index.faiss"), index_dir, manifest), manifest
