@@ -1,10 +1,21 @@
-"""Index build/search benchmark at corpus scale (issue 8).
+"""Index build/search benchmark at corpus scale (issues 8, 17).
 
     python bench/index_scale.py                       # 1M x 384 synthetic, auto index
     python bench/index_scale.py --n 200000            # quicker iteration
     python bench/index_scale.py --kind hnsw           # or --factory "IVF2048,PQ192x4fs,RFlat"
     python bench/index_scale.py --vectors FILE.parquet  # vectors made elsewhere (or any input of
                                                         # `hfbatch index`: Parquet dir, saved dataset, embed output)
+    # issue 17, 1M: the auto index against its peers, in one run
+    python bench/index_scale.py --target 0.98 --min-qps-ratio 40 --max-build-s 20 \
+        --peer HNSW16 --peer IVF4096,PQ96x4fs,RFlat
+    # issue 17, 10M (15 GB .npy, generated once, streaming): exact baseline by chunked BLAS over the memory map
+    python bench/index_scale.py --n 10000000 --workdir /work/wt/bigdata --exact mmap --max-build-s 1200 \
+        --max-rss-mb 4096 --repeat 2
+
+Each index (ours, and every --peer factory string) is built by the real `hfbatch index` as its own process
+(wall, CPU-s, peak RSS), searched with its recorded parameters as `hfbatch search` opens it (memory-mapped,
+re-ranking from disk where the factory says `,RDisk`), and `hfbatch search --query-vectors` is run as its
+own process for its peak RSS ("search RSS").
 
 Generates (once, cached under --workdir) L2-normalised vectors that are about as
 hard to index as real text embeddings and writes them as a Parquet file (`id`

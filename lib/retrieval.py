@@ -73,6 +73,7 @@ def search(index_dir, queries=(), *, queries_file=None, query_vectors=None, quer
             scores, positions = searcher.search(texts, k)
         else:
             scores, positions = searcher.search_embedded(vectors, k)
+        log_search_memory(len(labels))
         return searcher.hits(labels, scores, positions)
 
     if output is None:
@@ -97,6 +98,15 @@ def search(index_dir, queries=(), *, queries_file=None, query_vectors=None, quer
                                                 "filtered_rows": searcher.allowed_count,
                                                 "text_from_source": searcher.rows.source is not None})
         return job.summary()
+
+
+def log_search_memory(queries: int) -> None:
+    """Search's peak resident memory, logged: the index is memory-mapped, so this is what one search costs
+    beyond the page cache it shares with others."""
+    import resource
+
+    log.event("search", "memory", queries=queries,
+              peak_rss_mb=f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
 
 
 def parse_filters(values) -> dict[str, list[str]]:
