@@ -166,8 +166,8 @@ def open_source(index_dir: Path, manifest: dict):
                          f"than the indexed ones; {hint}")
     if record["format"] == "npy":
         reader = NpyRows(path)
-    elif record["format"] == "embeddings":
-        reader = ArrowVectors(path)
+    elif record["format"] in ("embeddings", "dataset"):   # an embed output, or a save_to_disk dataset
+        reader = ArrowVectors(path, column=record.get("vector_column") or "embedding")
     else:
         raise InputError(f"{index_dir}: re-ranking from {record['format']} vectors is not supported; {hint}")
     return UnitRows(reader) if record.get("unit") else reader
@@ -182,10 +182,9 @@ def source_changed(manifest: dict, record: dict) -> str | None:
         if current_manifest_hash(record["path"]) != manifest.get(EMBEDDINGS_KEY):
             return "changed (its manifest hash is not the recorded one)"
         return None
-    for entry in manifest.get("inputs", []):
-        if entry.get("kind") == "file" and Path(entry["path"]).resolve() == Path(record["path"]) \
-                and _file_changed(entry):
-            return "changed (its size or modification time is not the recorded one)"
+    for entry in manifest.get("inputs", []):  # the vectors' files (and ids), as the index job recorded them
+        if entry.get("kind") == "file" and _file_changed(entry):
+            return f"changed ({entry['path']}: its size or modification time is not the recorded one)"
     return None
 
 

@@ -332,18 +332,14 @@ def train_index(plan: IndexPlan, n: int, dim: int, read_chunk: ReadChunk) -> fai
 
 def add_rows(index: faiss.Index, read_chunk: ReadChunk, start: int, stop: int,
              progress: Callable[[int], None] | None = None, chunk_rows: int = CHUNK_ROWS,
-             on_chunk: Callable[[int, np.ndarray], None] | None = None, with_ids: bool = False) -> None:
-    """Add rows [start, stop) chunk by chunk: with_ids, under their row numbers (a shard of an IVF index), else
-    in order (their positions)."""
+             on_chunk: Callable[[int, np.ndarray], None] | None = None) -> None:
+    """Add rows [start, stop) chunk by chunk, in order (ids are positions: a shard's are offset when merged)."""
     use_all_cores()
     with blas_for_batches():
         for lo in range(start, stop, chunk_rows):
             hi = min(stop, lo + chunk_rows)
             chunk = _f32(read_chunk(lo, hi))
-            if with_ids:
-                index.add_with_ids(chunk, np.arange(lo, hi, dtype=np.int64))
-            else:
-                index.add(chunk)
+            index.add(chunk)
             if on_chunk:
                 on_chunk(lo, chunk)
             if progress:
