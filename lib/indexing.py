@@ -68,6 +68,7 @@ FLAT_MAX_N = 100_000       # below this, exact search is fast enough and needs n
 TRAIN_PER_LIST = 40        # k-means wants >= 39 points per centroid (faiss warns below)
 TRAIN_BLOCKS = 256         # the training sample is read as this many evenly spaced blocks
 ID_BYTES = 8               # inverted lists store an int64 id per vector
+SEARCH_BATCH = 256         # queries per index.search call in `hfbatch search` (search_batched)
 MAX_LISTS = 1024           # IVF lists chosen for the largest n (see _nlist)
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 SIMILARITY_METRIC = {"cosine": "ip", "dot": "ip", "euclidean": "l2"}  # sentence-transformers' names
@@ -573,6 +574,16 @@ def timed_search(index: faiss.Index, queries: np.ndarray, k: int, repeat: int = 
         _, I = index.search(_f32(queries), k)
         best = min(best, time.perf_counter() - t)
     return I, len(queries) / best
+
+
+def search_batched(index, queries: np.ndarray, k: int, batch: int = SEARCH_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """index.search over `batch` queries at a time: a fast-scan IVF search builds lookup tables for all its
+    queries at once (queries x nprobe x m x 16 floats: 1,000 queries at nprobe 192, PQ96 are 295 MB, and
+    search RSS was 2.3 GB at 1M), while 256 queries a batch keep the cores as busy."""
+    if len(queries) <= batch:
+        return index.search(queries, k)
+    parts = [index.search(queries[lo:lo + batch], k) for lo in range(0, len(queries), batch)]
+    return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
 
 def accurate_params(index: faiss.Index) -> dict:

@@ -330,7 +330,9 @@ class Searcher:
         """The k best index rows (chunks, over a chunked index)."""
         k = min(k, self.index.ntotal)
         if self.allowed is None:
-            return self.index.search(vectors, k)
+            from hfbatch.indexing import search_batched
+
+            return search_batched(self.index, vectors, k)
         return filtered_search(self.index, vectors, k, self.allowed, exact_reader=self.rows.vector_reader(
             unit=self.similarity == "cosine"), metric=self.metric)
 
