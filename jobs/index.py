@@ -65,8 +65,6 @@ def index(embeddings, output, kind, factory, memory_budget, shards, target_recal
     """
     from hfbatch.indexing import make_index
 
-    return make_index(embeddings, output, kind=kind, factory=factory,
-                      memory_budget=memory_budget and memory_budget.text,  # as written, for the manifest
-                      budget_bytes=memory_budget and int(memory_budget), target_recall=target_recall, force=force,
-                      incremental=incremental, vector_column=vector_column, id_column=id_column, ids=ids_file,
-                      metric=metric, shards=shards)
+    return make_index(embeddings, output, kind=kind, factory=factory, memory_budget=memory_budget,
+                      target_recall=target_recall, force=force, incremental=incremental, vector_column=vector_column,
+                      id_column=id_column, ids=ids_file, metric=metric, shards=shards)

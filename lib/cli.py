@@ -167,10 +167,32 @@ def output_option(f):
                         help="Output directory (published atomically with a manifest.json).")(f)
 
 
-def force_option(f):
-    return click.option("--force", is_flag=True,
-                        help="Recompute OUTPUT and replace it when it is an hfbatch output made from other inputs or "
-                             "options. A directory hfbatch did not make is never replaced.")(f)
+FORCE_HELP = ("Recompute OUTPUT and replace it when it is an hfbatch output made from other inputs or options. A "
+              "directory hfbatch did not make is never replaced.")
+
+
+def force_option(f_or_help=FORCE_HELP):
+    """`--force`: as `@force_option`, or `@force_option("help")` where forcing means something else."""
+    if callable(f_or_help):
+        return click.option("--force", is_flag=True, help=FORCE_HELP)(f_or_help)
+    return click.option("--force", is_flag=True, help=f_or_help)
+
+
+def columns_option(help: str):
+    """`--columns a,b --columns c` -> ["a", "b", "c"] (None when not given)."""
+    return click.option("--columns", "columns", multiple=True, metavar="A,B,...", help=help,
+                        callback=lambda ctx, param, values: _names(values))
+
+
+def _names(values) -> list[str] | None:
+    from .ingestion import parse_columns
+
+    return parse_columns(values)
+
+
+def json_flag(help: str):
+    """`--json` of the commands that print a description (info, inspect), not a job summary."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
 
 
 def model_option(f):
@@ -187,9 +209,13 @@ DEVICES = ["auto", "cpu", "cuda"]
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 
 
+def device_option(f):
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                        help="auto = CUDA when available, else CPU.")(f)
+
+
 def device_options(f):
-    f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-                     help="auto = CUDA when available, else CPU.")(f)
+    f = device_option(f)
     f = click.option("--devices", default=None, metavar="LIST", callback=_parse_devices,
                      help="Several devices at once, one worker process each, shards shared among them and "
                           "merged in order: GPU indices (0,1) or cuda:N; `cpu,cpu` splits the cores.")(f)

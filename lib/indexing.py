@@ -965,21 +965,25 @@ class IndexInput:
 
 
 def make_index(vectors, output, *, kind: str = "auto", factory: str | None = None, memory_budget=None,
-               budget_bytes: int | None = None, target_recall: float = 0.95, force: bool = False,
+               target_recall: float = 0.95, force: bool = False,
                incremental: bool = False, vector_column: str | None = None, id_column: str | None = None,
                ids=None, metric: str | None = None, shards: int = 1) -> dict:
     """`hfbatch index`: build (or with `incremental`, update) a tuned FAISS index over `vectors` in `output`.
 
     `vectors` is an `hfbatch embed` output, or vectors made elsewhere (hfbatch.vectors: a Parquet file or
     directory, a save_to_disk dataset, a .npy file with `ids`), whose model is unknown: `metric` (cosine, dot,
-    l2; default cosine) says how they compare. `memory_budget` is recorded as given, `budget_bytes` is its
-    value (default: DEFAULT_MEMORY_BUDGET, the same on every machine). `shards` > 1 builds the index as that
-    many shards over row ranges, merged (hfbatch.index_shards). Returns the summary dict that --json prints."""
+    l2; default cosine) says how they compare. `memory_budget` is a size as --memory-budget takes it ("4GB",
+    "4GiB", or bytes), recorded as written (default: DEFAULT_MEMORY_BUDGET, the same on every machine).
+    `shards` > 1 builds the index as that many shards over row ranges, merged (hfbatch.index_shards). Returns
+    the summary dict that --json prints."""
     from hfbatch.runner import Job, require_complete
+    from hfbatch.sizes import parse_size
     from hfbatch.vectors import is_foreign
 
     path = Path(vectors)
-    config = {"kind": kind, "factory": factory, "memory_budget": memory_budget, "target_recall": target_recall}
+    budget = memory_budget and parse_size(memory_budget, option="--memory-budget")
+    config = {"kind": kind, "factory": factory, "memory_budget": budget and budget.text,
+              "target_recall": target_recall}
     if shards > 1:  # only then: configs of one-piece indexes stay as they were
         config["shards"] = shards
     source = None
@@ -1002,9 +1006,9 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
             return job.summary()
         if source is None:
             source = open_embeddings(path, similarity, job.inputs[0])
-        budget = Budget(budget_bytes or DEFAULT_MEMORY_BUDGET, memory_budget or DEFAULT_MEMORY_BUDGET_TEXT,
-                        given=budget_bytes is not None)
-        return build_and_publish(job, source, kind, factory, budget, target_recall, shards)
+        given = Budget(int(budget) if budget else DEFAULT_MEMORY_BUDGET,
+                       budget.text if budget else DEFAULT_MEMORY_BUDGET_TEXT, given=bool(budget))
+        return build_and_publish(job, source, kind, factory, given, target_recall, shards)
 
 
 def open_foreign(path: Path, vector_column, id_column, ids, metric):

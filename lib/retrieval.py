@@ -46,12 +46,15 @@ def search(index_dir, queries=(), *, queries_file=None, query_vectors=None, quer
     Queries are texts (`queries`, and `queries_file`: see read_query_records), embedded with the index's model
     (or `model`), or vectors: `query_vectors`, a .npy file with one row per query, named by their row number
     or by `query_ids` (a file as `hfbatch index --ids` takes). An index of vectors made elsewhere has no model
-    and takes only query vectors. `filters`: {column: [values]} (see parse_filters).
+    and takes only query vectors. `filters`: {column: [values] or value} (see parse_filters).
 
     Returns the hits as dicts, one per hit, as `hfbatch search` prints them (SearchHits: a list, with
     `.queries`); with `output`, writes them as a dataset instead (with a manifest, atomically) and returns
     the job's summary dict."""
-    texts = list(queries) + (read_queries(Path(queries_file)) if queries_file else [])
+    queries = [queries] if isinstance(queries, str) else list(queries)  # one query, not its characters
+    filters = {column: [values] if isinstance(values, str) else list(values) for column, values in
+               (filters or {}).items()}  # (Python callers may give one value as it is)
+    texts = queries + (read_queries(Path(queries_file)) if queries_file else [])
     if query_vectors is not None and texts:
         raise InputError("give text queries or --query-vectors, not both")
     if query_vectors is None and not texts:

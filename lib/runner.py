@@ -803,5 +803,5 @@ class Job(ShardDir):
 
     def summary(self) -> dict:
         manifest = self.manifest or {}
-        return {"status": "up_to_date" if self.up_to_date else "ok", "output": str(self.output),
+        return {"job": self.name, "status": "up_to_date" if self.up_to_date else "ok", "output": str(self.output),
                 "rows": manifest.get("rows"), **{k: v for k, v in manifest.get("counts", {}).items()}}
