@@ -17,10 +17,15 @@ from hfbatch.lexical import DEFAULT_LANGUAGE, LANGUAGES
                                       "lexical: only the lexical (BM25) part, over any dataset with `id` and "
                                       "text: no embeddings needed.")
 @click.option("--factory", default=None, metavar="STRING",
-              help="Any faiss.index_factory string (experts; overrides --kind), e.g. 'IVF1024,PQ96x4fs,RFlat'.")
+              help="Any faiss.index_factory string (experts; overrides --kind), e.g. 'IVF1024,PQ96x4fs,RFlat'; "
+                   "hfbatch's suffix ',RDisk' re-ranks the shortlist exactly from the vectors on disk.")
 @click.option("--memory-budget", type=SizeType(), default=None, metavar="SIZE",
-              help="Largest index to build, e.g. 4GB (10^9 bytes) or 4GiB (2^30) (default: half the available "
-                   "memory).")
+              help="Largest index to build, e.g. 4GB (10^9 bytes) or 4GiB (2^30) [default: 4GiB]. Its memory is "
+                   "estimated before building; the best kind that fits is chosen (re-ranking from the vectors on "
+                   "disk when a copy in memory does not fit), and none fitting is refused with the budget needed.")
+@click.option("--shards", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Build the index as N shards over row ranges (each trained on the same sample, buildable on "
+                   "its own), merged into one: answers as a one-piece build does. Not for hnsw.")
 @click.option("--target-recall", type=click.FloatRange(0.01, 1.0), default=0.95, show_default=True,
               help="recall@10 against exact search that nprobe/efSearch are tuned to reach.")
 @force_option
@@ -46,8 +51,8 @@ from hfbatch.lexical import DEFAULT_LANGUAGE, LANGUAGES
 @click.option("--text-column", default=None, metavar="NAME",
               help="--kind lexical over a dataset: its column of text [default: text].")
 @json_summary("index")
-def index(embeddings, output, kind, factory, memory_budget, target_recall, force, incremental, vector_column,
-          id_column, ids_file, metric, lexical, language, text_column):
+def index(embeddings, output, kind, factory, memory_budget, shards, target_recall, force, incremental,
+          vector_column, id_column, ids_file, metric, lexical, language, text_column):
     """Build a FAISS index over EMBEDDINGS in OUTPUT, and beside it a lexical (BM25) one over their text.
 
     EMBEDDINGS is an `hfbatch embed` output, or vectors made elsewhere: a Parquet file or directory of Parquet
@@ -72,10 +77,11 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
         hfbatch index vectors.parquet -o out/index --vector-column vec --metric dot
         hfbatch index vectors.npy --ids ids.txt -o out/index
         hfbatch index out/dataset -o out/lexical-index --kind lexical --language german
+        hfbatch index vectors.npy -o out/index --factory 'IVF2048,PQ96x4fs,RDisk' --shards 4
     """
     from hfbatch.indexing import make_index
 
     return make_index(embeddings, output, kind=kind, factory=factory, memory_budget=memory_budget,
                       target_recall=target_recall, force=force, incremental=incremental, vector_column=vector_column,
                       id_column=id_column, ids=ids_file, metric=metric, lexical=lexical, language=language,
-                      text_column=text_column)
+                      text_column=text_column, shards=shards)

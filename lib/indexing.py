@@ -14,7 +14,9 @@ Kinds, from exact to most compressed:
   ivf    inverted lists of raw vectors ("IVF{nlist},Flat")
   hnsw   graph ("HNSW32"), fast queries but slow to build
   ivfpq  inverted lists of 4-bit fast-scan PQ codes, re-ranked with a compact
-         copy of the vectors ("IVF{nlist},PQ{m}x4fs,Refine(SQfp16)")   large n
+         copy of the vectors ("IVF{nlist},PQ{m}x4fs,Refine(SQfp16)")   large n,
+         or, where that copy does not fit the memory budget, re-ranked exactly
+         from the vectors on disk ("IVF{nlist},PQ{m}x4fs,RDisk", hfbatch.index_rerank)
 """
 from __future__ import annotations
 
@@ -32,6 +34,17 @@ import numpy as np
 
 from hfbatch import log
 from hfbatch.errors import InputError
+from hfbatch.index_budget import (
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_MEMORY_BUDGET_TEXT,
+    RDISK,
+    base_factory,
+    build_overhead,
+    first_that_fits,
+    index_bytes,
+    reranks_from_disk,
+)
+from hfbatch.index_rerank import DiskRerank, unwrap
 
 # faiss ships its own OpenMP runtime, which by default spins at every barrier.
 # On a shared 2-core machine a descheduled thread makes the others spin for its
@@ -55,6 +68,8 @@ FLAT_MAX_N = 100_000       # below this, exact search is fast enough and needs n
 TRAIN_PER_LIST = 40        # k-means wants >= 39 points per centroid (faiss warns below)
 TRAIN_BLOCKS = 256         # the training sample is read as this many evenly spaced blocks
 ID_BYTES = 8               # inverted lists store an int64 id per vector
+SEARCH_BATCH = 256         # queries per index.search call in `hfbatch search` (search_batched)
+MAX_LISTS = 1024           # IVF lists chosen for the largest n (see _nlist)
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 SIMILARITY_METRIC = {"cosine": "ip", "dot": "ip", "euclidean": "l2"}  # sentence-transformers' names
 UNIT_TOLERANCE = 1e-4      # a row whose norm is this close to 1 is left as it is (bit for bit)
@@ -79,7 +94,11 @@ def _nlist(n: int) -> int:
     # main cost, while fast-scan makes scanning longer lists cheap. Measured at
     # 1M x 384 (recall@10 0.95): 1024, 1536 and 2048 lists give the same QPS,
     # built in 14, 17 and 25 s.
-    return int(min(65_536, max(16, 2 ** round(math.log2(math.sqrt(n))))))
+    # At most MAX_LISTS: assigning n vectors to lists costs n x nlist x dim multiply-adds, the build's main
+    # cost (measured on the shared 2-core machine: 4.1 CPU-s per 65,536 x 1024 x 384, so 630 CPU-s at 10M
+    # with 1024 lists, 1,260 with 2048), while fast-scan scans longer lists cheaply (10M with 1024 lists
+    # still answers at far more than 20x exact search).
+    return int(min(MAX_LISTS, max(16, 2 ** round(math.log2(math.sqrt(n))))))
 
 
 def _code_bytes(m: int) -> int:
@@ -101,40 +120,31 @@ def _pq_m_near(dim: int, target: float) -> int:
     return min(divisors, key=lambda m: abs(math.log(m / target)))
 
 
-def _smallest_m(dim: int) -> int:
-    """The fewest sub-quantizers above one: the smallest divisor of dim above 1 (2 for an even dim)."""
-    return next((m for m in range(2, dim + 1) if dim % m == 0), 1)
-
-
 def _train_size(n: int, nlist: int) -> int:
     # k-means wants >= 39 points per centroid (faiss warns below); more only
     # slows training. PQ codebooks (16 centroids each) need far fewer.
     return min(n, max(nlist * TRAIN_PER_LIST, 32_768))
 
 
-def _est_bytes(kind: str, n: int, dim: int, m: int = 0, refine: str = "") -> int:
-    if kind == "flat":
-        return n * dim * 4
-    if kind == "ivf":
-        return n * (dim * 4 + ID_BYTES)
-    if kind == "hnsw":
-        return n * (dim * 4 + 32 * 2 * 4)           # vectors + ~2M int32 links
-    refine_bytes = {"": 0, "SQ8": dim, "SQfp16": dim * 2, "Flat": dim * 4}[refine]
-    return n * (_code_bytes(m) + ID_BYTES + refine_bytes)
-
-
 def plan_for_kind(kind: str, n: int, dim: int, memory_budget_bytes: int | None = None,
-                  metric: str = "ip") -> IndexPlan:
-    """The plan for an explicitly requested kind, sized for n vectors of dim."""
+                  metric: str = "ip", row_access: bool = False) -> IndexPlan:
+    """The plan for an explicitly requested kind, sized for n vectors of dim: the best variant of that kind
+    whose memory estimate fits the budget (InputError naming the budget needed where none does)."""
+    plans = kind_plans(kind, n, dim, metric, row_access)
+    return fit_budget(plans, n, dim, memory_budget_bytes, metric)[0]
+
+
+def kind_plans(kind: str, n: int, dim: int, metric: str = "ip", row_access: bool = False) -> list[IndexPlan]:
+    """The variants of a kind, most accurate first (the budget picks the first that fits)."""
     if kind == "flat":
-        return IndexPlan("flat", "Flat", metric, reasons="exact search requested")
+        return [IndexPlan("flat", "Flat", metric, reasons="exact search requested")]
     if kind == "hnsw":
-        return IndexPlan("hnsw", "HNSW32", metric,
-                         reasons="graph index requested (no training; slow to build for large n)")
+        return [IndexPlan("hnsw", "HNSW32", metric,
+                          reasons="graph index requested (no training; slow to build for large n)")]
     nlist = min(_nlist(n), max(1, n // TRAIN_PER_LIST))   # never more lists than we can train
     train = _train_size(n, nlist)
     if kind == "ivf":
-        return IndexPlan("ivf", f"IVF{nlist},Flat", metric, train_size=train, reasons=f"IVF requested; {nlist} lists")
+        return [IndexPlan("ivf", f"IVF{nlist},Flat", metric, train_size=train, reasons=f"IVF requested; {nlist} lists")]
     if kind == "ivfpq":
         # dim/4 sub-quantizers (4 dims per 4-bit code, 48 bytes at dim 384):
         # on embeddings (a few hundred dims, lower intrinsic dimension) as
@@ -142,25 +152,43 @@ def plan_for_kind(kind: str, n: int, dim: int, memory_budget_bytes: int | None =
         # dims keep dim/2: 4 dims per code loses too much there, and the codes
         # are tiny anyway.
         # Re-ranking with fp16 vectors is as accurate as with float32 (its error
-        # is far below the gap between neighbours) at half the memory; SQ8
-        # (slightly worse) and then no re-ranking are the fallbacks for tight
-        # budgets, with codes as large as the budget allows in the last case.
+        # is far below the gap between neighbours) at half the memory. Where that
+        # copy does not fit, the shortlist is re-ranked from the vectors on disk
+        # (exact; needs a source whose rows can be read one by one), then with
+        # SQ8 (slightly worse), then not at all, with codes as large as the budget
+        # allows in the last case.
         # m must divide dim: a dim with no even divisor near the target (an odd
         # or prime one) takes the nearest odd divisor (faiss pads odd m).
         target_bytes = dim / 8 if dim >= 256 else dim / 4
         m = (_pq_m(dim, target_bytes) or _pq_m(dim, dim)) if dim % 2 == 0 else _pq_m_near(dim, 2 * target_bytes)
-        budget = memory_budget_bytes or float("inf")
-        for refine in ("SQfp16", "SQ8", ""):
-            if _est_bytes("ivfpq", n, dim, m, refine) <= budget:
-                break
-        else:                                                      # smallest codes if nothing fits
-            m = _pq_m(dim, budget / max(n, 1) - ID_BYTES) or _smallest_m(dim)
-        factory = f"IVF{nlist},PQ{m}x4fs" + (f",Refine({refine})" if refine else "")
-        why = f"{nlist} lists, {m}x4-bit fast-scan codes" + (
-            f", shortlist re-ranked with {refine} vectors" if refine
-            else ", no re-ranking (budget too small; recall will be lower)")
-        return IndexPlan("ivfpq", factory, metric, train_size=train, reasons=why)
+        codes = f"IVF{nlist},PQ{m}x4fs"
+        head = f"{nlist} lists, {m}x4-bit fast-scan codes"
+        plans = [IndexPlan("ivfpq", f"{codes},Refine(SQfp16)", metric, train, f"{head}, shortlist re-ranked with "
+                                                                               f"SQfp16 vectors")]
+        if row_access:
+            plans.append(IndexPlan("ivfpq", codes + RDISK, metric, train,
+                                   f"{head}, shortlist re-ranked exactly from the vectors on disk (a copy in "
+                                   f"memory does not fit the budget)"))
+        plans.append(IndexPlan("ivfpq", f"{codes},Refine(SQ8)", metric, train,
+                               f"{head}, shortlist re-ranked with SQ8 vectors"))
+        smaller = sorted({mm for mm in range(1, m + 1) if dim % mm == 0 and (mm % 2 == 0 or dim % 2)}, reverse=True)
+        plans += [IndexPlan("ivfpq", f"IVF{nlist},PQ{mm}x4fs", metric, train,
+                            f"{nlist} lists, {mm}x4-bit fast-scan codes, no re-ranking (budget too small; recall "
+                            f"will be lower)") for mm in smaller]
+        return plans
     raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
+
+
+def fit_budget(plans: list[IndexPlan], n: int, dim: int, budget: int | None, metric: str = "ip",
+               budget_text: str | None = None) -> tuple[IndexPlan, int]:
+    """(the first plan whose index fits `budget` bytes (None: any), its estimated bytes); InputError naming the
+    smallest budget that works where none fits."""
+    def estimate(plan):
+        return index_bytes(plan.factory, n, dim, faiss_metric(plan.metric))
+
+    if budget is None:
+        return plans[0], estimate(plans[0])
+    return first_that_fits(plans, estimate, budget, budget_text or f"{budget}", n, dim)
 
 
 def plan_for_factory(factory: str, n: int, dim: int, metric: str = "ip") -> IndexPlan:
@@ -172,7 +200,8 @@ def plan_for_factory(factory: str, n: int, dim: int, metric: str = "ip") -> Inde
 
 
 def choose_index(n: int, dim: int, memory_budget_bytes: int | None = None,
-                 target_recall: float = 0.95, metric: str = "ip") -> IndexPlan:
+                 target_recall: float = 0.95, metric: str = "ip", row_access: bool = False,
+                 budget_text: str | None = None) -> IndexPlan:
     """Pick an index for n vectors of dim, like autofaiss but measured on this workload.
 
     - small n, or target_recall 1.0: exact Flat (nothing to train, recall 1.0);
@@ -181,19 +210,25 @@ def choose_index(n: int, dim: int, memory_budget_bytes: int | None = None,
       fast as HNSW32 (~20x exact search) but builds in 3.5 s instead of 23 s
       and needs half the memory; IVF-Flat manages only ~1x there. At 1M it
       builds in ~15 s where HNSW needs ~100 s;
-    - when the budget is smaller than even that, re-ranking gets coarser and
-      then goes (see plan_for_kind).
+    - when the budget is smaller than that, the shortlist is re-ranked from the
+      vectors on disk (`row_access`: they can be read row by row), then more
+      coarsely, then not at all (see kind_plans); the first whose memory estimate
+      (hfbatch.index_budget) fits wins, and none fitting is an InputError that
+      names the budget needed.
     Otherwise target_recall does not change the structure: the search
     parameters are tuned for it afterwards (tune_search_params).
     """
-    flat_bytes = _est_bytes("flat", n, dim)
-    fits = memory_budget_bytes is None or flat_bytes <= memory_budget_bytes
-    if fits and (n < FLAT_MAX_N or target_recall >= 1.0):
-        plan = plan_for_kind("flat", n, dim, metric=metric)
+    flat = kind_plans("flat", n, dim, metric)
+    compressed = kind_plans("ivfpq", n, dim, metric, row_access)
+    exact_is_best = n < FLAT_MAX_N or target_recall >= 1.0
+    plan, _ = fit_budget(flat + compressed if exact_is_best else compressed, n, dim, memory_budget_bytes, metric,
+                         budget_text)
+    if plan.kind == "flat":
         plan.reasons = (f"n={n:,} < {FLAT_MAX_N:,}: exact search is fast enough" if n < FLAT_MAX_N
                         else "recall 1.0 asked for: exact search")
         return plan
-    plan = plan_for_kind("ivfpq", n, dim, memory_budget_bytes, metric)
+    flat_bytes = n * dim * 4
+    fits = memory_budget_bytes is None or flat_bytes <= memory_budget_bytes
     head = f"n={n:,}" if fits else f"flat vectors ({flat_bytes / 2**30:.2f} GiB) exceed the budget"
     plan.reasons = f"{head}: {plan.reasons}"
     return plan
@@ -279,21 +314,76 @@ def build_index(plan: IndexPlan, n: int, dim: int, read_chunk: ReadChunk,
     every chunk once, so callers can derive things (row hashes) without a
     second read of the data.
     """
+    index = train_index(plan, n, dim, read_chunk)
+    add_rows(index, read_chunk, 0, n, progress, chunk_rows, on_chunk)
+    return with_reranking(index, plan, read_chunk)
+
+
+def train_index(plan: IndexPlan, n: int, dim: int, read_chunk: ReadChunk) -> faiss.Index:
+    """The empty index of the plan, trained on a sample of the n rows (read as evenly spaced blocks)."""
     use_all_cores()
-    index = faiss.index_factory(dim, plan.factory, faiss_metric(plan.metric))
+    index = faiss.index_factory(dim, base_factory(plan.factory), faiss_metric(plan.metric))
     if not index.is_trained:
         sample = read_sample(read_chunk, n, plan.train_size or min(n, 65_536))
-        index.train(sample)
+        with blas_for_batches():
+            index.train(sample)
         del sample
-    for start in range(0, n, chunk_rows):
-        stop = min(n, start + chunk_rows)
-        chunk = _f32(read_chunk(start, stop))
-        index.add(chunk)
-        if on_chunk:
-            on_chunk(start, chunk)
-        if progress:
-            progress(stop)
     return index
+
+
+def add_rows(index: faiss.Index, read_chunk: ReadChunk, start: int, stop: int,
+             progress: Callable[[int], None] | None = None, chunk_rows: int = CHUNK_ROWS,
+             on_chunk: Callable[[int, np.ndarray], None] | None = None) -> None:
+    """Add rows [start, stop) chunk by chunk, in order (ids are positions: a shard's are offset when merged)."""
+    use_all_cores()
+    with blas_for_batches():
+        for lo in range(start, stop, chunk_rows):
+            hi = min(stop, lo + chunk_rows)
+            chunk = _f32(read_chunk(lo, hi))
+            index.add(chunk)
+            if on_chunk:
+                on_chunk(lo, chunk)
+            if progress:
+                progress(hi)
+
+
+def with_reranking(index: faiss.Index, plan: IndexPlan, read_chunk: ReadChunk):
+    """An `,RDisk` plan's index as search uses it: its shortlist re-ranked from the vectors it was built from."""
+    if not reranks_from_disk(plan.factory):
+        return index
+    from hfbatch.index_rerank import supports_row_reads
+
+    if not supports_row_reads(read_chunk):
+        raise InputError(f"{plan.factory}: re-ranking from disk needs vectors that can be read row by row "
+                         f"(an embed output or a .npy file)")
+    return DiskRerank(index, row_reader(read_chunk), plan.metric, source="the vectors being indexed")
+
+
+def row_reader(read_chunk):
+    """The reader re-ranking reads rows through: a .npy file by pread (hfbatch.index_rerank.NpyRows), so
+    random rows add nothing to the resident memory; others as they are."""
+    from hfbatch.index_rerank import NpyRows
+    from hfbatch.vectors import NpyVectors
+
+    inner = getattr(read_chunk, "read_chunk", read_chunk)
+    filename = getattr(getattr(inner, "array", None), "filename", None)
+    if not isinstance(inner, NpyVectors) or not filename:
+        return read_chunk
+    rows = NpyRows(Path(filename))
+    return UnitRows(rows) if isinstance(read_chunk, UnitRows) else rows
+
+
+class blas_for_batches:
+    """faiss switches brute-force search (the IVF quantizer's assignment of every added chunk, k-means) to
+    BLAS only above a query count that this build sets high (128000 in the 1.15 wheel): a 65,536-row chunk
+    would be scanned without it. Restored afterwards."""
+
+    def __enter__(self):
+        self.old = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = 20
+
+    def __exit__(self, *exc):
+        faiss.cvar.distance_compute_blas_threshold = self.old
 
 
 # ----------------------------------------------------------------------------
@@ -405,6 +495,9 @@ def recall_at_k(found: np.ndarray, ground_truth_ids: np.ndarray, k: int = 10) ->
 def index_layers(index: faiss.Index):
     """The index and those it wraps, outermost first, each downcast: a Refine's base index, a PreTransform's
     or an IDMap's inner index. The one walk through faiss's wrappers that the knobs below need."""
+    if isinstance(index, DiskRerank):
+        yield index
+        index = index.base
     idx = faiss.downcast_index(index)
     while True:
         yield idx
@@ -417,7 +510,7 @@ def index_layers(index: faiss.Index):
 
 
 def _is_refine(idx) -> bool:
-    return isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat))
+    return isinstance(idx, (faiss.IndexRefine, faiss.IndexRefineFlat, DiskRerank))
 
 
 def search_param_grid(index: faiss.Index) -> dict[str, list[int]]:
@@ -463,6 +556,10 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
     Other keys (measured recall, qps) are ignored, so the dict that
     tune_search_params returns can be stored and applied as is after loading.
     """
+    if isinstance(index, DiskRerank):
+        if "k_factor_rf" in params:
+            index.k_factor = float(params["k_factor_rf"])
+        params, index = {k: v for k, v in params.items() if k != "k_factor_rf"}, index.base
     space = faiss.ParameterSpace()   # knows how to reach through Refine/PreTransform wrappers
     for name in ("nprobe", "efSearch", "k_factor_rf"):
         if name in params:
@@ -477,6 +574,16 @@ def timed_search(index: faiss.Index, queries: np.ndarray, k: int, repeat: int = 
         _, I = index.search(_f32(queries), k)
         best = min(best, time.perf_counter() - t)
     return I, len(queries) / best
+
+
+def search_batched(index, queries: np.ndarray, k: int, batch: int = SEARCH_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """index.search over `batch` queries at a time: a fast-scan IVF search builds lookup tables for all its
+    queries at once (queries x nprobe x m x 16 floats: 1,000 queries at nprobe 192, PQ96 are 295 MB, and
+    search RSS was 2.3 GB at 1M), while 256 queries a batch keep the cores as busy."""
+    if len(queries) <= batch:
+        return index.search(queries, k)
+    parts = [index.search(queries[lo:lo + batch], k) for lo in range(0, len(queries), batch)]
+    return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
 
 def accurate_params(index: faiss.Index) -> dict:
@@ -711,7 +818,7 @@ def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"            # same directory, so os.replace is a rename
     try:
-        faiss.write_index(index, tmp)
+        faiss.write_index(unwrap(index), tmp)    # re-ranking from disk: the vectors stay where they are
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)                          # data on disk before the rename makes it visible
@@ -777,14 +884,15 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
                target_recall: float = 0.95, force: bool = False,
                incremental: bool = False, vector_column: str | None = None, id_column: str | None = None,
                ids=None, metric: str | None = None, lexical: bool = True, language: str = "english",
-               text_column: str | None = None) -> dict:
+               text_column: str | None = None, shards: int = 1) -> dict:
     """`hfbatch index`: build (or with `incremental`, update) a tuned FAISS index over `vectors` in `output`.
 
     `vectors` is an `hfbatch embed` output, or vectors made elsewhere (hfbatch.vectors: a Parquet file or
     directory, a save_to_disk dataset, a .npy file with `ids`), whose model is unknown: `metric` (cosine, dot,
     l2; default cosine) says how they compare. `memory_budget` is a size as --memory-budget takes it ("4GB",
-    "4GiB", or bytes), recorded as written (default: half the available memory). Returns the summary dict that
-    --json prints.
+    "4GiB", or bytes), recorded as written (default: DEFAULT_MEMORY_BUDGET, the same on every machine).
+    `shards` > 1 builds the index as that many shards over row ranges, merged (hfbatch.index_shards). Returns
+    the summary dict that --json prints.
 
     Beside the FAISS index, `lexical` (default) builds a BM25 index over the rows' text (hfbatch.lexical), in
     `language` (stop words, stemming); kind "lexical" builds that alone, over any dataset (no embeddings)."""
@@ -799,7 +907,8 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
         analyzer_record(language)  # a bad --language is refused first
     if kind == "lexical":
         given = [name for name, value in (("--factory", factory), ("--vector-column", vector_column),
-                                          ("--id-column", id_column), ("--ids", ids), ("--metric", metric))
+                                          ("--id-column", id_column), ("--ids", ids), ("--metric", metric),
+                                          ("--shards", shards if shards > 1 else None))
                  if value is not None] + (["--no-lexical"] if not lexical else [])
         if given:
             raise InputError(f"{given[0]} does not apply to --kind lexical (an index of the rows' text only)")
@@ -814,6 +923,8 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
         config["lexical"] = False
     if language != "english":
         config["language"] = language
+    if shards > 1:  # only then: configs of one-piece indexes stay as they were
+        config["shards"] = shards
     source = None
     if is_foreign(path):
         source, found = open_foreign(path, vector_column, id_column, ids, metric)  # checked before the job
@@ -834,9 +945,11 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
             return job.summary()
         if source is None:
             source = open_embeddings(path, similarity, job.inputs[0])
-        text = {"language": language, "budget_bytes": budget and int(budget)} \
+        given = Budget(int(budget) if budget else DEFAULT_MEMORY_BUDGET,
+                       budget.text if budget else DEFAULT_MEMORY_BUDGET_TEXT, given=bool(budget))
+        text = {"language": language, "budget_bytes": given.bytes} \
             if lexical and source.record.get("model") else None  # vectors made elsewhere have no text
-        return build_and_publish(job, source, kind, factory, int(budget or default_budget()), target_recall, text)
+        return build_and_publish(job, source, kind, factory, given, target_recall, shards, text)
 
 
 def open_foreign(path: Path, vector_column, id_column, ids, metric):
@@ -852,7 +965,7 @@ def open_foreign(path: Path, vector_column, id_column, ids, metric):
     similarity = FOREIGN_SIMILARITY[metric]
     reader = UnitRows(found.reader) if similarity == "cosine" else found.reader
     record = {"vectors": str(path.resolve()), "vectors_format": found.format, "model": None,
-              "embeddings": None, "source_dataset": None}
+              "embeddings": None, "source_dataset": None, "vector_column": vector_column}
     return IndexInput(path, reader, pa.table({"id": found.ids}), similarity, record), found
 
 
@@ -879,24 +992,44 @@ def open_embeddings(embeddings: Path, similarity: str, input_record: dict) -> In
     return IndexInput(embeddings, reader, row_table, similarity, record)
 
 
-def build_and_publish(job, source: IndexInput, kind, factory, budget, target_recall, lexical=None) -> dict:
+@dataclass
+class Budget:
+    """--memory-budget: its value, its text as given (or the default's), and whether it was given."""
+
+    bytes: int
+    text: str
+    given: bool = True
+
+
+def build_and_publish(job, source: IndexInput, kind, factory, budget: Budget, target_recall, shards=1,
+                      lexical=None) -> dict:
     """Plan, build (or update in place), tune and publish the index; the job's summary dict. `lexical`
     ({language, budget_bytes}): also the lexical part (hfbatch.lexical), always built anew from the text."""
+    from hfbatch.index_rerank import source_record, supports_row_reads
+
     vectors, similarity = source.reader, source.similarity
     ids = source.row_table.column("id").combine_chunks()
     n, dim = vectors.n, vectors.dim
     if n == 0:
         raise InputError(f"{source.path}: no vectors to index")
     metric = SIMILARITY_METRIC[similarity]
-    plan = make_plan(n, dim, kind, factory, budget, target_recall, metric)
+    plan, est = make_plan(n, dim, kind, factory, budget, target_recall, metric, row_access=supports_row_reads(vectors))
+    overhead = build_overhead(plan.train_size, dim, CHUNK_ROWS, n)
     log.event("index", "plan", kind=plan.kind, factory=plan.factory, vectors=n, dim=dim, why=plan.reasons,
-              similarity=similarity)
+              similarity=similarity, estimated_index_mb=f"{est / 2**20:.0f}",
+              estimated_build_mb=f"{(est + overhead) / 2**20:.0f}", budget=budget.text)
+    budget_record = {"memory_budget": budget.text, "memory_budget_bytes": budget.bytes,
+                     "estimated_index_bytes": est, "estimated_build_bytes": est + overhead, "shards": shards}
+    if reranks_from_disk(plan.factory):
+        budget_record["rerank_source"] = source_record(source.path, source.record.get("vectors_format"),
+                                                       source.record.get("vector_column"),
+                                                       unit=similarity == "cosine")
 
     phases, update = {}, None
     if job.previous is not None:
         update = update_previous(job, plan, similarity, vectors, ids, phases)
     if update is None:
-        built, hashes = build_new(plan, vectors, phases)
+        built, hashes = build_new(plan, vectors, phases, shards, job.output)
         lineage = {"trained_on": n if plan.train_size else None, "added_since_training": 0}
         keep, counts = None, None
     else:
@@ -911,7 +1044,7 @@ def build_and_publish(job, source: IndexInput, kind, factory, budget, target_rec
     extra = {"kind": plan.kind, "factory": plan.factory, "metric": plan.metric, "similarity": similarity,
              "reasons": plan.reasons, "params": params, "recall_at_10": round(search["recall"], 4),
              "qps": round(search["qps"], 1), "train_size": plan.train_size, "dim": dim, "count": n, **lineage,
-             "update": counts, **source.record}
+             "update": counts, **source.record, **budget_record}
 
     assembly = job.publisher.assemble_files(rows=n, counts=counts)
     started = time.monotonic()
@@ -942,23 +1075,25 @@ def lexical_part(tmp, source: IndexInput, settings: dict) -> dict | None:
                             budget_bytes=settings["budget_bytes"])
 
 
-def default_budget() -> int:
-    """Half the memory available now: the index must fit beside the reader and the OS cache."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return 4 * 2**30
-
-
-def make_plan(n, dim, kind, factory, budget, target_recall, metric="ip") -> IndexPlan:
+def make_plan(n, dim, kind, factory, budget: Budget, target_recall, metric="ip",
+              row_access=False) -> tuple[IndexPlan, int]:
+    """(The plan, its estimated index bytes): the factory string or kind asked for, or the auto choice, that
+    fits the budget; an InputError that names the budget needed where none fits."""
     if factory:
-        return plan_for_factory(factory, n, dim, metric)
-    if kind == "auto":
-        return choose_index(n, dim, budget, target_recall, metric)
-    return plan_for_kind(kind, n, dim, budget, metric)
+        plan = plan_for_factory(factory, n, dim, metric)
+        if reranks_from_disk(factory) and not row_access:
+            raise InputError(f"--factory {factory}: re-ranking from disk ({RDISK[1:]}) needs vectors that can be "
+                             f"read row by row: an embed output, a saved dataset or a .npy file")
+        plans = [plan]
+    elif kind == "auto":
+        plan = choose_index(n, dim, budget.bytes, target_recall, metric, row_access, budget.text)
+        plans = [plan]
+    else:
+        plans = kind_plans(kind, n, dim, metric, row_access)
+    try:
+        return fit_budget(plans, n, dim, budget.bytes, metric, budget.text)
+    except RuntimeError as exc:  # faiss rejects the factory string
+        raise InputError(f"--factory {factory!r}: faiss cannot make it ({one_line(exc)})")
 
 
 def embeddings_similarity(emb_manifest, embeddings):
@@ -994,8 +1129,13 @@ def source_manifest_hash(emb_manifest, depth=2):
     return None
 
 
-def build_new(plan, vectors, phases):
-    """A new index over all rows, and the rows' vector hashes (taken as the build reads them)."""
+def build_new(plan, vectors, phases, shards=1, output=None):
+    """A new index over all rows (with shards > 1: built as shards beside `output`, merged), and the rows'
+    vector hashes (taken as the build reads them)."""
+    import tempfile
+
+    from hfbatch.index_shards import build_sharded
+
     n, dim = vectors.n, vectors.dim
     hashes = np.empty(n, dtype=np.int64)
 
@@ -1005,8 +1145,13 @@ def build_new(plan, vectors, phases):
     started = time.monotonic()
     try:
         with log.Progress("index", n, unit="vectors") as progress:
-            built = build_index(plan, n, dim, vectors, on_chunk=hash_chunk,
-                                progress=lambda done: progress.update(done - progress.done))
+            advance = lambda done: progress.update(done - progress.done)  # noqa: E731
+            if shards > 1:
+                parent = Path(output).resolve().parent
+                with tempfile.TemporaryDirectory(prefix=f".{Path(output).name}.shards-", dir=parent) as work:
+                    built = build_sharded(plan, n, dim, vectors, shards, Path(work), hash_chunk, advance)
+            else:
+                built = build_index(plan, n, dim, vectors, on_chunk=hash_chunk, progress=advance)
     except RuntimeError as exc:  # faiss rejects a factory string or its training
         raise InputError(f"faiss could not build {plan.factory!r}: {one_line(exc)}")
     phases["build_s"] = time.monotonic() - started

@@ -96,6 +96,7 @@ def search(index_dir, queries=(), *, queries_file=None, query_vectors=None, quer
             scores, positions = searcher.search(texts, k)
         else:
             scores, positions = searcher.search_embedded(vectors, k)
+        log_search_memory(len(labels))
         return searcher.hits(labels, scores, positions)
 
     if output is None:
@@ -122,6 +123,15 @@ def search(index_dir, queries=(), *, queries_file=None, query_vectors=None, quer
                                                 "filtered_rows": searcher.allowed_count,
                                                 "text_from_source": searcher.rows.source is not None})
         return job.summary()
+
+
+def log_search_memory(queries: int) -> None:
+    """Search's peak resident memory, logged: the index is memory-mapped, so this is what one search costs
+    beyond the page cache it shares with others."""
+    import resource
+
+    log.event("search", "memory", queries=queries,
+              peak_rss_mb=f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
 
 
 def parse_filters(values) -> dict[str, list[str]]:
@@ -396,7 +406,9 @@ class Searcher:
 
         k = min(k, self.index.ntotal)
         if self.allowed is None:
-            scores, positions = self.index.search(vectors, k)
+            from hfbatch.indexing import search_batched
+
+            scores, positions = search_batched(self.index, vectors, k)
         else:
             reader = self.rows.vector_reader(unit=self.similarity == "cosine")
             scores, positions = filtered_search(self.index, vectors, k, self.allowed, exact_reader=reader,
@@ -549,7 +561,9 @@ def open_index_file(index_dir: Path, manifest):
     if manifest.get("count") is not None and index.ntotal != manifest["count"]:
         raise InputError(f"{path} holds {index.ntotal:,} vectors, its manifest says {manifest['count']:,}; "
                          f"{rebuild_hint(index_dir, manifest)}")
-    return index
+    from hfbatch.index_rerank import attach
+
+    return attach(index, index_dir, manifest)  # an `,RDisk` index re-ranks from the vectors it was built from
 
 
 def rebuild_hint(index_dir, manifest):
