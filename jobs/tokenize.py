@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from hfbatch.cli import (
+    executor_options,
     force_option,
     json_summary,
     max_length_option,
@@ -35,9 +36,10 @@ from hfbatch.tokenized import tokenize as run_tokenize
               help="Rows per resumable shard: a killed run redoes at most one shard.")
 @trust_remote_code_option
 @force_option
+@executor_options
 @json_summary("tokenize")
 def tokenize(dataset, output, model, text_column, text_pair_column, max_length, offsets, num_proc, shard_rows,
-             trust_remote_code, force):
+             trust_remote_code, force, **execution):
     """Tokenize the TEXT_COLUMN of DATASET (an `hfbatch ingest` output) into OUTPUT.
 
     OUTPUT keeps DATASET's rows and columns and adds `input_ids`, `attention_mask`, `token_type_ids` (when the
@@ -49,7 +51,8 @@ def tokenize(dataset, output, model, text_column, text_pair_column, max_length, 
     Example:
         hfbatch tokenize out/dataset -o out/tokens --num-proc 2
         hfbatch embed out/tokens -o out/embeddings
+        hfbatch tokenize out/dataset -o out/tokens --executor ray --num-workers 4
     """
     return run_tokenize(dataset, output, model=model, text_column=text_column, text_pair_column=text_pair_column,
                         max_length=max_length, offsets=offsets, num_proc=num_proc, shard_rows=shard_rows,
-                        trust_remote_code=trust_remote_code, force=force)
+                        trust_remote_code=trust_remote_code, force=force, **execution)

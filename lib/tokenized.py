@@ -170,17 +170,22 @@ def open_tokens(job: str, path, manifest: dict, dataset, model_dir, max_length: 
 
 
 def tokenize(dataset, output, *, model=None, text_column="text", text_pair_column=None, max_length=None,
-             offsets=False, num_proc=1, shard_rows=50_000, trust_remote_code=False, force=False) -> dict:
+             offsets=False, num_proc=1, shard_rows=50_000, trust_remote_code=False, force=False, executor="local",
+             ray_address=None, num_workers=None, gpus_per_worker=None, max_retries=None) -> dict:
     """The tokenize job (`hfbatch tokenize`): DATASET's rows plus their token ids, at OUTPUT. Takes the
-    command's options and returns the summary that --json prints."""
+    command's options (`executor` "local" or "ray", with the Ray executor's options) and returns the summary
+    that --json prints."""
+    import functools
     import os
 
     from . import log
     from .batching import warn_truncated
     from .executor import run_shards
     from .models import model_fingerprint, resolve_model_dir
+    from .ray_executor import executor_for
     from .runner import Job
 
+    executor = executor_for(executor, "cpu", None, ray_address, num_workers, gpus_per_worker, max_retries)
     model_dir = resolve_model_dir(model)
     # num_proc changes speed, not results: left out of the config, like embed's --batch-tokens
     config = {"model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
@@ -212,26 +217,49 @@ def tokenize(dataset, output, *, model=None, text_column="text", text_pair_colum
         function = TokenizeBatch(model_dir, wanted["max_length"], text_column, text_pair_column, offsets,
                                  trust_remote_code)
         n_shards, pending, pending_rows = job.shards.plan_rows(len(source), shard_rows)
+        plan = TokenizePlan(str(dataset), str(job.shards.shard_dir), job.fingerprint, function, features,
+                            shard_rows, num_proc)
         with log.Progress("tokenize", pending_rows) as progress:
-            work = TokenizeShards(job, source, function, features, shard_rows, num_proc)
-            run_shards("tokenize", job.shards, pending, lambda device: work, progress=progress)
+            done = run_shards("tokenize", job.shards, pending, functools.partial(TokenizeShards, plan),
+                              progress=progress, executor=executor, device="cpu", inputs=[dataset])
         info = {"model": str(model_dir), "model_fingerprint": config["model_fingerprint"],
                 "tokenizer_fingerprint": wanted["tokenizer_fingerprint"], "max_length": wanted["max_length"],
                 "text_column": text_column, "text_pair_column": text_pair_column,
                 "columns": list(token_features(tokenizer, offsets))}
         job.publish_dataset(n_shards, features, reuse_shards=True, extra={
-            "source_dataset": str(job.inputs[0]["path"]), "tokenized": info})
+            "source_dataset": str(job.inputs[0]["path"]), "tokenized": info, **done.info})  # (Ray: its workers)
         warn_truncated(job, wanted["max_length"])
         return job.summary()
 
 
+@dataclass(frozen=True)
+class TokenizePlan:
+    """What a tokenize worker needs, by value (it is sent to Ray actors): the dataset and the shard directory
+    by path, the job's fingerprint (map's cache fingerprints), the batch function and the output's features."""
+
+    dataset: str
+    shard_dir: str
+    fingerprint: str
+    function: TokenizeBatch
+    features: object
+    shard_rows: int
+    num_proc: int
+
+
 class TokenizeShards:
     """The tokenize job's work for hfbatch.executor: shard i's rows through `Dataset.map` (its cache file in the
-    shard directory), streamed into the shard."""
+    shard directory), streamed into the shard. Made from a TokenizePlan in whichever process runs it."""
 
-    def __init__(self, job, source, function: TokenizeBatch, features, shard_rows: int, num_proc: int):
-        self.job, self.source, self.function, self.features = job, source, function, features
-        self.shard_rows, self.num_proc = shard_rows, num_proc
+    info: dict = {}
+
+    def __init__(self, plan: TokenizePlan, device=None):
+        from .io import open_dataset
+        from .runner import ShardDir
+
+        self.source, _ = open_dataset(plan.dataset)
+        self.shards = ShardDir(Path(plan.shard_dir))
+        self.function, self.features, self.fingerprint = plan.function, plan.features, plan.fingerprint
+        self.shard_rows, self.num_proc = plan.shard_rows, plan.num_proc
 
     def prepare(self, i):
         return None  # map runs its own workers: nothing to do a shard ahead
@@ -239,12 +267,12 @@ class TokenizeShards:
     def compute(self, i, prepared, on_rows, parts):
         from .executor import Stream
 
-        shards = self.job.shards
+        shards = self.shards
         part = self.source.select(range(i * self.shard_rows, min((i + 1) * self.shard_rows, len(self.source))))
         mapped = part.map(self.function, batched=True, batch_size=1000, features=self.features,
                           num_proc=self.num_proc if self.num_proc > 1 and len(part) > 1 else None,
                           cache_file_name=str(shards.shard_file(i, ".map.arrow")), load_from_cache_file=False,
-                          new_fingerprint=f"{self.job.fingerprint}-{i:05d}", desc="tokenize")
+                          new_fingerprint=f"{self.fingerprint}-{i:05d}", desc="tokenize")
         # (map adds no column to no rows: an empty part is written in the output's schema)
         table = mapped.data.table if len(part) else self.features.arrow_schema.empty_table()
         truncated = int(table.column("truncated").to_numpy(zero_copy_only=False).sum())

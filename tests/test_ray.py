@@ -93,6 +93,16 @@ def test_classify_on_ray_equals_local(tmp_path, runner, ray_address, dataset, ti
     assert manifest["cluster"]["cpus_per_worker"] == 2 and len(manifest["workers"]) == 1
 
 
+def test_tokenize_on_ray_equals_local(tmp_path, runner, ray_address, dataset, tiny_model):
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    args = ["--model", tiny_model, "--shard-rows", str(SHARD_ROWS), "--max-length", "16"]
+    invoke(runner, ["tokenize", dataset, "-o", local, *args])
+    invoke(runner, ["tokenize", dataset, "-o", on_ray, *args, "--executor", "ray", "--num-workers", "2"])
+    a, b = load(local), load(on_ray)
+    assert b.to_dict() == a.to_dict() and len(a) == ROWS
+    assert json.loads((on_ray / "manifest.json").read_text())["executor"] == "ray"
+
+
 def test_generate_on_ray_equals_local(tmp_path, runner, ray_address, tiny_model):
     from test_generate import PROMPTS, make_tiny_gpt2
 
