@@ -25,12 +25,15 @@ class EncoderRun:
 
     def __init__(self, model_dir, *, task="embed", backend="auto", device="auto", precision="auto",
                  max_length=None, batch_tokens=DEFAULT_BATCH_TOKENS, trust_remote_code=False):
+        from .model_files import ConfigFile, TokenizerFile
         from .models import effective_max_length, load_config, load_tokenizer, make_encoder
 
-        self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
+        # tokenizer.json and config.json read without transformers where they can be (the same ids), so
+        # the OpenVINO path never imports torch
+        self.tokenizer = TokenizerFile.load(model_dir, trust_remote_code) or load_tokenizer(model_dir, trust_remote_code)
         self.encoder, self.settings = make_encoder(model_dir, task=task, backend=backend, device=device,
                                                    precision=precision, trust_remote_code=trust_remote_code)
-        config = load_config(model_dir, trust_remote_code)
+        config = ConfigFile.load(model_dir, trust_remote_code) or load_config(model_dir, trust_remote_code)
         self.config = config
         self.max_length = effective_max_length(model_dir, self.tokenizer, config, max_length)
         self.batch_tokens = batch_tokens
