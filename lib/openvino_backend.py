@@ -52,6 +52,7 @@ PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 IR_XML = "model.xml"
 IR_BIN = "model.bin"
 META = "meta.json"
+COMPILED = "compiled"  # OpenVINO's compiled-model cache (CACHE_DIR) inside an entry
 
 # Weight files that AutoModel.from_pretrained reads from the top of a model directory.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -128,21 +129,60 @@ def _model_files(model_dir: Path) -> list[Path]:
     return files
 
 
-_file_digest_memo: dict[tuple[str, int, int], bytes] = {}
+_file_digest_memo: dict[str, str] = {}
+DIGESTS = "file-digests.json"  # sha256 of weight files by their stat, kept in the cache dir between runs
+_MAX_DIGESTS = 256
 
 
-def _file_digest(p: Path) -> bytes:
+def _stat_key(p: Path) -> str:
+    """A file's identity for the digest memo: path, size, inode, mtime and ctime in ns. Any write changes
+    ctime (which no user call can set back), so a changed file never matches its old digest."""
     st = p.stat()
-    memo_key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return f"{p.resolve()}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def _load_digests(cache_dir: Path | None) -> None:
+    if cache_dir is None or _file_digest_memo:
+        return
+    try:
+        stored = json.loads((cache_dir / DIGESTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(stored, dict):
+        _file_digest_memo.update({k: v for k, v in stored.items() if isinstance(v, str) and len(v) == 64})
+
+
+def _save_digests(cache_dir: Path | None) -> None:
+    """Best effort (a lost update only means hashing that file again next time); atomic, never half-written."""
+    if cache_dir is None:
+        return
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        keep = dict(list(_file_digest_memo.items())[-_MAX_DIGESTS:])
+        fd, tmp = tempfile.mkstemp(prefix=f".{DIGESTS}.tmp-", dir=cache_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(keep, f)
+            os.replace(tmp, cache_dir / DIGESTS)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        log.debug("could not save %s", cache_dir / DIGESTS, exc_info=True)
+
+
+def _file_digest(p: Path) -> tuple[bytes, bool]:
+    """(sha256 of the file, whether it was hashed now rather than found in the memo)."""
+    memo_key = _stat_key(p)
     d = _file_digest_memo.get(memo_key)
-    if d is None:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        d = h.digest()
-        _file_digest_memo[memo_key] = d
-    return d
+    if d is not None:
+        return bytes.fromhex(d), False
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    _file_digest_memo[memo_key] = h.hexdigest()
+    return h.digest(), True
 
 
 def _graph_options(task: str, pooling: str | None, normalize: bool) -> dict[str, Any]:
@@ -166,16 +206,24 @@ def _graph_options(task: str, pooling: str | None, normalize: bool) -> dict[str,
 
 
 def cache_key(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | None = None,
-              normalize: bool = False) -> str:
-    """sha256 (hex) over config + weight files (relative path and bytes), graph options and versions."""
+              normalize: bool = False, cache_dir: str | os.PathLike | None = None) -> str:
+    """sha256 (hex) over config + weight files (relative path and bytes), graph options and versions.
+    With `cache_dir` the files' digests are remembered there by stat, so a later process hashes no weights."""
     _check_options(task, pooling, normalize)
     model_dir = Path(model_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
+    _load_digests(cache_dir)
     h = hashlib.sha256()
+    hashed = False
     for p in _model_files(model_dir):
         rel = p.relative_to(model_dir).as_posix().encode()
         h.update(len(rel).to_bytes(8, "little") + rel)
         h.update(p.stat().st_size.to_bytes(8, "little"))
-        h.update(_file_digest(p))
+        digest, new = _file_digest(p)
+        h.update(digest)
+        hashed |= new
+    if hashed:
+        _save_digests(cache_dir)
     h.update(json.dumps(_graph_options(task, pooling, normalize), sort_keys=True).encode())
     return h.hexdigest()
 
@@ -337,14 +385,14 @@ def _entry_complete(entry: Path) -> bool:
 
 
 def _sweep_stale_tmp(cache_dir: Path, max_age_s: float = 24 * 3600) -> None:
-    """Remove temporary folders left by writers that were killed (older than a day)."""
+    """Remove temporary folders and files left by writers that were killed (older than a day)."""
     now = time.time()
     try:
         for p in cache_dir.iterdir():
-            if p.name.startswith(".") and ".tmp-" in p.name and p.is_dir():
+            if p.name.startswith(".") and ".tmp-" in p.name:
                 try:
                     if now - p.stat().st_mtime > max_age_s:
-                        shutil.rmtree(p, ignore_errors=True)
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
                 except OSError:
                     pass
     except OSError:
@@ -419,8 +467,8 @@ def get_ir(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | 
     Returns ``(xml_path, cache_hit)``; ``cache_hit`` is False when this call converted the model.
     """
     model_dir = Path(model_dir).resolve()
-    key = cache_key(model_dir, task=task, pooling=pooling, normalize=normalize)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = cache_key(model_dir, task=task, pooling=pooling, normalize=normalize, cache_dir=cache_dir)
     entry = cache_dir / key
     if _entry_complete(entry):
         return entry / IR_XML, True
@@ -444,6 +492,17 @@ def get_ir(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | 
         }
         entry = _write_entry(cache_dir, key, ov_model, meta)
     return entry / IR_XML, False
+
+
+def compiled_cache_dir(ir_path: Path) -> Path | None:
+    """Where OpenVINO keeps this IR's compiled blobs (its CACHE_DIR): `compiled/` inside the IR's own cache
+    entry, a folder hfbatch made, so the blobs go when the entry goes. Importing a blob skips the CPU plugin's
+    graph transformations on every later run. None (no blob cache) where the entry is not writable, e.g. a
+    cache shared read-only; ``ov_config={"CACHE_DIR": ""}`` turns it off too."""
+    entry = Path(ir_path).parent
+    if not os.access(entry, os.W_OK):
+        return None
+    return entry / COMPILED
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -500,6 +559,9 @@ class OpenVINOEncoder:
         }
         if num_streams is not None:
             config["NUM_STREAMS"] = int(num_streams)
+        compiled_dir = compiled_cache_dir(self.ir_path)
+        if compiled_dir is not None:
+            config["CACHE_DIR"] = str(compiled_dir)
         config.update(ov_config or {})
         self.config = config
         t0 = time.perf_counter()
