@@ -7,9 +7,15 @@
   ``AutoModelForSequenceClassification`` for ``task="classify"``) traced with dynamic batch and sequence dims.
   Not optimum-intel.
 * For embeddings the pooling (masked mean / CLS / masked max, optional L2 normalisation) is appended to the
-  graph with OpenVINO ops, so only ``[B, H]`` comes back. Those ops are marked "precise" so that the CPU
-  plugin keeps them in f32 when the rest of the model runs in bf16. ``pooling=None`` returns the model's main
-  output (``last_hidden_state`` ``[B, T, H]`` or ``logits`` ``[B, labels]``).
+  graph with OpenVINO ops, so only ``[B, H]`` comes back. Those ops are marked "precise", but the CPU plugin
+  of OpenVINO 2026.4 runs them in bf16 all the same under a bf16 hint (their runtimePrecision says so), which
+  still gives cosines of 0.99997 to fp32. ``pooling=None`` returns the model's main output
+  (``last_hidden_state`` ``[B, T, H]`` or ``logits`` ``[B, labels]``).
+* A classifier under bf16 is compiled as two models (``split_head``): the encoder in bf16 up to its last
+  LayerNorm, and the head (LayerNorm's scale, pooler, classifier) in f32, so only near-ties flip its labels.
+* OpenVINO's compiled-model cache (``CACHE_DIR``) lives in ``compiled/`` inside the IR's entry, and the
+  weight files' sha256 are remembered by stat in ``file-digests.json``: a warm start hashes and compiles
+  nothing.
 * The converted IR is cached under ``cache_dir`` (argument) or ``$HFBATCH_CACHE_DIR/openvino`` or
   ``~/.cache/hfbatch/openvino``, in one folder per key: a sha256 over the model's config and weight files
   (relative paths + bytes), the graph options and the library versions. An entry is written in a temporary
@@ -505,6 +511,60 @@ def compiled_cache_dir(ir_path: Path) -> Path | None:
     return entry / COMPILED
 
 
+HEAD_INPUT = "encoder_hidden"
+
+
+def _head_region(model):
+    """The nodes between the model's output and the encoder: walking back from the Result up to (not
+    through) LayerNorm's MVN. Returns (nodes, MVNs reached, Parameters reached)."""
+    nodes, mvns, params, seen = [], [], [], set()
+    stack = [model.get_results()[0].input_value(0).get_node()]
+    while stack:
+        node = stack.pop()
+        if node.get_name() in seen:  # (not id(): the Python wrappers are made anew and their ids reused)
+            continue
+        seen.add(node.get_name())
+        kind = node.get_type_name()
+        if kind == "Constant":
+            continue
+        if kind == "Parameter":
+            params.append(node)
+            continue
+        if kind == "MVN":
+            mvns.append(node)
+            continue
+        nodes.append(node)
+        stack.extend(i.get_source_output().get_node() for i in node.inputs())
+    return nodes, mvns, params
+
+
+def split_head(ir_path: Path):
+    """A classifier's IR cut in two at its last LayerNorm: `(encoder, head, head_inputs)`, the encoder up to
+    the normalised hidden states and the head (LayerNorm's scale and shift, pooler, classifier) taking them as
+    `encoder_hidden` (plus the model inputs in `head_inputs` it reads). The CPU plugin ignores
+    precision marks on single nodes under a bf16 hint, so a head kept in f32 is a model of its own. None
+    where the graph has not exactly one LayerNorm between its output and the rest, or the head would need
+    most of the graph."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    core = get_core()
+    head = core.read_model(str(ir_path))
+    nodes, mvns, params = _head_region(head)
+    if len(mvns) != 1 or len(nodes) > 64:
+        return None
+    cut = mvns[0].get_friendly_name()
+    body = core.read_model(str(ir_path))
+    body_cut = next(n for n in body.get_ops() if n.get_friendly_name() == cut)
+    encoder = ov.Model([ops.result(body_cut.output(0))], body.get_parameters(), "hfbatch_encoder")
+    hidden = ops.parameter(mvns[0].get_output_partial_shape(0), mvns[0].get_output_element_type(0), name=HEAD_INPUT)
+    hidden.output(0).get_tensor().set_names({HEAD_INPUT})
+    for target in list(mvns[0].output(0).get_target_inputs()):
+        target.replace_source_output(hidden.output(0))
+    head_inputs = [p.get_friendly_name() for p in params]
+    return encoder, ov.Model(head.get_results(), [hidden, *params], "hfbatch_head"), head_inputs
+
+
 # ---------------------------------------------------------------------------------------------- encoder
 
 
@@ -565,7 +625,16 @@ class OpenVINOEncoder:
         config.update(ov_config or {})
         self.config = config
         t0 = time.perf_counter()
-        self.compiled = get_core().compile_model(str(self.ir_path), "CPU", config)
+        split = split_head(self.ir_path) if task == "classify" and precision == "bf16" else None
+        self.head_inputs: list[str] = []
+        self._head = None
+        if split is None:
+            self.compiled = get_core().compile_model(str(self.ir_path), "CPU", config)
+        else:  # the encoder in bf16, the classification head (and the last LayerNorm's scale) in f32
+            body, head, self.head_inputs = split
+            self.compiled = get_core().compile_model(body, "CPU", config)
+            self._head = get_core().compile_model(head, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"})
+            self._head_request = self._head.create_infer_request()
         self.compile_s = time.perf_counter() - t0
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
         self._request = self.compiled.create_infer_request()
@@ -575,7 +644,7 @@ class OpenVINOEncoder:
     @property
     def dim(self) -> int | None:
         """Last dimension of the output (hidden size or number of labels), when static."""
-        d = self.compiled.output(0).get_partial_shape()[-1]
+        d = (self._head or self.compiled).output(0).get_partial_shape()[-1]
         return d.get_length() if d.is_static else None
 
     def describe(self) -> dict[str, Any]:
@@ -614,9 +683,12 @@ class OpenVINOEncoder:
         """One batch: int64 ``[B, T]`` arrays in, float32 out (``[B, H]`` pooled, ``[B, T, H]``, or logits)."""
         feed = self._inputs(input_ids, attention_mask, token_type_ids)
         if feed["input_ids"].shape[0] == 0:
-            rank = self.compiled.output(0).get_partial_shape().rank.get_length()
+            rank = (self._head or self.compiled).output(0).get_partial_shape().rank.get_length()
             shape = (0, self.dim or 0) if rank == 2 else (0, feed["input_ids"].shape[1], self.dim or 0)
             return np.zeros(shape, dtype=np.float32)
         with self._lock:
-            out = self._request.infer(feed, share_inputs=True, share_outputs=False)
+            out = self._request.infer(feed, share_inputs=True, share_outputs=self._head is not None)
+            if self._head is not None:
+                head_feed = {HEAD_INPUT: out[0], **{n: feed[n] for n in self.head_inputs}}
+                out = self._head_request.infer(head_feed, share_inputs=True, share_outputs=False)
             return np.asarray(out[0], dtype=np.float32)
