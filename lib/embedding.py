@@ -30,7 +30,8 @@ class EncoderRun:
 
         # tokenizer.json and config.json read without transformers where they can be (the same ids), so
         # the OpenVINO path never imports torch
-        self.tokenizer = TokenizerFile.load(model_dir, trust_remote_code) or load_tokenizer(model_dir, trust_remote_code)
+        self.tokenizer = TokenizerFile.load(model_dir, trust_remote_code) or \
+            load_tokenizer(model_dir, trust_remote_code)
         self.encoder, self.settings = make_encoder(model_dir, task=task, backend=backend, device=device,
                                                    precision=precision, trust_remote_code=trust_remote_code)
         config = ConfigFile.load(model_dir, trust_remote_code) or load_config(model_dir, trust_remote_code)

@@ -41,9 +41,10 @@ def test_split_is_the_same_function(classifier, tmp_path):
 def test_bf16_classifier_runs_its_head_in_f32(classifier, tmp_path):
     enc = ob.OpenVINOEncoder(classifier, task="classify", precision="bf16", cache_dir=tmp_path)
     assert enc._head is not None
+
     def precisions(compiled):
-        return {op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
-                if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"}
+        infos = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+        return {i["runtimePrecision"].astype(str) for i in infos if i["layerType"].astype(str) == "FullyConnected"}
 
     assert precisions(enc._head) == {"f32"}  # pooler and classifier
     assert precisions(enc.compiled) == {"bf16"}  # the encoder itself still runs in bf16
