@@ -135,8 +135,8 @@ class ConfigFile:
         if trust_remote_code:
             return None
         values = _json_object(Path(path) / "config.json")
-        if values is None or values.get("auto_map"):
-            return None
+        if values is None or values.get("auto_map") or not isinstance(values.get("model_type"), str):
+            return None  # (AutoConfig refuses a config without model_type, with its own message)
         if not all(isinstance(values.get(k), int) for k in ("hidden_size", "max_position_embeddings")):
             return None
         id2label = values.get("id2label")
