@@ -38,7 +38,8 @@ def publish_embeddings(path: str, ids: np.ndarray, vectors: np.ndarray) -> None:
     with Job("embed", path, config={"benchmark": "index_incremental"}, force=True) as job:
         for shard, start in enumerate(range(0, len(ids), 20_000)):
             stop = min(len(ids), start + 20_000)
-            job.write_shard(shard, embeddings_table(ids[start:stop].tolist(), vectors[start:stop], vectors.shape[1]))
+            job.shards.write_shard(shard, embeddings_table(ids[start:stop].tolist(), vectors[start:stop],
+                                                           vectors.shape[1]))
         job.publish_dataset(-(-len(ids) // 20_000), embeddings_features(datasets.Value("int64"), vectors.shape[1]),
                             extra={"dim": vectors.shape[1]})
 

@@ -162,6 +162,10 @@ def compare_outputs(step: str, dirs: dict[str, Path], roots: dict[str, str]) -> 
     """(step, what, "identical" or the first difference) for each thing compared in two outputs."""
     import datasets
 
+    from hfbatch.dataset import is_saved_dataset
+    from hfbatch.indexing import INDEX_FILE
+    from hfbatch.runner import REJECTS
+
     old, new = dirs["old"], dirs["new"]
     checks = []
 
@@ -170,14 +174,14 @@ def compare_outputs(step: str, dirs: dict[str, Path], roots: dict[str, str]) -> 
 
     names = {side: sorted(p.name for p in d.iterdir()) for side, d in dirs.items()}
     check(f"files ({len(names['old'])})", None if names["old"] == names["new"] else f"{names['old']} vs {names['new']}")
-    if (old / "state.json").exists():
+    if is_saved_dataset(old):
         a, b = (datasets.load_from_disk(str(d)).data.table for d in (old, new))
         check(f"rows ({a.num_rows:,} x {a.num_columns}: {', '.join(a.column_names)})", table_difference(a, b))
     for side_file in ("content_hashes.parquet", "rows.parquet"):
         if (old / side_file).exists() or (new / side_file).exists():
             check(side_file, table_difference(pq.read_table(old / side_file), pq.read_table(new / side_file))
                   if (old / side_file).exists() and (new / side_file).exists() else "only on one side")
-    for raw_file in ("rejects.jsonl", "index.faiss"):
+    for raw_file in (REJECTS, INDEX_FILE):
         if (old / raw_file).exists() or (new / raw_file).exists():
             same = (old / raw_file).exists() and (new / raw_file).exists() \
                 and _sha256(old / raw_file) == _sha256(new / raw_file)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import click
 
 from hfbatch.cli import SizeType, force_option, json_summary, output_option
+from hfbatch.lexical import DEFAULT_LANGUAGE, LANGUAGES
 
 
 @click.command()
 @click.argument("embeddings", type=click.Path(exists=True))
 @output_option
-@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw", "ivfpq"]), default="auto",
-              show_default=True, help="auto: exact Flat for small sets, IVF+PQ with re-ranking for large ones.")
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw", "ivfpq", "lexical"]), default="auto",
+              show_default=True, help="auto: exact Flat for small sets, IVF+PQ with re-ranking for large ones. "
+                                      "lexical: only the lexical (BM25) part, over any dataset with `id` and "
+                                      "text: no embeddings needed.")
 @click.option("--factory", default=None, metavar="STRING",
               help="Any faiss.index_factory string (experts; overrides --kind), e.g. 'IVF1024,PQ96x4fs,RFlat'.")
 @click.option("--memory-budget", type=SizeType(), default=None, metavar="SIZE",
@@ -35,10 +38,17 @@ from hfbatch.cli import SizeType, force_option, json_summary, output_option
                    "[default: row numbers 0..n-1].")
 @click.option("--metric", type=click.Choice(["cosine", "dot", "l2"]), default=None,
               help="Vectors made elsewhere: how they compare (no model says it) [default: cosine].")
+@click.option("--lexical/--no-lexical", default=True, show_default=True,
+              help="Also build the lexical (BM25) part over the rows' text, from the dataset the embeddings were "
+                   "made from, for `search --mode hybrid|lexical`.")
+@click.option("--language", type=click.Choice(LANGUAGES), default=DEFAULT_LANGUAGE, show_default=True,
+              help="The lexical part's stop words and stemmer (Snowball); none: lowercase words only.")
+@click.option("--text-column", default=None, metavar="NAME",
+              help="--kind lexical over a dataset: its column of text [default: text].")
 @json_summary("index")
 def index(embeddings, output, kind, factory, memory_budget, target_recall, force, incremental, vector_column,
-          id_column, ids_file, metric):
-    """Build a FAISS index over EMBEDDINGS in OUTPUT.
+          id_column, ids_file, metric, lexical, language, text_column):
+    """Build a FAISS index over EMBEDDINGS in OUTPUT, and beside it a lexical (BM25) one over their text.
 
     EMBEDDINGS is an `hfbatch embed` output, or vectors made elsewhere: a Parquet file or directory of Parquet
     files, or a `datasets` save_to_disk directory, with a column of vectors (--vector-column) and of ids
@@ -50,17 +60,22 @@ def index(embeddings, output, kind, factory, memory_budget, target_recall, force
     queries and nprobe/efSearch raised until --target-recall is reached; the manifest records the factory
     string, build time, search parameters, recall and QPS (`hfbatch info` shows them).
 
+    The lexical part (tantivy, memory-mapped when searched) indexes the text of each row (over chunks, the
+    chunk's text) from the source dataset, while it is the version that was embedded; it is built anew on
+    every run, --incremental too, within an eighth of --memory-budget. With --kind lexical, EMBEDDINGS may
+    be any dataset (e.g. an `hfbatch ingest` output): only the lexical part is built.
+
     \b
     Example:
         hfbatch index out/embeddings -o out/index --memory-budget 4GB
         hfbatch index out/embeddings -o out/index --incremental   # after re-embedding a changed corpus
         hfbatch index vectors.parquet -o out/index --vector-column vec --metric dot
         hfbatch index vectors.npy --ids ids.txt -o out/index
+        hfbatch index out/dataset -o out/lexical-index --kind lexical --language german
     """
     from hfbatch.indexing import make_index
 
-    return make_index(embeddings, output, kind=kind, factory=factory,
-                      memory_budget=memory_budget and memory_budget.text,  # as written, for the manifest
-                      budget_bytes=memory_budget and int(memory_budget), target_recall=target_recall, force=force,
-                      incremental=incremental, vector_column=vector_column, id_column=id_column, ids=ids_file,
-                      metric=metric)
+    return make_index(embeddings, output, kind=kind, factory=factory, memory_budget=memory_budget,
+                      target_recall=target_recall, force=force, incremental=incremental, vector_column=vector_column,
+                      id_column=id_column, ids=ids_file, metric=metric, lexical=lexical, language=language,
+                      text_column=text_column)

@@ -1,34 +1,17 @@
-"""hfbatch info: what an output directory holds, from its manifest."""
+"""hfbatch info: what an output directory holds, from its manifest. The work is hfbatch.output_info."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-SHOWN = {"job", "rows", "created_at", "elapsed_s", "inputs", "versions", "config", "features", "sources",
-         "counts", "schema", "rejects_by_kind", "output", "fingerprint", "hfbatch_version"}
-MAX_SOURCES = 20
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _counts(counts: dict) -> str:
-    return ", ".join(f"{v} {k}" for k, v in counts.items())
+from hfbatch.cli import json_flag
 
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@json_flag("Print the whole manifest as JSON.")
 def info(path, as_json):
     """Show the manifest of PATH (any hfbatch output): job, rows, sources, rejects, schema, inputs,
     options, versions.
@@ -38,54 +21,12 @@ def info(path, as_json):
         hfbatch info out/dataset
         hfbatch info out/embeddings --json | jq .rows
     """
-    from hfbatch.runner import require_complete
+    from hfbatch.output_info import describe
+    from hfbatch.output_info import info as read_info
 
-    manifest = require_complete(Path(path), "output")
+    manifest = read_info(path)
     if as_json:
         click.echo(json.dumps(manifest, indent=2, sort_keys=True))
         return
-    try:
-        show(path, manifest)
-    except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a manifest edited by hand
-        from hfbatch.errors import InputError
-
-        raise InputError(f"{Path(path) / 'manifest.json'} holds something hfbatch does not write "
-                         f"({type(exc).__name__}: {exc}); `hfbatch info --json {path}` shows it as it is")
-
-
-def show(path, manifest: dict) -> None:
-    from hfbatch.runner import REJECTS
-
-    echo = click.echo
-    echo(f"{path}: hfbatch {manifest.get('job')} output, {manifest.get('rows')} rows, "
-         f"made {manifest.get('created_at')} in {manifest.get('elapsed_s')} s")
-    counts = manifest.get("counts") or {}
-    if counts:
-        echo(f"  counts: {_counts(counts)}")
-    kinds = manifest.get("rejects_by_kind") or {}
-    if kinds:
-        echo(f"  rejects: {_counts(dict(sorted(kinds.items(), key=lambda kv: -kv[1])))} "
-             f"(rows in {Path(path) / REJECTS})")
-    schema = manifest.get("schema")
-    if schema:
-        echo("  columns: " + ", ".join(f"{name} ({kind})" for name, kind in schema.items()))
-    for key in sorted(k for k in manifest if k not in SHOWN):
-        value = manifest[key]
-        echo(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
-    sources = manifest.get("sources") or {}
-    if sources:
-        echo(f"  sources ({len(sources)}):")
-        width = min(max(len(name) for name in sources), 48)
-        for name, c in list(sources.items())[:MAX_SOURCES]:
-            dropped = "".join(f", {c[k]} {k}" for k in ("filtered", "duplicates") if c.get(k))
-            echo(f"    {name:<{width}}  {c.get('rows', 0):>9} rows  {c.get('rejects', 0):>6} rejected"
-                 f"{dropped}  ({c.get('read', '?')} read)")
-        if len(sources) > MAX_SOURCES:
-            echo(f"    ... and {len(sources) - MAX_SOURCES} more (--json lists them all)")
-    echo("  options: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.get("config", {}).items())
-                                  if v not in (None, {}, [], False)))
-    for item in manifest.get("inputs", []):
-        ident = item.get("sha256") or item.get("manifest_sha256")
-        size = f"{_size(item.get('size'))}, " if item.get("kind") == "file" else ""
-        echo(f"  input: {item['path']} ({item['kind']}, {size}sha256 {str(ident)[:16]})")
-    echo("  versions: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items())))
+    for line in describe(path, manifest):
+        click.echo(line)

@@ -7,7 +7,14 @@ import json
 
 import click
 
-from hfbatch.cli import force_option, model_option, query_device_options, trust_remote_code_option
+from hfbatch.cli import (
+    force_option,
+    lexical_weight_option,
+    mode_option,
+    model_option,
+    query_device_options,
+    trust_remote_code_option,
+)
 
 
 def parse_filter(ctx, param, values):
@@ -43,19 +50,28 @@ def parse_filter(ctx, param, values):
                    "hit. The text format always shows it.")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="Override the tuned nprobe (IVF).")
 @click.option("--ef", type=click.IntRange(min=1), default=None, help="Override the tuned efSearch (HNSW).")
+@mode_option
+@lexical_weight_option
 @model_option
 @trust_remote_code_option
 @query_device_options
 @force_option
 def search(index_dir, queries, queries_file, query_vectors, query_ids, k, filters, output, out_format, show_span,
-           nprobe, ef, model, trust_remote_code, device, precision, force):
+           nprobe, ef, mode, lexical_weight, model, trust_remote_code, device, precision, force):
     """Search INDEX_DIR (an `hfbatch index` output) for QUERIES.
 
     Prints one JSON object per hit: {"query", "rank", "id", "score", "text"}, or with -o writes them as a
     dataset. The queries are embedded with the index's own model unless --model is given, on --device in
     --precision (chosen here, not inherited from the embeddings: an index embedded on a GPU in fp16 is
-    searched on a CPU host in fp32). `score` is the model's similarity: cosine, dot product, or minus the
-    euclidean distance, as the index manifest's `similarity` says.
+    searched on a CPU host in fp32). In dense mode `score` is the model's similarity: cosine, dot product, or
+    minus the euclidean distance, as the index manifest's `similarity` says.
+
+    An index built with its lexical part (the default of `hfbatch index`) is searched in hybrid mode: the 100
+    best rows by the model and the 100 best by BM25 are fused as (1 - w) * dense score + w * BM25 / the
+    query's best BM25, w = --lexical-weight; a row one part did not return takes that part's lowest returned
+    score (0 for BM25 when fewer rows share a term). Hits then also carry `dense_score` and `lexical_score`
+    (null: not returned by that part). --mode lexical ranks by BM25 alone (no model needed), --mode dense by
+    the model alone. Filters and chunked indexes work in every mode.
 
     Ids come from the index itself. `text` is looked up (by id) in the source dataset only while it is the
     version that was indexed; if it changed since, hits come without text and a warning says what to re-run.
@@ -69,13 +85,14 @@ def search(index_dir, queries, queries_file, query_vectors, query_ids, k, filter
         hfbatch search out/index "python web framework" "3d game" -k 5
         hfbatch search out/index --queries q.jsonl --filter section=games -o out/hits
         hfbatch search out/vector-index --query-vectors queries.npy -k 10
+        hfbatch search out/index "libxml2 bindings" --mode lexical
     """
     from hfbatch.retrieval import search as search_index
 
     hits = search_index(index_dir, queries, queries_file=queries_file, query_vectors=query_vectors,
                         query_ids=query_ids, k=k, filters=filters, output=output, show_span=show_span,
                         nprobe=nprobe, ef=ef, model=model, trust_remote_code=trust_remote_code, device=device,
-                        precision=precision, force=force)
+                        precision=precision, force=force, mode=mode, lexical_weight=lexical_weight)
     if output is None:
         print_hits(hits, out_format)
 

@@ -14,7 +14,7 @@ import numpy as np
 if TYPE_CHECKING:
     from .parts import ShardParts
 
-DEFAULT_BATCH_TOKENS = 2048  # fastest measured for OpenVINO on 2 cores (bench/ov_prototype.py)
+DEFAULT_BATCH_TOKENS = 2048  # fastest measured for OpenVINO on 2 cores (when its backend was written)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -39,15 +39,21 @@ def tokenize(tokenizer, texts: list[str], max_length: int, pairs: list[str] | No
                         return_attention_mask=False, return_overflowing_tokens=False,
                         return_length=False)
     ids = encoded["input_ids"]
-    # A row cut by truncation fills max_length exactly; re-check those few without truncation.
+    truncated = sum(truncation_flags(tokenizer, texts, pairs, ids, max_length))
+    return Tokenized(ids, encoded.get("token_type_ids"), truncated)
+
+
+def truncation_flags(tokenizer, texts, pairs, ids, max_length: int) -> list[bool]:
+    """Which rows truncation cut: a cut row fills max_length exactly, so only those few are re-tokenized."""
+    flags = [False] * len(ids)
     full = [i for i, row in enumerate(ids) if len(row) >= max_length]
-    truncated = 0
     if full:
         lengths = tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs else None,
                             truncation=False, padding=False, return_attention_mask=False,
                             return_token_type_ids=False, verbose=False)["input_ids"]
-        truncated = sum(len(row) > max_length for row in lengths)
-    return Tokenized(ids, encoded.get("token_type_ids"), truncated)
+        for i, row in zip(full, lengths):
+            flags[i] = len(row) > max_length
+    return flags
 
 
 def warn_truncated(job, max_length: int) -> None:

@@ -106,8 +106,7 @@ def chunks_table(doc_ids, chunks: Chunks, vectors, features):
 def model_content_limit(model_dir, max_length: int | None, trust_remote_code: bool = False) -> int:
     """content_token_limit for a model directory, from its tokenizer and config alone (no weights loaded),
     so a bad --chunk-tokens is refused before the encoder is built."""
-    from .models import default_max_length, load_config, load_tokenizer
+    from .models import load_tokenization
 
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    config = load_config(model_dir, trust_remote_code)
-    return content_token_limit(tokenizer, max_length or default_max_length(model_dir, tokenizer, config))
+    tokenizer, _, limit = load_tokenization(model_dir, max_length, trust_remote_code)
+    return content_token_limit(tokenizer, limit)

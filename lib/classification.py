@@ -1,6 +1,6 @@
 """The classify job (`hfbatch classify`): a dataset's text -> `id`, `label`, `score` (and the top K).
 
-`ClassifyShards` (run by hfbatch.devices.run_shards) runs the model's sequence-classification head over each
+`ClassifyShards` (run by hfbatch.executor.run_shards) runs the model's sequence-classification head over each
 shard; `probabilities` turns its logits into what transformers' pipeline reports; `labels_table` writes them.
 """
 
@@ -40,7 +40,7 @@ def classify(dataset, output, *, model, text_column="text", text_pair_column=Non
     with Job("classify", output, config=config, datasets=[dataset], force=force) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
-        from .devices import run_shards
+        from .executor import run_shards
         from .io import open_dataset, require_text_column
 
         source, _ = open_dataset(dataset)
@@ -51,9 +51,9 @@ def classify(dataset, output, *, model, text_column="text", text_pair_column=Non
                             model_dir=str(model_dir), device=device, precision=precision, backend=backend,
                             max_length=max_length, batch_tokens=batch_tokens, trust_remote_code=trust_remote_code,
                             shard_rows=shard_rows, multi_label=multi_label, top_k=top_k)
-        n_shards, pending, pending_rows = job.plan_rows(len(source), shard_rows)
+        n_shards, pending, pending_rows = job.shards.plan_rows(len(source), shard_rows)
         progress = log.Progress("classify", pending_rows)
-        done = run_shards(job, pending, functools.partial(ClassifyShards, plan), devices, progress)
+        done = run_shards("classify", job.shards, pending, functools.partial(ClassifyShards, plan), devices, progress)
         progress.close()
         info = done.info
         k = min(top_k, len(info["labels"])) if top_k else None
@@ -75,7 +75,7 @@ class ClassifyPlan(ModelRun):
 
 
 class ClassifyShards:
-    """One process's classify work (see hfbatch.devices): the dataset and the model on `device`."""
+    """One process's classify work (see hfbatch.executor): the dataset and the model on `device`."""
 
     def __init__(self, plan: ClassifyPlan, device: str | None = None):
         from pathlib import Path

@@ -36,6 +36,8 @@ JOBS = {
     "inspect": "hfbatch.jobs.inspect:inspect",
     "evaluate": "hfbatch.jobs.evaluate:evaluate",
     "tokenize": "hfbatch.jobs.tokenize:tokenize",
+    "generate": "hfbatch.jobs.generate:generate",
+    "train-tokenizer": "hfbatch.jobs.train_tokenizer:train_tokenizer",
 }
 
 
@@ -167,10 +169,32 @@ def output_option(f):
                         help="Output directory (published atomically with a manifest.json).")(f)
 
 
-def force_option(f):
-    return click.option("--force", is_flag=True,
-                        help="Recompute OUTPUT and replace it when it is an hfbatch output made from other inputs or "
-                             "options. A directory hfbatch did not make is never replaced.")(f)
+FORCE_HELP = ("Recompute OUTPUT and replace it when it is an hfbatch output made from other inputs or options. A "
+              "directory hfbatch did not make is never replaced.")
+
+
+def force_option(f_or_help=FORCE_HELP):
+    """`--force`: as `@force_option`, or `@force_option("help")` where forcing means something else."""
+    if callable(f_or_help):
+        return click.option("--force", is_flag=True, help=FORCE_HELP)(f_or_help)
+    return click.option("--force", is_flag=True, help=f_or_help)
+
+
+def columns_option(help: str):
+    """`--columns a,b --columns c` -> ["a", "b", "c"] (None when not given)."""
+    return click.option("--columns", "columns", multiple=True, metavar="A,B,...", help=help,
+                        callback=lambda ctx, param, values: _names(values))
+
+
+def _names(values) -> list[str] | None:
+    from .ingestion import parse_columns
+
+    return parse_columns(values)
+
+
+def json_flag(help: str):
+    """`--json` of the commands that print a description (info, inspect), not a job summary."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
 
 
 def model_option(f):
@@ -187,9 +211,20 @@ DEVICES = ["auto", "cpu", "cuda"]
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 
 
+def device_option(f):
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                        help="auto = CUDA when available, else CPU.")(f)
+
+
 def device_options(f):
-    f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-                     help="auto = CUDA when available, else CPU.")(f)
+    f = torch_device_options(f)
+    return click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
+                        show_default=True, help="Inference engine. auto = OpenVINO on CPU, torch on CUDA.")(f)
+
+
+def torch_device_options(f):
+    """--device, --devices, --precision: jobs that run a torch model (embed and classify add --backend)."""
+    f = device_option(f)
     f = click.option("--devices", default=None, metavar="LIST", callback=_parse_devices,
                      help="Several devices at once, one worker process each, shards shared among them and "
                           "merged in order: GPU indices (0,1) or cuda:N; `cpu,cpu` splits the cores.")(f)
@@ -197,8 +232,6 @@ def device_options(f):
                      show_default=True,
                      help="auto = bf16 where the hardware has it (AVX512-BF16/AMX CPUs, CUDA), fp16 on older "
                           "CUDA, else fp32. fp32 is exact.")(f)
-    f = click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
-                     show_default=True, help="Inference engine. auto = OpenVINO on CPU, torch on CUDA.")(f)
     return f
 
 
@@ -211,6 +244,23 @@ def query_device_options(f):
                      help="Precision of the query encoder: auto = fp32 on CPU (queries are few: exact costs "
                           "little), bf16 on CUDA (fp16 on older CUDA). Not inherited from the embeddings.")(f)
     return f
+
+
+def mode_option(f):
+    """search and evaluate: which parts of the index rank the hits (hfbatch.retrieval's module doc)."""
+    from hfbatch.retrieval import MODES
+
+    return click.option("--mode", type=click.Choice(MODES), default=None,
+                        help="hybrid: dense and lexical fused; dense: the model only; lexical: BM25 only "
+                             "[default: hybrid where the index has both parts, else the part it has].")(f)
+
+
+def lexical_weight_option(f):
+    from hfbatch.retrieval import DEFAULT_LEXICAL_WEIGHT
+
+    return click.option("--lexical-weight", type=click.FloatRange(0.0, 1.0), default=None, metavar="W",
+                        help=f"Hybrid mode: the share of the normalised BM25 score in the fused score [default: "
+                             f"{DEFAULT_LEXICAL_WEIGHT}, chosen on bench/debian_retrieval.py's dev queries].")(f)
 
 
 def _parse_devices(ctx, param, value):

@@ -1,7 +1,7 @@
 """Texts in, vectors out, and the embed job.
 
 `EncoderRun` (tokenizer + encoder + token-budget batching) is shared by embed, search and classify. `embed` is
-the job behind `hfbatch embed`: its shards (`EmbedShards`, run by hfbatch.devices.run_shards), row slices
+the job behind `hfbatch embed`: its shards (`EmbedShards`, run by hfbatch.executor.run_shards), row slices
 for --num-shards, chunking, and the reuse of an older output's vectors with --incremental
 (`PreviousVectors`, the text hash side file).
 """
@@ -26,17 +26,19 @@ class EncoderRun:
     def __init__(self, model_dir, *, task="embed", backend="auto", device="auto", precision="auto",
                  max_length=None, batch_tokens=DEFAULT_BATCH_TOKENS, trust_remote_code=False):
         from .model_files import ConfigFile, TokenizerFile
-        from .models import effective_max_length, load_config, load_tokenizer, make_encoder
+        from .models import effective_max_length, load_tokenization, make_encoder
 
         # tokenizer.json and config.json read without transformers where they can be (the same ids), so
         # the OpenVINO path never imports torch
-        self.tokenizer = TokenizerFile.load(model_dir, trust_remote_code) or \
-            load_tokenizer(model_dir, trust_remote_code)
+        tokenizer = TokenizerFile.load(model_dir, trust_remote_code)
+        config = ConfigFile.load(model_dir, trust_remote_code)
+        if tokenizer is not None and config is not None:
+            self.tokenizer, self.max_length = tokenizer, effective_max_length(model_dir, tokenizer, config, max_length)
+        else:
+            self.tokenizer, config, self.max_length = load_tokenization(model_dir, max_length, trust_remote_code)
+        self.config = config
         self.encoder, self.settings = make_encoder(model_dir, task=task, backend=backend, device=device,
                                                    precision=precision, trust_remote_code=trust_remote_code)
-        config = ConfigFile.load(model_dir, trust_remote_code) or load_config(model_dir, trust_remote_code)
-        self.config = config
-        self.max_length = effective_max_length(model_dir, self.tokenizer, config, max_length)
         self.batch_tokens = batch_tokens
         self.dim = config.num_labels if task == "classify" else config.hidden_size
 
@@ -135,7 +137,8 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
     """The embed job (`hfbatch embed`): DATASET's text column -> OUTPUT's `id` + `embedding` dataset. Takes
     the command's options (`devices` a list such as ["cuda:0", "cuda:1"]) and returns the summary that --json
     prints."""
-    from .devices import check_devices, devices_kind, run_shards
+    from .devices import check_devices, devices_kind
+    from .executor import run_shards
     from .io import open_dataset, require_text_column
     from .models import model_fingerprint, resolve_model_dir
 
@@ -167,9 +170,9 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
                          trust_remote_code=trust_remote_code, shard_rows=shard_rows, num_shards=num_shards,
                          shard_index=shard_index, chunking=chunking,
                          previous_output=str(job.output) if job.previous else None)
-        n_shards, pending, pending_rows = job.plan_rows(stop - start, shard_rows)
+        n_shards, pending, pending_rows = job.shards.plan_rows(stop - start, shard_rows)
         progress = log.Progress("embed", pending_rows)
-        done = run_shards(job, pending, functools.partial(EmbedShards, plan), devices, progress)
+        done = run_shards("embed", job.shards, pending, functools.partial(EmbedShards, plan), devices, progress)
         progress.close()
         info = done.info
         extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
@@ -186,9 +189,9 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
             log.event("embed", "chunked", documents=counts.get("documents", 0), chunks=counts.get("chunks", 0),
                       split_documents=counts.get("split_documents", 0))
             return {**job.summary(), **done.summary()}
-        features = embeddings_features(source.features["id"], info["dim"])
-        job.publish_dataset(n_shards, features, fill=_write_hashes(info["hash_scheme"]),
-                            extra={k: v for k, v in extra.items() if k != "hash_scheme"})
+        assembly = job.publisher.assemble_dataset(n_shards, embeddings_features(source.features["id"], info["dim"]))
+        _write_hashes(assembly, info["hash_scheme"])
+        job.publish(assembly, extra={k: v for k, v in extra.items() if k != "hash_scheme"})
         warn_truncated(job, info["max_length"])
         return {**job.summary(), **done.summary()}
 
@@ -204,7 +207,7 @@ class EmbedPlan(ModelRun):
 
 
 class EmbedShards:
-    """One process's embed work (see hfbatch.devices): the dataset slice, the model on `device`, and with
+    """One process's embed work (see hfbatch.executor): the dataset slice, the model on `device`, and with
     --incremental the vectors being reused."""
 
     def __init__(self, plan: EmbedPlan, device: str | None = None):
@@ -322,16 +325,14 @@ def given_hashes(dataset, text_column, scheme, total, start, stop):
     return stored.hashes[start:stop]
 
 
-def _write_hashes(scheme):
-    def fill(tmp, joined):
-        """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a
-        Parquet side file for the next --incremental run."""
-        import numpy as np
+def _write_hashes(assembly, scheme) -> None:
+    """The published dataset keeps the contract (`id`, `embedding`); the shards' text hashes go to a Parquet
+    side file for the next --incremental run."""
+    import numpy as np
 
-        table = joined.data.table  # (no rows: joined from no shard, without the shards' text_hash)
-        hashes = table.column("text_hash").to_numpy() if "text_hash" in table.column_names else np.zeros(0, np.int64)
-        write_hash_file(tmp, table.column("id"), hashes, scheme=scheme)
-    return fill
+    table = assembly.joined.data.table  # (no rows: joined from no shard, without the shards' text_hash)
+    hashes = table.column("text_hash").to_numpy() if "text_hash" in table.column_names else np.zeros(0, np.int64)
+    write_hash_file(assembly.dir, table.column("id"), hashes, scheme=scheme)
 
 
 class PreviousVectors:
@@ -343,6 +344,7 @@ class PreviousVectors:
         import numpy as np
         import pandas as pd
 
+        from .dataset import ArrowVectors
         from .io import load_saved_dataset
 
         stored = read_hash_file(path)
@@ -353,13 +355,11 @@ class PreviousVectors:
         self.hashes = np.asarray(stored.hashes, dtype=np.int64)
         rows = pd.Series(np.arange(len(self.hashes)), index=stored.ids.to_pandas())
         self.rows = rows[~rows.index.duplicated(keep="last")]  # a repeated id: its last row, as a dict would
-        column = load_saved_dataset(path, "the output --incremental updates", "embed").data.table.column("embedding")
-        self.dim = column.type.list_size
-        # zero-copy [rows, dim] views of the memory-mapped chunks (pyarrow's ChunkedArray.take would first
-        # concatenate them: a copy of every old vector per call)
-        self.blocks = [np.asarray(chunk.flatten().to_numpy(zero_copy_only=chunk.null_count == 0),
-                                  dtype=np.float32).reshape(-1, self.dim) for chunk in column.chunks]
-        self.starts = np.cumsum([0] + [len(b) for b in self.blocks])
+        load_saved_dataset(path, "the output --incremental updates", "embed")  # refused, in one line, if damaged
+        # read by row from zero-copy views of the memory-mapped chunks (pyarrow's ChunkedArray.take would
+        # first concatenate them: a copy of every old vector per call)
+        self.reader = ArrowVectors(path)
+        self.dim = self.reader.dim
 
     def reusable(self, ids, hashes):
         """For each row: the old output's row holding its vector when the id is there with the same text
@@ -376,8 +376,6 @@ class PreviousVectors:
         import numpy as np
 
         out = np.zeros((len(old_rows), self.dim), dtype=np.float32)
-        block_of = np.searchsorted(self.starts, old_rows, side="right") - 1
-        for b in np.unique(block_of[old_rows >= 0]):
-            rows = np.flatnonzero((block_of == b) & (old_rows >= 0))
-            out[rows] = self.blocks[b][old_rows[rows] - self.starts[b]]
+        found = old_rows >= 0
+        out[found] = self.reader.take(old_rows[found])
         return out

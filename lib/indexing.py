@@ -745,91 +745,7 @@ def load_index(path: str | os.PathLike, mmap: bool = False) -> faiss.Index:
 # reading vectors from a datasets/Arrow directory
 
 
-class ArrowVectors:
-    """Zero-copy reader of the embedding column of a dataset saved with
-    `datasets.Dataset.save_to_disk` (Arrow IPC stream files), usable as read_chunk.
-
-    The column may be a fixed-size list (`Sequence(Value("float32"), length=d)`)
-    or a plain list whose rows all have d values. The files are memory-mapped;
-    each call copies just its rows out of the flat values buffer, then drops
-    the mapped pages it touched from this process (madvise DONTNEED: they stay
-    in the OS page cache), so reading a 1.5 GB column does not add 1.5 GB to
-    the process's resident memory.
-    """
-
-    def __init__(self, path: str | os.PathLike, column: str = "embedding"):
-        import glob
-        import json
-        import mmap
-
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        path = os.fspath(path)
-        state = os.path.join(path, "state.json")
-        if os.path.exists(state):
-            with open(state) as f:
-                files = [os.path.join(path, d["filename"]) for d in json.load(f)["_data_files"]]
-        else:
-            files = sorted(glob.glob(os.path.join(path, "*.arrow")))
-        if not files:
-            raise FileNotFoundError(f"no .arrow files in {path}")
-        self._dontneed = getattr(mmap, "MADV_DONTNEED", None)
-        self._page = mmap.PAGESIZE
-        self._maps, self._chunks, starts, self.dim = [], [], [0], None
-        for file in files:
-            with open(file, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            base = pa.py_buffer(mm)
-            self._maps.append((mm, base.address))
-            table = pa.ipc.open_stream(base).read_all()      # zero-copy over the map
-            for chunk in table.column(column).chunks:
-                if pa.types.is_fixed_size_list(chunk.type):
-                    dims = {chunk.type.list_size}
-                elif pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
-                    lengths = pc.min_max(chunk.value_lengths())
-                    dims = {lengths["min"].as_py(), lengths["max"].as_py()} - {None}
-                else:
-                    raise TypeError(f"column {column!r} is {chunk.type}, expected a list of floats")
-                if chunk.null_count or len(dims) > 1 or (self.dim and dims != {self.dim}):
-                    raise ValueError(f"{file}: column {column!r} has nulls or rows of different lengths")
-                self.dim = self.dim or dims.pop()
-                self._chunks.append((chunk, len(self._maps) - 1))
-                starts.append(starts[-1] + len(chunk))
-            if self._dontneed is not None:
-                # reading the stream's batch headers faults in much of the file
-                # (measured: 244 of 368 MB); give those pages back right away
-                mm.madvise(self._dontneed)
-        self.n = starts[-1]
-        self._starts = np.array(starts)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __call__(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - start, self.dim), dtype=np.float32)
-        i = int(np.searchsorted(self._starts, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            chunk, m = self._chunks[i]
-            lo, hi = pos - self._starts[i], min(stop, self._starts[i + 1]) - self._starts[i]
-            values = chunk.slice(lo, hi - lo).flatten()           # respects the slice offset; no copy
-            src = values.to_numpy(zero_copy_only=True).reshape(-1, self.dim)
-            out[pos - start: pos - start + len(src)] = src        # the one copy (and cast, if not float32)
-            self._release(m, src)
-            pos += len(src)
-            i += 1
-        return out
-
-    def _release(self, m: int, src: np.ndarray) -> None:
-        if self._dontneed is None or not src.size:
-            return
-        mm, base = self._maps[m]
-        lo = src.ctypes.data - base
-        hi = lo + src.nbytes
-        lo -= lo % self._page                                     # madvise wants page alignment
-        mm.madvise(self._dontneed, lo, min(len(mm), hi) - lo)
-
+from hfbatch.dataset import ArrowVectors  # noqa: E402,F401  (its home; imported from here too)
 
 # ----------------------------------------------------------------------------
 # the `hfbatch index` job: an embed output, or vectors made elsewhere (hfbatch.vectors), -> an index directory
@@ -858,20 +774,46 @@ class IndexInput:
 
 
 def make_index(vectors, output, *, kind: str = "auto", factory: str | None = None, memory_budget=None,
-               budget_bytes: int | None = None, target_recall: float = 0.95, force: bool = False,
+               target_recall: float = 0.95, force: bool = False,
                incremental: bool = False, vector_column: str | None = None, id_column: str | None = None,
-               ids=None, metric: str | None = None) -> dict:
+               ids=None, metric: str | None = None, lexical: bool = True, language: str = "english",
+               text_column: str | None = None) -> dict:
     """`hfbatch index`: build (or with `incremental`, update) a tuned FAISS index over `vectors` in `output`.
 
     `vectors` is an `hfbatch embed` output, or vectors made elsewhere (hfbatch.vectors: a Parquet file or
     directory, a save_to_disk dataset, a .npy file with `ids`), whose model is unknown: `metric` (cosine, dot,
-    l2; default cosine) says how they compare. `memory_budget` is recorded as given, `budget_bytes` is its
-    value (default: half the available memory). Returns the summary dict that --json prints."""
+    l2; default cosine) says how they compare. `memory_budget` is a size as --memory-budget takes it ("4GB",
+    "4GiB", or bytes), recorded as written (default: half the available memory). Returns the summary dict that
+    --json prints.
+
+    Beside the FAISS index, `lexical` (default) builds a BM25 index over the rows' text (hfbatch.lexical), in
+    `language` (stop words, stemming); kind "lexical" builds that alone, over any dataset (no embeddings)."""
+    from hfbatch.lexical import analyzer_record, make_lexical_index
     from hfbatch.runner import Job, require_complete
+    from hfbatch.sizes import parse_size
     from hfbatch.vectors import is_foreign
 
     path = Path(vectors)
-    config = {"kind": kind, "factory": factory, "memory_budget": memory_budget, "target_recall": target_recall}
+    budget = memory_budget and parse_size(memory_budget, option="--memory-budget")
+    if lexical:
+        analyzer_record(language)  # a bad --language is refused first
+    if kind == "lexical":
+        given = [name for name, value in (("--factory", factory), ("--vector-column", vector_column),
+                                          ("--id-column", id_column), ("--ids", ids), ("--metric", metric))
+                 if value is not None] + (["--no-lexical"] if not lexical else [])
+        if given:
+            raise InputError(f"{given[0]} does not apply to --kind lexical (an index of the rows' text only)")
+        return make_lexical_index(path, output, language=language, memory_budget=budget and budget.text,
+                                  budget_bytes=budget and int(budget), force=force, incremental=incremental,
+                                  text_column=text_column)
+    if text_column is not None:
+        raise InputError("--text-column applies to --kind lexical; embeddings index the text they were made from")
+    config = {"kind": kind, "factory": factory, "memory_budget": budget and budget.text,
+              "target_recall": target_recall}
+    if not lexical:  # recorded only when not the default, so that older indexes' configs still match
+        config["lexical"] = False
+    if language != "english":
+        config["language"] = language
     source = None
     if is_foreign(path):
         source, found = open_foreign(path, vector_column, id_column, ids, metric)  # checked before the job
@@ -892,7 +834,9 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
             return job.summary()
         if source is None:
             source = open_embeddings(path, similarity, job.inputs[0])
-        return build_and_publish(job, source, kind, factory, budget_bytes or default_budget(), target_recall)
+        text = {"language": language, "budget_bytes": budget and int(budget)} \
+            if lexical and source.record.get("model") else None  # vectors made elsewhere have no text
+        return build_and_publish(job, source, kind, factory, int(budget or default_budget()), target_recall, text)
 
 
 def open_foreign(path: Path, vector_column, id_column, ids, metric):
@@ -935,8 +879,9 @@ def open_embeddings(embeddings: Path, similarity: str, input_record: dict) -> In
     return IndexInput(embeddings, reader, row_table, similarity, record)
 
 
-def build_and_publish(job, source: IndexInput, kind, factory, budget, target_recall) -> dict:
-    """Plan, build (or update in place), tune and publish the index; the job's summary dict."""
+def build_and_publish(job, source: IndexInput, kind, factory, budget, target_recall, lexical=None) -> dict:
+    """Plan, build (or update in place), tune and publish the index; the job's summary dict. `lexical`
+    ({language, budget_bytes}): also the lexical part (hfbatch.lexical), always built anew from the text."""
     vectors, similarity = source.reader, source.similarity
     ids = source.row_table.column("id").combine_chunks()
     n, dim = vectors.n, vectors.dim
@@ -968,18 +913,33 @@ def build_and_publish(job, source: IndexInput, kind, factory, budget, target_rec
              "qps": round(search["qps"], 1), "train_size": plan.train_size, "dim": dim, "count": n, **lineage,
              "update": counts, **source.record}
 
-    def fill(tmp):
-        started = time.monotonic()
-        save_index(built, tmp / INDEX_FILE)
-        write_rows_file(tmp / ROWS_FILE, source.row_table, hashes)
-        phases["save_s"] = time.monotonic() - started
-        extra.update({k: round(v, 3) for k, v in phases.items()})  # the manifest is written after fill
-
-    job.publish_files(fill, rows=n, extra=extra, counts=counts)
+    assembly = job.publisher.assemble_files(rows=n, counts=counts)
+    started = time.monotonic()
+    save_index(built, assembly.dir / INDEX_FILE)
+    write_rows_file(assembly.dir / ROWS_FILE, source.row_table, hashes)
+    phases["save_s"] = time.monotonic() - started
+    if lexical:
+        extra["lexical"] = lexical_part(assembly.dir, source, lexical)
+    job.publish(assembly, extra={**extra, **{k: round(v, 3) for k, v in phases.items()}})
     log.event("index", "quality", recall_at_10=f"{search['recall']:.4f}", qps=f"{search['qps']:.0f}",
               params=params, **{k: f"{v:.1f}" for k, v in phases.items()})
     return {**job.summary(), "recall_at_10": round(search["recall"], 4), "factory": plan.factory,
-            "updated_in_place": update is not None}
+            "updated_in_place": update is not None, "lexical": bool(extra.get("lexical"))}
+
+
+def lexical_part(tmp, source: IndexInput, settings: dict) -> dict | None:
+    """The lexical part beside the FAISS index, or None (with a warning) where the rows' text is not at hand.
+    Always a full build: BM25's statistics (document frequencies, mean length) depend on every row, so an
+    updated part would differ from a new one; building it costs a fraction of embedding the same text."""
+    from hfbatch.lexical import add_lexical_part, indexed_source
+
+    source_path, why = indexed_source(source.record)
+    if source_path is None:
+        log.warn("index", "no_lexical_part", reason=why, hint="search will be dense only")
+        return None
+    return add_lexical_part(tmp, source_path, source.record.get("text_column") or "text", source.row_table,
+                            bool(source.record.get("chunking")), language=settings["language"],
+                            budget_bytes=settings["budget_bytes"])
 
 
 def default_budget() -> int:

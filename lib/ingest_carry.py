@@ -5,7 +5,6 @@ hashes, rejects and counts as parsing them would give."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ class Carry:
     rejects: list
     record: dict            # its shard record: counts, per-source counts, position
     data_file: Path | None = None  # a previous data file holding exactly these rows: hard-linked, not copied
+    # (hfbatch.executor.Stream's link: nothing is copied, and the output's files are never changed in place)
 
 
 class PreviousOutput:
@@ -130,27 +130,12 @@ def admit_carried(carry: Carry, plan: Plan, state: State) -> bool:
     return True
 
 
-def write_carried(job: Job, index: int, carry: Carry, plan: Plan) -> int:
-    """A carried unit's shard: the previous data file itself where it holds exactly the unit's rows (a
-    hard link: nothing is copied, and the output's files are never changed in place), else a copy of
-    its memory-mapped slices."""
-    if carry.data_file is not None:
-        shard = job.shard_file(index)
-        shard.unlink(missing_ok=True)  # (left by a killed attempt at this shard)
-        try:
-            os.link(carry.data_file, shard)
-            return sum(t.num_rows for t in carry.tables)
-        except OSError:  # no hard links here (another filesystem): copy
-            pass
-    return job.write_shard_stream(index, plan.schema, [pa_table(t, plan.schema) for t in carry.tables])
-
-
 def _memory_mapped_rows(path: Path):
     """A saved dataset's rows as one Arrow table over its memory-mapped data files (nothing is read), and
     its data files by the rows they hold: {(first row, rows): file}."""
     import pyarrow as pa
 
-    from hfbatch.io import memory_mapped_tables
+    from hfbatch.dataset import memory_mapped_tables
 
     files = memory_mapped_tables(path)
     by_rows, first = {}, 0

@@ -157,6 +157,9 @@ def make_plan(first: Path, fmt: str, json_field, text_column, id_column, columns
         raise InputError(f"--id-column {id_column}: the sources also have a column 'id'; "
                          f"rename it (--rename id=other_name) or drop the option")
     id_source = None if by_file else (id_column or ("id" if "id" in renamed.names else None))
+    if id_source is not None and id_source == text_column:
+        raise InputError(f"--text-column {text_column}: that column holds the rows' ids; choose another text column, "
+                         f"or rename it (--rename {text_column}=other_name)")
     missing = [c for c in columns or [] if c not in renamed.names]
     if missing:
         raise InputError(f"--columns: no column {', '.join(map(repr, missing))}; available: {available}")

@@ -19,7 +19,6 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from hfbatch import log
 from hfbatch.errors import InputError, JobFailed
-from hfbatch.ingest_carry import PreviousOutput, admit_carried, open_previous, write_carried
+from hfbatch.ingest_carry import PreviousOutput, admit_carried, open_previous
 from hfbatch.ingest_rows import (
     Plan,
     SeenHashes,
@@ -198,46 +197,77 @@ def _import_readers(fmts: list[str]) -> None:
 
 def _write_units(job: Job, units: list[Unit], plan: Plan, state: State, previous: PreviousOutput | None,
                  json_field, streaming: bool, reject_limit: RejectLimit) -> None:
-    """Each pending unit into its shard, in order: carried over from the previous output where it can be, else
-    read and conformed. A shard's fsync and completion record run in a thread while the next unit is read;
-    records are still written in order (each waits for the one before), so after a kill the finished shards
-    are always the first ones."""
-    with log.Progress("ingest", None) as progress, ThreadPoolExecutor(1) as recorder:
-        recording, recording_rejects, end_row = None, 0, 1
+    """Each pending unit into its shard, in order, through the one shard loop (hfbatch.executor): its fsync
+    and completion record run in a thread while the next unit is read, and records are written in order, so
+    after a kill the finished shards are always the first ones."""
+    from hfbatch.executor import run_shards
+
+    pending = job.shards.pending(len(units))
+    work = _UnitWork(job, units, plan, state, previous, json_field, streaming, reject_limit, len(pending))
+    with log.Progress("ingest", None) as progress:
+        run_shards("ingest", job.shards, pending, lambda device: work, progress=progress)
+
+
+class _UnitWork:
+    """Ingest's work for the executor. Units are computed one after the other, in order (a byte range goes on
+    counting lines where the one before it stopped; ids and texts seen before count for duplicates): carried
+    over from the previous output where it can be, else read and conformed."""
+
+    def __init__(self, job: Job, units: list[Unit], plan: Plan, state: State, previous: PreviousOutput | None,
+                 json_field, streaming: bool, reject_limit: RejectLimit, pending: int):
+        self.job, self.units, self.plan, self.state, self.previous = job, units, plan, state, previous
+        self.json_field, self.streaming, self.reject_limit = json_field, streaming, reject_limit
+        self.unrecorded = pending  # units of this run whose record is not written yet
+        self.end_row: int | None = None  # where the unit computed last stopped counting lines
+        self.unit_rejects: dict[int, int] = {}  # rejects of the units computed, until they are recorded
         # rejects of the recorded shards, kept up to date as they are recorded (re-reading every record
         # after each unit made a many-unit run quadratic)
-        rejected = sum(_shard_record(job, i)["rejects"] for i in range(len(units)) if job.is_done(i)) \
+        self.rejected = sum(_shard_record(job, i)["rejects"] for i in range(len(units)) if job.shards.is_done(i)) \
             if reject_limit.kind == "count" else 0
-        for index in job.pending(len(units)):
-            unit = units[index]
-            first_row = 1 if unit.start == 0 else end_row if recording else _first_row(job, index)
-            carry = previous.carry(unit) if previous else None
-            if carry is not None and admit_carried(carry, plan, state):
-                rows = write_carried(job, index, carry, plan)
-                progress.update(rows)
-                hashes, rejects, record = carry.hashes, carry.rejects, carry.record
-            else:
-                carry, tally, parts = None, Tally(), []
-                tables = unit_tables(unit, plan, state, tally, first_row, json_field, _block_bytes(unit, streaming)) \
-                    if plan.limit is None or state.kept < plan.limit else iter(())
-                rows = job.write_shard_stream(index, plan.schema,
-                                              _hashed(_progress(tables, progress), plan.text_column, parts))
-                hashes = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-                rejects, record = tally.rejects, tally.record()
-            record["unit"] = {"sources": list(unit.names), "start": unit.start, "end": unit.end,
-                              "first_row": first_row, "carried": carry is not None}
-            if recording:
-                recording.result()
-                rejected += recording_rejects
-                if reject_limit.kind == "count" and rejected > reject_limit.number:  # exceeded early: stop now
-                    _check_rejects(job, units, reject_limit, final=False)
-            recording = recorder.submit(_finish_shard, job, index, rows, hashes, rejects, record)
-            recording_rejects = len(rejects)
-            end_row = record["position"]["end_row"]
-            log.event("ingest", "unit_done", source=unit.names[0], shard=index, rows=rows,
-                      rejects=len(rejects), carried=carry is not None)
-        if recording:
-            recording.result()
+
+    def prepare(self, index):
+        return None  # a unit depends on the ones before it: all of it is done in order, in compute
+
+    def compute(self, index, prepared, on_rows, parts):
+        from hfbatch.executor import Stream
+        from hfbatch.ingest_carry import pa_table
+
+        plan, unit = self.plan, self.units[index]
+        first_row = 1 if unit.start == 0 else self.end_row if self.end_row is not None else \
+            _first_row(self.job, index)
+        carry = self.previous.carry(unit) if self.previous else None
+        if carry is not None and admit_carried(carry, plan, self.state):
+            rows = sum(t.num_rows for t in carry.tables)
+            on_rows(rows)
+            data = Stream(plan.schema, [pa_table(t, plan.schema) for t in carry.tables], link=carry.data_file)
+            return data, lambda: self._record(index, unit, first_row, rows, carry.hashes, carry.rejects,
+                                              dict(carry.record), carried=True)
+        tally, hashes, written = Tally(), [], []
+        tables = unit_tables(unit, plan, self.state, tally, first_row, self.json_field,
+                             _block_bytes(unit, self.streaming)) \
+            if plan.limit is None or self.state.kept < plan.limit else iter(())
+        data = Stream(plan.schema, _hashed(_progress(tables, on_rows, written), plan.text_column, hashes))
+        return data, lambda: self._record(index, unit, first_row, sum(written),
+                                          np.concatenate(hashes) if hashes else np.zeros(0, np.int64),
+                                          tally.rejects, tally.record(), carried=False)
+
+    def _record(self, index, unit: Unit, first_row: int, rows: int, hashes, rejects: list, record: dict,
+                carried: bool) -> dict:
+        """The unit's shard record, once its rows are written; its content hashes are saved beside it."""
+        record["unit"] = {"sources": list(unit.names), "start": unit.start, "end": unit.end,
+                          "first_row": first_row, "carried": carried}
+        self.end_row = record["position"]["end_row"]
+        self.unit_rejects[index] = len(rejects)
+        log.event("ingest", "unit_done", source=unit.names[0], shard=index, rows=rows, rejects=len(rejects),
+                  carried=carried)
+        return {**record, "rejects": rejects, "arrays": {".hashes.npy": hashes}}
+
+    def recorded(self, index) -> None:
+        """--max-rejects as a count, exceeded before the last unit: stop now."""
+        self.unrecorded -= 1
+        self.rejected += self.unit_rejects.pop(index)
+        if self.unrecorded and self.reject_limit.kind == "count" and self.rejected > self.reject_limit.number:
+            _check_rejects(self.job, self.units, self.reject_limit, final=False)
 
 
 def _publish(job: Job, units: list[Unit], plan: Plan, records: list[dict], extra: dict, sample: int | None,
@@ -254,13 +284,14 @@ def _publish(job: Job, units: list[Unit], plan: Plan, records: list[dict], extra
              "rejects_by_kind": dict(sorted(sum_counts(r.get("reject_kinds", {}) for r in records).items())),
              # what --incremental needs to carry units over: each unit's record, and what names are of
              "units": [{k: v for k, v in r.items() if k != "shard"} for r in records], "work": work}
-    prepare, keep = None, None
+    keep = None
     if sample is not None:
         extra["sampled_from"] = sum(r["rows"] for r in records)
         keep = _sample_indices(extra["sampled_from"], sample, seed)
-        prepare = (lambda dataset: dataset.select(keep)) if keep is not None else None
-    job.publish_dataset(len(units), features, extra=extra, max_shard_size=int(shard_bytes), prepare=prepare,
-                        reuse_shards=True, side_files=_content_hash_writer(job, len(units), plan, keep))
+    assembly = job.publisher.assemble_dataset(len(units), features, rows=keep, max_shard_size=int(shard_bytes),
+                                              reuse_shards=True)
+    _write_content_hashes(job, assembly.dir, len(units), plan, keep)
+    job.publish(assembly, extra=extra)
     return work
 
 
@@ -273,9 +304,11 @@ def _block_bytes(unit: Unit, streaming: bool) -> int | None:
     return unit.paths[0].stat().st_size + 1
 
 
-def _progress(tables, progress) -> Iterator:
+def _progress(tables, on_rows, written: list) -> Iterator:
+    """`tables`, their rows reported to `on_rows` and appended to `written` on the way."""
     for table in tables:
-        progress.update(table.num_rows)
+        on_rows(table.num_rows)
+        written.append(table.num_rows)
         yield table
 
 
@@ -295,7 +328,7 @@ def _first_row(job: Job, index: int) -> int:
 
 
 def _shard_record(job: Job, index: int) -> dict:
-    return json.loads(job.shard_file(index, ".json").read_text())
+    return json.loads(job.shards.shard_file(index, ".json").read_text())
 
 
 def _resume_state(job: Job, units: list[Unit], plan: Plan) -> State:
@@ -304,9 +337,9 @@ def _resume_state(job: Job, units: list[Unit], plan: Plan) -> State:
 
     state = State(SeenHashes() if plan.id_source else None, SeenHashes() if plan.dedup else None)
     for index in range(len(units)):
-        if not job.is_done(index):
+        if not job.shards.is_done(index):
             continue
-        with pa.memory_map(str(job.shard_file(index))) as source:
+        with pa.memory_map(str(job.shards.shard_file(index))) as source:
             for batch in pa.ipc.open_stream(source):
                 if state.ids is not None:
                     state.ids.add_new(hash64(batch.column("id")))
@@ -316,28 +349,19 @@ def _resume_state(job: Job, units: list[Unit], plan: Plan) -> State:
     return state
 
 
-def _finish_shard(job: Job, index: int, rows: int, hashes: np.ndarray, rejects: list, record: dict) -> None:
-    """The shard's content hashes, then its data synced and its record: a recorded shard has its hashes."""
-    with open(job.shard_file(index, ".hashes.npy"), "wb") as fh:
-        np.save(fh, hashes)
-        fh.flush()
-        os.fsync(fh.fileno())
-    job.finish_shard(index, rows, rejects, **record)
-
-
 def _check_rejects(job: Job, units: list[Unit], reject_limit: RejectLimit, final: bool) -> list[dict]:
     """The records of the finished shards; JobFailed, with every reject gathered in one file, where more rows
     than --max-rejects were rejected."""
     n = len(units)
-    records = [_shard_record(job, i) for i in range(n) if job.is_done(i)]
-    read = sum(r["rows_read"] for r in records)
-    rejected = sum(r["rejects"] for r in records)
+    records = [_shard_record(job, i) for i in range(n) if job.shards.is_done(i)]
+    totals = sum_counts(records)
+    read, rejected = totals.get("rows_read", 0), totals.get("rejects", 0)
     if rejected > reject_limit.allowed(read):
         kinds = sum_counts(r.get("reject_kinds", {}) for r in records)
         gathered = job.partial / "rejects.jsonl"
         with open(gathered, "wb") as out:
             for i in range(n):
-                part = job.shard_file(i, ".rejects.jsonl")
+                part = job.shards.shard_file(i, ".rejects.jsonl")
                 if part.exists():
                     out.write(part.read_bytes())
         first = json.loads(gathered.read_text().splitlines()[0])
@@ -373,18 +397,16 @@ def _work_done(records: list[dict]) -> dict:
     return {**work, "carried_files": len(files["carried"]), "parsed_files": len(files["parsed"])}
 
 
-def _content_hash_writer(job: Job, n_units: int, plan: Plan, keep: np.ndarray | None):
-    """Writes OUTPUT/content_hashes.parquet (id, text hash per row, of the rows `keep` when sampled)."""
-    def write(tmp: Path) -> None:
-        import pyarrow as pa
+def _write_content_hashes(job: Job, directory: Path, n_units: int, plan: Plan, keep: np.ndarray | None) -> None:
+    """DIRECTORY/content_hashes.parquet: id and text hash of each row (of the rows `keep` when sampled)."""
+    import pyarrow as pa
 
-        from hfbatch.hashing import write_hash_file
+    from hfbatch.hashing import write_hash_file
 
-        ids = pa.chunked_array([chunk for i in range(n_units) for chunk in
-                                pa.ipc.open_stream(pa.memory_map(str(job.shard_file(i)))).read_all()
-                                .column("id").chunks], plan.schema.field("id").type)
-        hashes = np.concatenate([np.load(job.shard_file(i, ".hashes.npy")) for i in range(n_units)])
-        if keep is not None:
-            ids, hashes = ids.take(pa.array(keep)), hashes[keep]
-        write_hash_file(tmp, ids, hashes, text_column=plan.text_column)
-    return write
+    ids = pa.chunked_array([chunk for i in range(n_units) for chunk in
+                            pa.ipc.open_stream(pa.memory_map(str(job.shards.shard_file(i)))).read_all()
+                            .column("id").chunks], plan.schema.field("id").type)
+    hashes = np.concatenate([np.load(job.shards.shard_file(i, ".hashes.npy")) for i in range(n_units)])
+    if keep is not None:
+        ids, hashes = ids.take(pa.array(keep)), hashes[keep]
+    write_hash_file(directory, ids, hashes, text_column=plan.text_column)

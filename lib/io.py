@@ -669,19 +669,6 @@ def read_json(path: Path, source, schema: pa.Schema, json_field: str | None) -> 
 
 # ---- hfbatch datasets -----------------------------------------------------------------------------------
 
-def saved_data_files(path) -> list[Path]:
-    """The data files of a `save_to_disk` dataset, in row order (as its state.json lists them)."""
-    path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    return [path / entry["filename"] for entry in state["_data_files"]]
-
-
-def memory_mapped_tables(path) -> list[tuple[Path, pa.Table]]:
-    """Each data file of a `save_to_disk` dataset, in row order, with its rows as an Arrow table over the
-    memory-mapped file: zero-copy, nothing is read until it is used."""
-    return [(file, pa.ipc.open_stream(pa.memory_map(str(file))).read_all()) for file in saved_data_files(path)]
-
-
 def open_dataset(path, what: str = "dataset"):
     """A finished hfbatch dataset, memory-mapped (refused without a manifest)."""
 

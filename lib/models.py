@@ -107,23 +107,37 @@ def safetensors_tensors(file: Path) -> dict[str, tuple[str, list[int]]]:
 
 
 def model_fingerprint(path: Path) -> str:
-    """Content identity of a model directory: small files hashed whole, weights by size and their first
-    and last 4 MiB (hashing gigabytes on every run would make a no-op re-run slow)."""
+    """Content identity of a model directory for a job's config: small files hashed whole, weights by size and
+    their first and last 4 MiB (hashing gigabytes on every run would make a no-op re-run slow)."""
+    return model_content_hash(path).hexdigest()[:16]
+
+
+def model_content_hash(path: Path, files=None, whole: bool = False):
+    """The one hash of a model directory's contents: sha256 over each of `files` (default: every file that is
+    not hidden), in sorted order, as its relative path, size and bytes. Files over 16 MiB count by their first
+    and last 4 MiB unless `whole` (the OpenVINO cache, where a collision would run another model's graph).
+    Returns the hashlib object, so a caller can add its own options to the key."""
+    path = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    if files is None:
+        files = (p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path).as_posix()))
+    for file in sorted(files):
         rel = file.relative_to(path).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue
         size = file.stat().st_size
         digest.update(f"{rel}\0{size}\0".encode())
         with open(file, "rb") as fh:
-            if size <= 16 << 20:
-                digest.update(fh.read())
+            if whole or size <= 16 << 20:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
             else:
                 digest.update(fh.read(4 << 20))
                 fh.seek(-(4 << 20), os.SEEK_END)
                 digest.update(fh.read())
-    return digest.hexdigest()[:16]
+    return digest
+
+
+def _hidden(rel: str) -> bool:
+    return rel.startswith(".") or "/." in rel
 
 
 @dataclass(frozen=True)
@@ -186,11 +200,25 @@ def effective_max_length(path: Path, tokenizer, config, requested: int | None) -
 
 
 def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512_BF16 or AMX), so bf16 inference is fast and offered
+    (by --precision auto, and by the OpenVINO backend)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return False
+
+
+def load_tokenization(path: Path, requested: int | None, trust_remote_code: bool = False, tokenizer=None):
+    """(tokenizer, config, max_length) of a model directory, without loading its weights: the one place that
+    loads the tokenizer and config to decide the max_length a job cuts at (`requested`: --max-length)."""
+    path = Path(path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path, trust_remote_code)
+    config = load_config(path, trust_remote_code)
+    return tokenizer, config, effective_max_length(path, tokenizer, config, requested)
 
 
 def choose_device(device: str) -> str:
@@ -293,7 +321,7 @@ def load_torch_model(path: Path, auto_class: str = "AutoModel", device: str = "c
         try:
             model = cls.from_pretrained(str(path), dtype=getattr(torch, TORCH_DTYPES[precision]),
                                         trust_remote_code=trust_remote_code, attn_implementation="sdpa", **kwargs)
-        except ValueError as exc:
+        except (ValueError, ImportError, TypeError) as exc:
             if "trust_remote_code" in str(exc):
                 raise InputError(f"{path} needs its own Python code to load; pass --trust-remote-code if you "
                                  f"trust it")

@@ -91,22 +91,16 @@ def available_cpus() -> int:
 
 
 def cpu_has_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512_BF16 or AMX), so bf16 inference is fast and offered."""
+    """True when the CPU computes bf16 natively: OpenVINO says so, or the CPU flags do (hfbatch.models)."""
+    from .models import cpu_has_bf16 as cpu_flags_have_bf16
+
     try:
         caps = get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if any(str(c).upper() == "BF16" for c in caps):
             return True
     except Exception:  # pragma: no cover - depends on the OpenVINO build
         log.debug("could not read OPTIMIZATION_CAPABILITIES", exc_info=True)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return cpu_flags_have_bf16()
 
 
 def default_cache_dir() -> Path:
@@ -222,9 +216,8 @@ def cache_key(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str
     h = hashlib.sha256()
     hashed = False
     for p in _model_files(model_dir):
-        rel = p.relative_to(model_dir).as_posix().encode()
-        h.update(len(rel).to_bytes(8, "little") + rel)
-        h.update(p.stat().st_size.to_bytes(8, "little"))
+        # as models.model_content_hash(whole=True) counts a file, with its sha256 for its bytes
+        h.update(f"{p.relative_to(model_dir).as_posix()}\0{p.stat().st_size}\0".encode())
         digest, new = _file_digest(p)
         h.update(digest)
         hashed |= new
@@ -249,19 +242,10 @@ def _check_options(task: str, pooling: str | None, normalize: bool) -> None:
 
 
 def _load_torch_model(model_dir: Path, task: str):
-    import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from .models import load_torch_model
 
-    from .models import loading
-
-    cls = AutoModel if task == "embed" else AutoModelForSequenceClassification
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    with loading(model_dir):
-        try:
-            model = cls.from_pretrained(str(model_dir), attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
-        except (ValueError, ImportError, TypeError):  # architecture without SDPA support
-            model = cls.from_pretrained(str(model_dir), attn_implementation="eager", **kwargs)
-    return model.eval()
+    # (hfbatch.models' loader: fp32 on the CPU, ATTN_IMPLEMENTATION ("sdpa") where the architecture has it)
+    return load_torch_model(model_dir, "AutoModel" if task == "embed" else "AutoModelForSequenceClassification")
 
 
 def _forward_input_names(model) -> list[str]:

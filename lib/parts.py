@@ -98,6 +98,7 @@ class ShardParts:
         self._uncommitted: list[tuple[int, object]] = []  # (batch, values) since the last commit
         self._next_part = 1
         self._since = time.monotonic()
+        self.before_commit: Callable[[], None] | None = None  # the executor: the shard before is recorded first
 
     # -- resuming --
     def start(self, batches: list, key: Callable[[], str]):
@@ -186,6 +187,8 @@ class ShardParts:
 
         from .runner import fsync_dir, write_json_atomic
 
+        if self.before_commit is not None:
+            self.before_commit()
         started = time.monotonic()
         batches = [b for b, _ in self._uncommitted]
         rows = np.concatenate([np.asarray(self._batches[b], dtype=np.int64) for b in batches])

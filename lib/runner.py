@@ -1,5 +1,6 @@
 """How a job survives being killed: one lock per output, shards with completion records, manifests,
-and atomic publication. Every job goes through `Job`; nothing else writes an output directory.
+and atomic publication. Every job goes through `Job` (its lock, shard directory and publisher); nothing else
+writes an output directory.
 
 Layout beside an output `OUT` (named in `OutputPaths` only; the `.OUT.hfbatch-` prefix keeps them apart
 from a user's files such as `uv.lock` or `foo.partial/`):
@@ -31,7 +32,8 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -183,24 +185,44 @@ def _same_input(a: dict, b: dict) -> bool:
     return a.get("kind") == b.get("kind") and all(a.get(k) == b.get(k) for k in keys)
 
 
-def describe_changes(manifest: dict, job: str, config: dict, inputs: list[dict]) -> list[str]:
-    """What differs between an existing output and the run asked for, in words a user can act on."""
+@dataclass(frozen=True)
+class Change:
+    """One difference between an existing output and the run asked for: `kind` "job" (another job made it),
+    "option" (a config entry `name`) or "input" (the input at path `name`; `old`/`new` are None where it is
+    not given any more / is new). str() is the words a user can act on."""
+
+    kind: str
+    name: str
+    old: object = None
+    new: object = None
+
+    def __str__(self) -> str:
+        if self.kind == "job":
+            return f"it was made by `hfbatch {self.old}`, not `{self.new}`"
+        if self.kind == "option":
+            return f"option {self.name}: {self.old!r} -> {self.new!r}"
+        if self.new is None:
+            return f"input {self.name} is no longer given"
+        if self.old is None:
+            return f"input {self.name} is new"
+        return f"input {self.name} changed"
+
+
+def describe_changes(manifest: dict, job: str, config: dict, inputs: list[dict]) -> list[Change]:
+    """What differs between an existing output and the run asked for."""
     changes = []
     if manifest.get("job") != job:
-        changes.append(f"it was made by `hfbatch {manifest.get('job')}`, not `{job}`")
+        changes.append(Change("job", "job", manifest.get("job"), job))
     old_config = manifest.get("config", {})
     for key in sorted(set(old_config) | set(config)):
         if old_config.get(key) != config.get(key):
-            changes.append(f"option {key}: {old_config.get(key)!r} -> {config.get(key)!r}")
+            changes.append(Change("option", key, old_config.get(key), config.get(key)))
     old_inputs = {i["path"]: i for i in manifest.get("inputs", [])}
     new_inputs = {i["path"]: i for i in inputs}
     for path in sorted(set(old_inputs) | set(new_inputs)):
-        if path not in new_inputs:
-            changes.append(f"input {path} is no longer given")
-        elif path not in old_inputs:
-            changes.append(f"input {path} is new")
-        elif not _same_input(old_inputs[path], new_inputs[path]):
-            changes.append(f"input {path} changed")
+        old, new = old_inputs.get(path), new_inputs.get(path)
+        if old is None or new is None or not _same_input(old, new):
+            changes.append(Change("input", path, old, new))
     return changes
 
 
@@ -443,8 +465,8 @@ def publish_dir(tmp: Path, output: Path) -> None:
 class ShardDir:
     """The finished-shard protocol of a `.partial/shards` directory: data file, then its completion record.
 
-    A Job is one; a worker process (hfbatch.devices) makes its own on the same directory, so several processes
-    can finish different shards of one run.
+    A Job holds one (`job.shards`); a worker process (hfbatch.executor) makes its own on the same directory, so
+    several processes can finish different shards of one run.
     """
 
     def __init__(self, shard_dir: Path):
@@ -496,10 +518,30 @@ class ShardDir:
         os.replace(tmp, data_path)
         return rows
 
-    def finish_shard(self, index: int, rows: int, rejects: list[dict] | None = None, **counts) -> None:
-        """Make a written shard's data durable, then record it (rejects first: the record is last)."""
+    def link_shard(self, index: int, data_file: Path) -> bool:
+        """Shard `index`'s data as a hard link to `data_file` (an Arrow stream file holding exactly its rows:
+        nothing is copied, and that file is never changed in place); False where the filesystem cannot."""
+        shard = self.shard_file(index)
+        shard.unlink(missing_ok=True)  # (left by a killed attempt at this shard)
+        try:
+            os.link(data_file, shard)
+        except OSError:
+            return False
+        return True
+
+    def finish_shard(self, index: int, rows: int, rejects: list[dict] | None = None, arrays: dict | None = None,
+                     **counts) -> None:
+        """Make a written shard's data durable, then record it: its `arrays` ({suffix: numpy array}, e.g. the
+        rows' content hashes) and rejects first, the record last."""
         with open(self.shard_file(index), "rb") as fh:
             os.fsync(fh.fileno())
+        for suffix, array in (arrays or {}).items():
+            import numpy as np
+
+            with open(self.shard_file(index, suffix), "wb") as fh:
+                np.save(fh, array)
+                fh.flush()
+                os.fsync(fh.fileno())
         rejects_path = self.shard_file(index, ".rejects.jsonl")
         if rejects:
             write_bytes_atomic(rejects_path, "".join(json.dumps(r, default=str) + "\n" for r in rejects).encode())
@@ -510,15 +552,18 @@ class ShardDir:
         shutil.rmtree(self.shard_file(index, ".parts"), ignore_errors=True)  # held in the shard now
 
 
-class Job(ShardDir):
-    """A run of one job on one output: lock, up-to-date check, resumable shards, atomic publish.
+class Job:
+    """A run of one job on one output, made of parts a reader can hold: the `lock` (OutputLock), the up-to-date
+    check against the existing output, the resumable `shards` (ShardDir), and the `publisher` (Publisher).
 
-        with Job("embed", out, config=cfg, datasets=[src], force=force) as job:
+        with Job("embed", out, config=cfg, datasets=[src], force=force) as job:   # lock, check, resume
             if job.up_to_date:
                 return job.summary()
-            for shard in job.pending(n_shards):
-                job.write_shard(shard, table, rows_in=...)
-            job.publish_dataset(features, extra={...})
+            for shard in job.shards.pending(n_shards):                             # (hfbatch.executor)
+                job.shards.write_shard(shard, table, truncated=...)
+            assembly = job.publisher.assemble_dataset(n_shards, features)          # into a temp dir
+            write_side_file(assembly.dir)                                          # the job's own files
+            job.publish(assembly, extra={...})                                     # manifest, rename
     """
 
     def __init__(self, name: str, output, *, config: dict, files: Iterable = (), datasets: Iterable = (),
@@ -533,8 +578,10 @@ class Job(ShardDir):
         self._dataset_paths = [Path(p) for p in datasets]
         self.paths = OutputPaths(self.output)
         self.partial = self.paths.partial
-        self.shard_dir = self.paths.shards
         self.lock = OutputLock(self.output)
+        self.shards = ShardDir(self.paths.shards)
+        self.publisher: Publisher | None = None  # once the run's fingerprint is known
+        self.fingerprint: str | None = None
         self.up_to_date = False
         self._made_partial = False  # this run (not an earlier, killed one) made self.partial
         self.manifest: dict | None = None
@@ -628,6 +675,7 @@ class Job(ShardDir):
         self.inputs = [file_input(p, previous) for p in self._file_paths] + \
                       [output_input(p) for p in self._dataset_paths]
         self.fingerprint = fingerprint({"job": self.name, "config": self.config, "inputs": self.inputs})
+        self.publisher = Publisher(self.name, self.paths, self.shards, self.fingerprint)
 
         if existing is not None and not self.force:
             changes = describe_changes(existing, self.name, self.config, self.inputs)
@@ -636,45 +684,33 @@ class Job(ShardDir):
                 self.manifest = existing
                 log.event(self.name, "up_to_date", output=self.output)
                 return
-            if self.incremental and all(c.startswith("input ") for c in changes):
+            said = "; ".join(map(str, changes))
+            if self.incremental and all(c.kind == "input" for c in changes):
                 self.previous = existing
-                log.event(self.name, "incremental", output=self.output, changes="; ".join(changes))
+                log.event(self.name, "incremental", output=self.output, changes=said)
             else:
                 hint = ("--incremental updates an output only when its options are unchanged; pass --force"
                         if self.incremental else "pass --force to recompute it (or --incremental where offered)")
-                raise InputError(f"{self.output} was made from other inputs or options ({'; '.join(changes)}); "
+                raise InputError(f"{self.output} was made from other inputs or options ({said}); "
                                  f"{hint}")
         self._prepare_partial(partial_job)
 
     def _prepare_partial(self, old: dict | None) -> None:
         if old is not None:
             if old.get("fingerprint") == self.fingerprint and not self.force:
-                done = len(list(self.shard_dir.glob("*.json")))
-                for stale in self.shard_dir.glob(".*.tmp-*"):
+                done = len(list(self.shards.shard_dir.glob("*.json")))
+                for stale in self.shards.shard_dir.glob(".*.tmp-*"):
                     stale.unlink(missing_ok=True)  # a killed writer's half shard; we hold the lock
                 log.event(self.name, "resuming", partial=self.partial, shards_done=done)
                 return
             self._discard_partial("force" if self.force else "different inputs or options")
         make_marked_dir(self.partial)
-        self.shard_dir.mkdir()
+        self.shards.shard_dir.mkdir()
         self._made_partial = True
         write_json_atomic(self.partial / JOB_FILE, {"job": self.name, "fingerprint": self.fingerprint,
                                                     "config": self.config, "inputs": self.inputs})
 
-    def shard_records(self, n_shards: int) -> list[dict]:
-        missing = self.pending(n_shards)
-        if missing:
-            raise RuntimeError(f"shards {missing[:5]} are not finished")  # a bug: publish before all shards
-        return [json.loads(self.shard_file(i, ".json").read_text()) for i in range(n_shards)]
-
     # -- publishing --
-    def _tmp_output(self) -> Path:
-        """A new, marked, empty directory beside the output to assemble it in."""
-        tmp = self.paths.tmp()
-        if os.path.lexists(tmp):  # swept at the start; left by an attempt of this run that fell back
-            remove_made_dir(tmp)
-        return make_marked_dir(tmp)
-
     def _manifest(self, rows: int, counts: dict, extra: dict) -> dict:
         return {
             "job": self.name,
@@ -694,105 +730,10 @@ class Job(ShardDir):
             **extra,
         }
 
-    def publish_dataset(self, n_shards: int, features, extra: dict | None = None,
-                        max_shard_size: str = "500MB", prepare: Callable | None = None,
-                        reuse_shards: bool = False, fill: Callable | None = None,
-                        side_files: Callable[[Path], None] | None = None) -> dict:
-        """Join the finished shards (memory-mapped, in order) into one `save_to_disk` dataset of the
-        `features` columns. `prepare(dataset) -> dataset` may select rows first (a sample);
-        `fill(tmp_dir, joined_shards)` may write side files from shard-only columns; `side_files(tmp_dir)`
-        writes side files from elsewhere (it keeps the shards reusable). With `reuse_shards`
-        (for shards that are the output's rows, in order, in the schema of `features`), the shards become
-        the output's data files without being copied again, when they are no larger than `max_shard_size`."""
-        import datasets
-
-        records = self.shard_records(n_shards)
-        if reuse_shards and prepare is None and fill is None:
-            tmp = self._tmp_output()
-            rows = self._link_shards(records, features, tmp, max_shard_size)
-            if rows is not None:
-                counts = sum_counts(records, skip=("shard", "rows"))
-                counts["rejects"] = self._gather_rejects(n_shards, tmp)
-                if side_files is not None:
-                    side_files(tmp)
-                extra = {"features": features.to_dict(), **(extra or {})}
-                return self._finish(tmp, self._manifest(rows, counts, extra))
-        parts = [datasets.Dataset.from_file(str(self.shard_file(i))) for i in range(n_shards)
-                 if records[i]["rows"] > 0]
-        if parts:
-            dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        else:
-            dataset = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-        if prepare is not None:
-            dataset = prepare(dataset)
-        tmp = self._tmp_output()
-        if fill is not None:  # side files from shard-only columns, written before the atomic rename
-            fill(tmp, dataset)
-        if set(dataset.column_names) != set(features):
-            dataset = dataset.select_columns(list(features))
-        # (datasets saves no data file at all for no rows, and then cannot load what it saved)
-        dataset.save_to_disk(str(tmp), **({"max_shard_size": max_shard_size} if len(dataset) else {"num_shards": 1}))
-        if side_files is not None:
-            side_files(tmp)
-        n_rejects = self._gather_rejects(n_shards, tmp)
-        counts = sum_counts(records, skip=("shard", "rows"))
-        counts["rejects"] = n_rejects
-        manifest = self._manifest(len(dataset), counts, {"features": features.to_dict(), **(extra or {})})
-        return self._finish(tmp, manifest)
-
-    def _link_shards(self, records: list[dict], features, tmp: Path, max_shard_size) -> int | None:
-        """save_to_disk's layout around the shards themselves (hard links: the .partial goes away after),
-        with datasets' own metadata files; the result is opened with load_from_disk and its row count
-        checked before it is used. None (nothing kept) where that cannot be done: the caller copies."""
-        import datasets
-        from datasets.utils.py_utils import convert_file_size_to_int
-
-        limit = convert_file_size_to_int(max_shard_size)
-        shards = [self.shard_file(r["shard"]) for r in records if r["rows"] > 0]
-        if not shards or any(p.stat().st_size > 2 * limit for p in shards):
-            return None
-        try:
-            datasets.Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(str(tmp))
-            state = json.loads((tmp / "state.json").read_text())
-            for old in state["_data_files"]:
-                (tmp / old["filename"]).unlink()
-            names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
-            for shard, name in zip(shards, names):
-                os.link(shard, tmp / name)
-            state.update(_data_files=[{"filename": n} for n in names], _fingerprint=self.fingerprint)
-            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-            rows = len(datasets.load_from_disk(str(tmp)))
-            if rows == sum(r["rows"] for r in records):
-                return rows
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # e.g. no hard links on this filesystem
-            log.event(self.name, "copying_shards", reason=f"{type(exc).__name__}: {exc}")
-        remove_made_dir(tmp)
-        return None
-
-    def publish_files(self, fill: Callable[[Path], None], rows: int, extra: dict | None = None,
-                      counts: dict | None = None) -> dict:
-        """For outputs that are not datasets (a FAISS index): `fill(tmp_dir)` writes the files."""
-        tmp = self._tmp_output()
-        fill(tmp)
-        return self._finish(tmp, self._manifest(rows, counts or {}, extra or {}))
-
-    def _gather_rejects(self, n_shards: int, tmp: Path) -> int:
-        count = 0
-        with open(tmp / REJECTS, "wb") as out:
-            for i in range(n_shards):
-                part = self.shard_file(i, ".rejects.jsonl")
-                if part.exists():
-                    data = part.read_bytes()
-                    count += data.count(b"\n")
-                    out.write(data)
-        if count == 0:
-            (tmp / REJECTS).unlink()
-        return count
-
-    def _finish(self, tmp: Path, manifest: dict) -> dict:
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        (tmp / MARKER).unlink()  # the output is known as hfbatch's by its manifest (a kill here: see temps())
-        publish_dir(tmp, self.output)
+    def publish(self, assembly: Assembly, extra: dict | None = None) -> dict:
+        """Publish the assembled output (see Publisher) with its manifest (`extra`: the job's own keys)."""
+        manifest = self._manifest(assembly.rows, assembly.counts, {**assembly.extra, **(extra or {})})
+        self.publisher.publish(assembly, manifest)
         # a kill before this is finished leaves a work directory whose fingerprint is the output's own:
         # the next run removes it (_check_existing)
         self._discard_partial(None)
@@ -801,7 +742,127 @@ class Job(ShardDir):
                   seconds=manifest["elapsed_s"])
         return manifest
 
+    def publish_dataset(self, n_shards: int, features, extra: dict | None = None, **assemble) -> dict:
+        """`publisher.assemble_dataset(n_shards, features, **assemble)` then `publish`, for an output that is
+        its shards' rows and nothing else."""
+        return self.publish(self.publisher.assemble_dataset(n_shards, features, **assemble), extra)
+
     def summary(self) -> dict:
         manifest = self.manifest or {}
-        return {"status": "up_to_date" if self.up_to_date else "ok", "output": str(self.output),
+        return {"job": self.name, "status": "up_to_date" if self.up_to_date else "ok", "output": str(self.output),
                 "rows": manifest.get("rows"), **{k: v for k, v in manifest.get("counts", {}).items()}}
+
+
+@dataclass
+class Assembly:
+    """An output being assembled in `dir`, a marked temp directory beside it (the job writes its side files
+    there), with the rows and counts its manifest will hold. `joined`: the finished shards as one dataset,
+    with every shard column (a shard-only one, such as embed's text hashes, too) and before a sample's
+    selection; None where the shards became the output's data files themselves."""
+
+    dir: Path
+    rows: int
+    counts: dict
+    extra: dict = field(default_factory=dict)  # manifest keys (the features)
+    joined: object = None
+
+
+class Publisher:
+    """From finished shards to a published output, in two explicit steps: assemble (`assemble_dataset` joins
+    the shards into a saved dataset, `assemble_files` gives an empty directory for other outputs), then, once
+    the job has written its side files into `assembly.dir`, `publish` (manifest, fsync, atomic rename)."""
+
+    def __init__(self, name: str, paths: OutputPaths, shards: ShardDir, fingerprint: str):
+        self.name, self.paths, self.shards, self.fingerprint = name, paths, shards, fingerprint
+
+    def shard_records(self, n_shards: int) -> list[dict]:
+        missing = self.shards.pending(n_shards)
+        if missing:
+            raise RuntimeError(f"shards {missing[:5]} are not finished")  # a bug: publish before all shards
+        return [json.loads(self.shards.shard_file(i, ".json").read_text()) for i in range(n_shards)]
+
+    def _tmp_output(self) -> Path:
+        """A new, marked, empty directory beside the output to assemble it in."""
+        tmp = self.paths.tmp()
+        if os.path.lexists(tmp):  # swept at the start; left by an attempt of this run that fell back
+            remove_made_dir(tmp)
+        return make_marked_dir(tmp)
+
+    def assemble_files(self, rows: int, counts: dict | None = None) -> Assembly:
+        """An empty directory for an output that is not a dataset (a FAISS index): the job writes its files."""
+        return Assembly(self._tmp_output(), rows, dict(counts or {}))
+
+    def assemble_dataset(self, n_shards: int, features, *, rows=None, max_shard_size="500MB",
+                         reuse_shards: bool = False) -> Assembly:
+        """Join the finished shards (memory-mapped, in order) into one `save_to_disk` dataset of the
+        `features` columns; `rows` (indices, in order) keeps only those rows (a sample). With `reuse_shards`
+        (for shards that are the output's rows, in order, in the schema of `features`), the shards become the
+        output's data files without being copied again, when they are no larger than `max_shard_size`."""
+        import datasets
+
+        records = self.shard_records(n_shards)
+        counts = sum_counts(records, skip=("shard", "rows"))
+        extra = {"features": features.to_dict()}
+        if reuse_shards and rows is None:
+            tmp = self._tmp_output()
+            linked = self._link_shards(records, features, tmp, max_shard_size)
+            if linked is not None:
+                counts["rejects"] = self._gather_rejects(n_shards, tmp)
+                return Assembly(tmp, linked, counts, extra)
+        parts = [datasets.Dataset.from_file(str(self.shards.shard_file(i))) for i in range(n_shards)
+                 if records[i]["rows"] > 0]
+        if parts:
+            joined = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        else:
+            joined = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+        dataset = joined.select(rows) if rows is not None else joined
+        tmp = self._tmp_output()
+        if set(dataset.column_names) != set(features):
+            dataset = dataset.select_columns(list(features))
+        # (datasets saves no data file at all for no rows, and then cannot load what it saved)
+        dataset.save_to_disk(str(tmp), **({"max_shard_size": max_shard_size} if len(dataset) else {"num_shards": 1}))
+        counts["rejects"] = self._gather_rejects(n_shards, tmp)
+        return Assembly(tmp, len(dataset), counts, extra, joined)
+
+    def _link_shards(self, records: list[dict], features, tmp: Path, max_shard_size) -> int | None:
+        """save_to_disk's layout around the shards themselves (hard links: the .partial goes away after); the
+        result is opened with load_from_disk and its row count checked before it is used. None (nothing kept)
+        where that cannot be done: the caller copies."""
+        import datasets
+
+        from .dataset import save_around
+        from .sizes import parse_size
+
+        limit = int(parse_size(max_shard_size, option="max_shard_size"))
+        shards = [self.shards.shard_file(r["shard"]) for r in records if r["rows"] > 0]
+        if not shards or any(p.stat().st_size > 2 * limit for p in shards):
+            return None
+        try:
+            save_around(tmp, features, shards, self.fingerprint)
+            rows = len(datasets.load_from_disk(str(tmp)))
+            if rows == sum(r["rows"] for r in records):
+                return rows
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # e.g. no hard links on this filesystem
+            log.event(self.name, "copying_shards", reason=f"{type(exc).__name__}: {exc}")
+        remove_made_dir(tmp)
+        return None
+
+    def _gather_rejects(self, n_shards: int, tmp: Path) -> int:
+        count = 0
+        with open(tmp / REJECTS, "wb") as out:
+            for i in range(n_shards):
+                part = self.shards.shard_file(i, ".rejects.jsonl")
+                if part.exists():
+                    data = part.read_bytes()
+                    count += data.count(b"\n")
+                    out.write(data)
+        if count == 0:
+            (tmp / REJECTS).unlink()
+        return count
+
+    def publish(self, assembly: Assembly, manifest: dict) -> None:
+        """The manifest into the assembled directory, then the directory at the output in one step."""
+        tmp = assembly.dir
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / MARKER).unlink()  # the output is known as hfbatch's by its manifest (a kill here: see temps())
+        publish_dir(tmp, self.paths.output)

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .batching import truncation_flags
 from .errors import InputError
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "offset_mapping", "truncated")
@@ -42,25 +43,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def expected_tokenization(model_dir, max_length: int | None, trust_remote_code: bool = False) -> dict:
     """Tokenizer fingerprint and effective max_length for a model directory, without loading its weights."""
-    from .models import effective_max_length, load_config
+    from .models import load_tokenization
 
-    tokenizer = cached_tokenizer(model_dir, trust_remote_code)
-    config = load_config(Path(model_dir), trust_remote_code)
-    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "max_length": effective_max_length(Path(model_dir), tokenizer, config, max_length)}
-
-
-def truncation_flags(tokenizer, texts, pairs, ids, max_length: int) -> list[bool]:
-    """Which rows truncation cut: a cut row fills max_length exactly, so only those few are re-tokenized."""
-    flags = [False] * len(ids)
-    full = [i for i, row in enumerate(ids) if len(row) >= max_length]
-    if full:
-        lengths = tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs else None,
-                            truncation=False, padding=False, return_attention_mask=False,
-                            return_token_type_ids=False, verbose=False)["input_ids"]
-        for i, row in zip(full, lengths):
-            flags[i] = len(row) > max_length
-    return flags
+    tokenizer, _, max_length = load_tokenization(model_dir, max_length, trust_remote_code,
+                                                 tokenizer=cached_tokenizer(model_dir, trust_remote_code))
+    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": max_length}
 
 
 def token_features(tokenizer, offsets: bool):
@@ -190,6 +177,7 @@ def tokenize(dataset, output, *, model=None, text_column="text", text_pair_colum
 
     from . import log
     from .batching import warn_truncated
+    from .executor import run_shards
     from .models import model_fingerprint, resolve_model_dir
     from .runner import Job
 
@@ -223,25 +211,10 @@ def tokenize(dataset, output, *, model=None, text_column="text", text_pair_colum
         features = datasets.Features({**source.features, **token_features(tokenizer, offsets)})
         function = TokenizeBatch(model_dir, wanted["max_length"], text_column, text_pair_column, offsets,
                                  trust_remote_code)
-        n_shards, pending, pending_rows = job.plan_rows(len(source), shard_rows)
-        progress = log.Progress("tokenize", pending_rows)
-        for i in pending:
-            part = source.select(range(i * shard_rows, min((i + 1) * shard_rows, len(source))))
-            cache = job.shard_file(i, ".map.arrow")
-            mapped = part.map(function, batched=True, batch_size=1000, features=features,
-                              num_proc=num_proc if num_proc > 1 and len(part) > 1 else None,
-                              cache_file_name=str(cache), load_from_cache_file=False,
-                              new_fingerprint=f"{job.fingerprint}-{i:05d}", desc="tokenize")
-            # (map adds no column to no rows: an empty part is written in the output's schema)
-            table = mapped.data.table if len(part) else features.arrow_schema.empty_table()
-            rows = job.write_shard_stream(i, table.schema, table.to_batches(max_chunksize=10_000))
-            truncated = int(table.column("truncated").to_numpy(zero_copy_only=False).sum())
-            job.finish_shard(i, rows, truncated=truncated)
-            del mapped, table
-            for leftover in job.shard_dir.glob(f"{i:05d}.map*.arrow"):  # map's own files (one per worker)
-                leftover.unlink()
-            progress.update(rows)
-        progress.close()
+        n_shards, pending, pending_rows = job.shards.plan_rows(len(source), shard_rows)
+        with log.Progress("tokenize", pending_rows) as progress:
+            work = TokenizeShards(job, source, function, features, shard_rows, num_proc)
+            run_shards("tokenize", job.shards, pending, lambda device: work, progress=progress)
         info = {"model": str(model_dir), "model_fingerprint": config["model_fingerprint"],
                 "tokenizer_fingerprint": wanted["tokenizer_fingerprint"], "max_length": wanted["max_length"],
                 "text_column": text_column, "text_pair_column": text_pair_column,
@@ -250,3 +223,35 @@ def tokenize(dataset, output, *, model=None, text_column="text", text_pair_colum
             "source_dataset": str(job.inputs[0]["path"]), "tokenized": info})
         warn_truncated(job, wanted["max_length"])
         return job.summary()
+
+
+class TokenizeShards:
+    """The tokenize job's work for hfbatch.executor: shard i's rows through `Dataset.map` (its cache file in the
+    shard directory), streamed into the shard."""
+
+    def __init__(self, job, source, function: TokenizeBatch, features, shard_rows: int, num_proc: int):
+        self.job, self.source, self.function, self.features = job, source, function, features
+        self.shard_rows, self.num_proc = shard_rows, num_proc
+
+    def prepare(self, i):
+        return None  # map runs its own workers: nothing to do a shard ahead
+
+    def compute(self, i, prepared, on_rows, parts):
+        from .executor import Stream
+
+        shards = self.job.shards
+        part = self.source.select(range(i * self.shard_rows, min((i + 1) * self.shard_rows, len(self.source))))
+        mapped = part.map(self.function, batched=True, batch_size=1000, features=self.features,
+                          num_proc=self.num_proc if self.num_proc > 1 and len(part) > 1 else None,
+                          cache_file_name=str(shards.shard_file(i, ".map.arrow")), load_from_cache_file=False,
+                          new_fingerprint=f"{self.job.fingerprint}-{i:05d}", desc="tokenize")
+        # (map adds no column to no rows: an empty part is written in the output's schema)
+        table = mapped.data.table if len(part) else self.features.arrow_schema.empty_table()
+        truncated = int(table.column("truncated").to_numpy(zero_copy_only=False).sum())
+
+        def counts():  # once the shard is written: map's own files go (one per worker)
+            for leftover in shards.shard_dir.glob(f"{i:05d}.map*.arrow"):
+                leftover.unlink()
+            on_rows(table.num_rows)
+            return {"truncated": truncated}
+        return Stream(table.schema, table.to_batches(max_chunksize=10_000)), counts

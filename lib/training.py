@@ -1,23 +1,209 @@
-"""Fine-tuning a sequence classifier with transformers.Trainer: a stratified split, accuracy and macro-F1,
-checkpoints that survive kill -9, and the model card that goes with the published model.
+"""The train job (`hfbatch train`): a labelled dataset -> a fine-tuned sequence classifier, with
+transformers.Trainer: a stratified split, accuracy and macro-F1, checkpoints that survive kill -9, and the
+model card that goes with the published model.
 
-The job (jobs/train.py) owns the lock, the work directory and publication; this module owns the training.
-It imports transformers (and so torch): the job imports it only once it knows there is work to do.
+`train` holds the lock, the work directory and publication (runner.Job); the rest is the training. It
+imports transformers (and so torch) only once it knows there is work to do: a no-op re-run does not.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from transformers import TrainerCallback
 
 from . import log
+from .errors import InputError
 
 CHECKPOINT_PREFIX = "checkpoint-"
+BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+
+
+def train(dataset, output, *, label_column: str | None = None, text_column: str = "text", base_model=None,
+          epochs: float = 3, lr: float = 5e-5, batch_size: int = 16, eval_fraction: float = 0.1, seed: int = 42,
+          max_length: int = 128, device: str = "auto", precision: str = "auto", save_steps: int = 100,
+          trust_remote_code: bool = False, force: bool = False, task: str = "classification", from_config=None,
+          tokenizer=None, block_size: int = 128) -> dict:
+    """`hfbatch train`: fine-tune a text classifier on `dataset` (an `hfbatch ingest` output) and publish it
+    at `output` (a transformers model directory with metrics.json and a model card README.md). The options
+    are the command's; returns its summary (the job's, plus the held-out accuracy and macro-F1). With
+    task="causal-lm", hfbatch.causal_lm trains a language model instead (from_config, tokenizer, block_size)."""
+    from .models import model_fingerprint, resolve_model_dir
+    from .runner import Job
+
+    check_options(epochs=epochs, lr=lr, batch_size=batch_size, eval_fraction=eval_fraction, max_length=max_length,
+                  save_steps=save_steps, device=device, precision=precision)
+    if task == "causal-lm":
+        from .causal_lm import train_causal_lm
+
+        return train_causal_lm(dataset, output, base_model=base_model, from_config=from_config, tokenizer=tokenizer,
+                               text_column=text_column, block_size=block_size, epochs=epochs, lr=lr,
+                               batch_size=batch_size, eval_fraction=eval_fraction, seed=seed, device=device,
+                               precision=precision, save_steps=save_steps, trust_remote_code=trust_remote_code,
+                               force=force)
+    if task != "classification" or label_column is None or from_config or tokenizer:
+        raise InputError("--task classification needs --label-column, and takes no --from-config or --tokenizer "
+                         "(those are for --task causal-lm)" if task == "classification" else
+                         f"--task {task!r}: choose classification or causal-lm")
+    base_dir = resolve_model_dir(base_model, "--base-model")
+    config = {"base_model": str(base_dir), "base_model_fingerprint": model_fingerprint(base_dir),
+              "text_column": text_column, "label_column": label_column, "epochs": epochs, "lr": lr,
+              "batch_size": batch_size, "eval_fraction": eval_fraction, "seed": seed, "max_length": max_length,
+              "device": device, "precision": precision}
+    # save_steps changes where a killed run can resume, not the model: left out so it can change on resume.
+    with Job("train", output, config=config, datasets=[dataset], force=force) as job:
+        if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
+            return {**job.summary(), **job.manifest.get("eval", {})}
+        return _train(job, dataset, base_dir, base_model is None, config, save_steps, trust_remote_code)
+
+
+def check_options(*, epochs, lr, batch_size, eval_fraction, max_length, save_steps, device, precision) -> None:
+    """What Click checks for the command, checked for Python callers too."""
+    for option, value, choices in (("--device", device, DEVICE_CHOICES), ("--precision", precision,
+                                                                          PRECISION_CHOICES)):
+        if value not in choices:
+            raise InputError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+    for option, value, fewest in (("--batch-size", batch_size, 1), ("--max-length", max_length, 8),
+                                  ("--save-steps", save_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < fewest:
+            raise InputError(f"{option} {value!r}: give an integer of at least {fewest}")
+    for option, value in (("--epochs", epochs), ("--lr", lr), ("--eval-fraction", eval_fraction)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise InputError(f"{option} {value!r}: give a number above 0")
+    if not eval_fraction < 1:
+        raise InputError(f"--eval-fraction {eval_fraction!r}: give a share below 1")
+
+
+def _train(job, dataset, base_dir, bundled, config, save_steps, trust_remote_code):
+    import datasets
+    from transformers import set_seed
+
+    from .batching import tokenize
+    from .models import choose_device, choose_precision, load_tokenizer, load_torch_model
+
+    texts, names, label_ids, unlabelled = labelled_set(dataset, config["text_column"], config["label_column"])
+    train_rows, eval_rows = stratified_split(label_ids, config["eval_fraction"], config["seed"])
+    device = choose_device(config["device"])
+    precision = config["precision"]
+    if precision == "auto":  # mixed precision only where the hardware does bf16 natively
+        precision = "bf16" if choose_precision("auto", device) == "bf16" else "fp32"
+    tokenizer = load_tokenizer(base_dir, trust_remote_code)
+    tokenized = tokenize(tokenizer, texts, config["max_length"])
+
+    def split(rows):
+        columns = {"input_ids": [tokenized.input_ids[i] for i in rows], "labels": label_ids[rows].tolist()}
+        if tokenized.token_type_ids is not None:
+            columns["token_type_ids"] = [tokenized.token_type_ids[i] for i in rows]
+        return datasets.Dataset.from_dict(columns)  # in memory: nothing is written beside the input
+
+    set_seed(config["seed"])  # the new head's initial weights
+    model = load_torch_model(base_dir, "AutoModelForSequenceClassification", trust_remote_code=trust_remote_code,
+                             num_labels=len(names), id2label=dict(enumerate(names)),
+                             label2id={name: i for i, name in enumerate(names)},
+                             problem_type="single_label_classification", ignore_mismatched_sizes=True)
+    if config["max_length"] > model.config.max_position_embeddings:
+        raise InputError(f"--max-length {config['max_length']} is more than {base_dir} can take "
+                         f"({model.config.max_position_embeddings} positions)")
+    settings = Settings(epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
+                        seed=config["seed"], max_length=config["max_length"], device=device,
+                        precision=precision, save_steps=save_steps)
+    log.event("train", "start", train_rows=len(train_rows), eval_rows=len(eval_rows), labels=len(names),
+              device=device, precision=precision)
+    started = time.monotonic()
+    eval_set = split(eval_rows)
+    trainer, resumed_from = fine_tune(model, tokenizer, split(train_rows), eval_set,
+                                      job.partial / "checkpoints", settings)
+    train_seconds = time.monotonic() - started
+
+    prediction = trainer.predict(eval_set)  # the best model, on the held-out rows
+    predicted = np.argmax(prediction.predictions, axis=-1)
+    metrics = {**evaluation(predicted, prediction.label_ids, names, epoch_history(trainer.state.log_history)),
+               "train_rows": len(train_rows), "eval_rows": len(eval_rows), "unlabelled_rows": unlabelled,
+               "truncated_rows": tokenized.truncated, "train_seconds": round(train_seconds, 1),
+               "resumed_from_step": resumed_from}
+    model = trainer.model
+    tokenizer.model_max_length = config["max_length"]  # what classify and pipelines will cut at
+    card = model_card(
+        name=job.output.name, base_model=BUNDLED_NAME if bundled else str(base_dir),
+        architecture=type(model).__name__, parameters=model.num_parameters(), text_column=config["text_column"],
+        label_column=config["label_column"], source=job.inputs[0], labels=names,
+        train_counts=np.bincount(label_ids[train_rows], minlength=len(names)).tolist(),
+        eval_counts=np.bincount(label_ids[eval_rows], minlength=len(names)).tolist(),
+        unlabelled=unlabelled, truncated=tokenized.truncated, settings=settings, metrics=metrics)
+
+    assembly = job.publisher.assemble_files(rows=len(train_rows), counts={
+        "train_rows": len(train_rows), "eval_rows": len(eval_rows), "unlabelled": unlabelled,
+        "truncated": tokenized.truncated})
+    model.save_pretrained(str(assembly.dir))  # safetensors
+    tokenizer.save_pretrained(str(assembly.dir))
+    (assembly.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (assembly.dir / "README.md").write_text(card)
+    job.publish(assembly, extra={
+        "labels": names, "eval": metrics["eval"], "best_epoch": metrics["best_epoch"], "device": device,
+        "precision": precision, "source_dataset": job.inputs[0]["path"]})
+    log.event("train", "done", accuracy=metrics["eval"]["accuracy"], macro_f1=metrics["eval"]["macro_f1"],
+              minutes=round(train_seconds / 60, 1))
+    return {**job.summary(), **metrics["eval"]}
+
+
+def labelled_set(dataset, text_column: str, label_column: str):
+    """(texts, label names sorted, each row's label id, rows left out for having no label) of `dataset`;
+    refused (one line) when a label has a single row or there are fewer than two labels."""
+    from .io import open_dataset, require_column, require_text_column
+
+    source, _ = open_dataset(dataset)
+    require_text_column(source, text_column, dataset)
+    require_column(source, label_column, dataset, option="--label-column")
+    texts, labels, unlabelled = labelled_rows(source, text_column, label_column)
+    counts = Counter(labels)
+    names = sorted(counts)
+    if len(names) < 2:
+        raise InputError(f"{dataset}: column {label_column!r} holds {len(names)} distinct label(s); a classifier "
+                         f"needs at least 2")
+    rare = [name for name in names if counts[name] < 2]
+    if rare:
+        raise InputError(f"{dataset}: label(s) {', '.join(map(repr, rare[:10]))} have a single row; each label "
+                         f"needs at least 2 (one to train on, one to evaluate)")
+    label2id = {name: i for i, name in enumerate(names)}
+    return texts, names, np.array([label2id[name] for name in labels]), unlabelled
+
+
+def labelled_rows(source, text_column, label_column):
+    """(texts, labels as strings, rows left out): rows without a label are skipped, not guessed."""
+    texts, labels, unlabelled = [], [], 0
+    for text, label in zip(source[text_column], source[label_column]):
+        if label is None or str(label).strip() == "":
+            unlabelled += 1
+            continue
+        texts.append(text)
+        labels.append(str(label))
+    if unlabelled:
+        log.warn("train", "unlabelled_rows_skipped", rows=unlabelled, column=label_column)
+    return texts, labels, unlabelled
+
+
+def evaluation(predicted: np.ndarray, expected: np.ndarray, names: list[str], history: list[dict]) -> dict:
+    """The published model's scores on the held-out rows (overall and per label), its epoch and the
+    per-epoch history."""
+    scores = per_label_scores(predicted, expected, len(names))
+    best = classification_metrics(predicted, expected, len(names))
+    return {
+        "eval": {k: round(v, 4) for k, v in best.items()},
+        "best_epoch": next((row["epoch"] for row in history if abs(row["macro_f1"] - best["macro_f1"]) < 1e-9),
+                           history[-1]["epoch"] if history else None),
+        "history": history,
+        "per_label": {name: {"precision": round(float(scores["precision"][i]), 4),
+                             "recall": round(float(scores["recall"][i]), 4),
+                             "f1": round(float(scores["f1"][i]), 4), "support": int(scores["support"][i])}
+                      for i, name in enumerate(names)},
+    }
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +281,6 @@ def fine_tune(model, tokenizer, train_set, eval_set, work_dir: Path, settings: S
     newest complete checkpoint in `work_dir`.
     """
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
 
     n_labels = model.config.num_labels
 
@@ -117,7 +302,15 @@ def fine_tune(model, tokenizer, train_set, eval_set, work_dir: Path, settings: S
         dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=compute_metrics, callbacks=[_Events(settings.save_steps)])
+                      compute_metrics=compute_metrics, callbacks=[events_callback(settings.save_steps)])
+    return train_resuming(trainer, work_dir)
+
+
+def train_resuming(trainer, work_dir: Path):
+    """Run `trainer`, resuming from the last complete checkpoint in `work_dir` (a killed run's): (trainer, the
+    step it resumed from, or 0)."""
+    from transformers.trainer_callback import PrinterCallback
+
     trainer.remove_callback(PrinterCallback)  # it prints dicts on stdout, where --json goes
     checkpoint = last_complete_checkpoint(work_dir)
     if checkpoint is not None:
@@ -126,33 +319,43 @@ def fine_tune(model, tokenizer, train_set, eval_set, work_dir: Path, settings: S
     return trainer, int(checkpoint.name[len(CHECKPOINT_PREFIX):]) if checkpoint else 0
 
 
-class _Events(TrainerCallback):
-    """Our log lines and progress instead of Trainer's prints, and the between-epoch saves."""
+def classifier_scores(metrics: dict) -> dict:
+    """The `evaluated` log line's figures for a classifier."""
+    nan = float("nan")
+    return {"accuracy": round(metrics.get("eval_accuracy", nan), 4),
+            "macro_f1": round(metrics.get("eval_macro_f1", nan), 4),
+            "eval_loss": round(metrics.get("eval_loss", nan), 4)}
 
-    def __init__(self, save_steps: int):
-        self.save_steps = save_steps
-        self.progress = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.progress = log.Progress("train", state.max_steps, unit="steps")
-        self.progress.update(state.global_step)
+def events_callback(save_steps: int, scores=classifier_scores):
+    """Our log lines and progress instead of Trainer's prints, and the between-epoch saves (a class made here:
+    its base, TrainerCallback, imports transformers). `scores(metrics)` gives the figures of each `evaluated`
+    line."""
+    from transformers import TrainerCallback
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.progress.update(1)
-        if self.save_steps and state.global_step % self.save_steps == 0:
-            control.should_save = True  # a resume point; only epoch-end checkpoints compete for "best"
-        return control
+    class Events(TrainerCallback):
+        def __init__(self):
+            self.progress = None
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        metrics = metrics or {}
-        log.event("train", "evaluated", epoch=round(state.epoch or 0, 2), step=state.global_step,
-                  accuracy=round(metrics.get("eval_accuracy", float("nan")), 4),
-                  macro_f1=round(metrics.get("eval_macro_f1", float("nan")), 4),
-                  eval_loss=round(metrics.get("eval_loss", float("nan")), 4))
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress = log.Progress("train", state.max_steps, unit="steps")
+            self.progress.update(state.global_step)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.close()
+        def on_step_end(self, args, state, control, **kwargs):
+            self.progress.update(1)
+            if save_steps and state.global_step % save_steps == 0:
+                control.should_save = True  # a resume point; only epoch-end checkpoints compete for "best"
+            return control
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            log.event("train", "evaluated", epoch=round(state.epoch or 0, 2), step=state.global_step,
+                      **scores(metrics or {}))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.close()
+
+    return Events()
 
 
 def epoch_history(log_history: list[dict]) -> list[dict]:

@@ -2,7 +2,7 @@
 
 An index can be built from
   - a Parquet file, or a directory of Parquet files (read in sorted order), with a vector column;
-  - a dataset saved with `datasets.Dataset.save_to_disk` (Arrow files listed in its state.json);
+  - a dataset saved with `datasets.Dataset.save_to_disk` (hfbatch.dataset reads it);
   - a `.npy` file of a 2-D float16/float32/float64 array, with its ids in a separate file (or none: the ids
     are then the row numbers 0..n-1).
 The vector column is a fixed-size list or a list of floats, every row the same length. Everything is read
@@ -65,8 +65,9 @@ def open_vectors(path, *, vector_column: str = "embedding", id_column: str | Non
         reader = ParquetVectors(files, vector_column) if fmt == "parquet" else dataset_reader(path, files,
                                                                                             vector_column)
         ids = table_ids(files, fmt, id_column, reader.n)
-        found = ForeignVectors(path, fmt, reader, ids, files + ([] if fmt == "parquet" else
-                                                                [path / "state.json"]))
+        from hfbatch.dataset import STATE_FILE
+
+        found = ForeignVectors(path, fmt, reader, ids, files + ([] if fmt == "parquet" else [path / STATE_FILE]))
     check_ids(found.ids, reader.n, ids_file or path, "ids" if ids_file else id_column or "row numbers")
     check_finite(reader, path, vector_column if found.format != "npy" else None)
     return found
@@ -79,15 +80,14 @@ def table_files(path: Path) -> tuple[str, list[Path]]:
             return "parquet", [path]
         raise InputError(f"{path}: not a Parquet (.parquet) or .npy file, a directory of Parquet files, a saved "
                          f"dataset or an `hfbatch embed` output")
-    state = path / "state.json"
-    if state.is_file():
-        import json
+    from hfbatch.dataset import STATE_FILE, data_files, is_saved_dataset
 
+    if is_saved_dataset(path):
         try:
-            names = [d["filename"] for d in json.loads(state.read_text())["_data_files"]]
+            return "dataset", data_files(path)
         except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{state} is not a datasets state.json ({exc}); save the dataset with save_to_disk")
-        return "dataset", [path / name for name in names]
+            raise InputError(f"{path / STATE_FILE} is not a datasets {STATE_FILE} ({exc}); save the dataset with "
+                             f"save_to_disk")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in PARQUET_SUFFIXES and p.is_file()
                    and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
     if not files:
@@ -98,7 +98,7 @@ def table_files(path: Path) -> tuple[str, list[Path]]:
 
 
 def dataset_reader(path: Path, files: list[Path], column: str):
-    from hfbatch.indexing import ArrowVectors
+    from hfbatch.dataset import ArrowVectors
 
     schema = _arrow_schema(files[0])
     _check_column(schema, column, path)
@@ -137,7 +137,7 @@ class ParquetVectors:
 
     The last decoded row group is kept, so sequential reads and sorted `take`s decode each group once; memory
     is one row group (write big files with row groups of ~64k rows). After each decode the mapped pages are
-    given back (madvise DONTNEED; they stay in the OS page cache), as hfbatch.indexing.ArrowVectors does, so a
+    given back (madvise DONTNEED; they stay in the OS page cache), as hfbatch.dataset.ArrowVectors does, so a
     1.5 GB file does not add 1.5 GB to the process's resident memory."""
 
     def __init__(self, files: list[Path], column: str):
@@ -205,26 +205,15 @@ class ParquetVectors:
         return self.n
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - start, self.dim), dtype=np.float32)
-        group = int(np.searchsorted(self._starts, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            lo, hi = int(self._starts[group]), int(self._starts[group + 1])
-            part = self._decode(group)[pos - lo:min(stop, hi) - lo]
-            out[pos - start:pos - start + len(part)] = part
-            pos += len(part)
-            group += 1
-        return out
+        from hfbatch.dataset import read_rows
+
+        return read_rows(self._starts, lambda group, lo, hi: self._decode(group)[lo:hi], start, stop, self.dim)
 
     def take(self, rows) -> np.ndarray:
         """Rows in any order, each row group decoded once."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        groups = np.searchsorted(self._starts, rows, side="right") - 1
-        for group in np.unique(groups):
-            where = np.flatnonzero(groups == group)
-            out[where] = self._decode(int(group))[rows[where] - self._starts[group]]
-        return out
+        from hfbatch.dataset import take_rows
+
+        return take_rows(self._starts, lambda group, lo, hi: self._decode(group)[lo:hi], rows, self.dim)
 
 
 class NpyVectors:

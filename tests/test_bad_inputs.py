@@ -408,6 +408,12 @@ def _(w, tmp):
     return ["ingest", path, "-o", tmp / "out"], [path, "'id'"]
 
 
+@case("text-column-is-the-id-column")  # KeyError: two 'id' columns in the output schema
+def _(w, tmp):
+    path = write_jsonl(tmp / "ids.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}])
+    return ["ingest", path, "--text-column", "id", "-o", tmp / "out"], ["--text-column id", "ids"]
+
+
 @case("ingest-of-an-hfbatch-output")  # read its content_hashes.parquet as a corpus
 def _(w, tmp):
     return ["ingest", w.ds, "-o", tmp / "out"], [w.ds, "hfbatch output"]

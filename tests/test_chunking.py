@@ -227,7 +227,7 @@ def test_search_returns_distinct_documents_at_their_best_chunk(built, runner, ti
     from hfbatch.embedding import EncoderRun
 
     doc_id, chunk, span = span_queries[0]
-    hits = hits_of(invoke(runner, ["search", built / "index", span, "-k", 10, "--show-span"]))
+    hits = hits_of(invoke(runner, ["search", built / "index", span, "-k", 10, "--show-span", "--mode", "dense"]))
     assert len(hits) == 10 and len({h["id"] for h in hits}) == 10
     texts = {r["id"]: r["text"] for r in sample_rows()}
     assert hits[0]["id"] == doc_id and hits[0]["chunk"] == chunk and hits[0]["span_text"] == span
@@ -273,8 +273,9 @@ def test_search_filter_and_output_dataset_over_chunks(built, runner, span_querie
     invoke(runner, ["search", built / "index", span_queries[3][2], "-k", 5, "-o", tmp_path / "hits",
                     "--show-span"])
     table = load(tmp_path / "hits")
-    assert table.column_names == ["query_index", "query", "rank", "id", "score", "text", "chunk", "char_start",
-                                  "char_end", "span_text"]
+    # hybrid, the default: both parts' scores too
+    assert table.column_names == ["query_index", "query", "rank", "id", "score", "text", "dense_score",
+                                  "lexical_score", "chunk", "char_start", "char_end", "span_text"]
     assert table[0]["id"] == span_queries[3][0] and table[0]["span_text"] == span_queries[3][2]
 
 

@@ -69,8 +69,9 @@ def test_console_script_reports_version():
 
 def test_the_library_raises_its_own_errors_and_never_imports_click(tmp_path):
     """lib/ below cli.py is usable without Click: its errors are plain exceptions that the CLI translates."""
-    modules = ["errors", "runner", "io", "expr", "index", "devices", "models", "embedding", "batching", "chunking",
-               "tokenized", "training", "hashing", "metrics", "log"]
+    modules = ["errors", "runner", "io", "expr", "indexing", "retrieval", "ingestion", "devices", "models", "embedding",
+               "classification", "batching", "chunking", "tokenized", "training", "exporting", "merging",
+               "output_info", "inspection", "hashing", "metrics", "log"]
     code = (f"import sys\nfor m in {modules!r}: __import__('hfbatch.' + m)\n"
             "assert 'click' not in sys.modules, 'click imported'\n"
             "from hfbatch.errors import HfbatchError, InputError\n"

@@ -32,14 +32,14 @@ def test_parse_devices():
 
 
 def test_a_gpu_worker_sees_only_its_gpu_counted_among_the_visible_ones(monkeypatch):
-    from hfbatch.devices import _claim_device
+    from hfbatch.devices import claim_device
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert _claim_device("cuda:1", 1, 2) == "cuda" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    assert claim_device("cuda:1", 1, 2) == "cuda" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-5f3c")  # the job was given GPUs 2 and a UUID
-    assert _claim_device("cuda:1", 1, 2) == "cuda" and os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-5f3c"
+    assert claim_device("cuda:1", 1, 2) == "cuda" and os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-5f3c"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    _claim_device("cuda:0", 0, 2)
+    claim_device("cuda:0", 0, 2)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
 
 
@@ -190,8 +190,8 @@ def test_kill_9_of_the_job_stops_its_workers_and_the_rerun_resumes(tmp_path, dat
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to split")
 def test_cpu_workers_get_disjoint_shares_of_the_cores():
-    code = ("import os, sys; from hfbatch.devices import _claim_device; "
-            "_claim_device('cpu', int(sys.argv[1]), 2); print(sorted(os.sched_getaffinity(0)))")
+    code = ("import os, sys; from hfbatch.devices import claim_device; "
+            "claim_device('cpu', int(sys.argv[1]), 2); print(sorted(os.sched_getaffinity(0)))")
     shares = [json.loads(subprocess.run([sys.executable, "-c", code, str(rank)], capture_output=True, text=True,
                                         check=True).stdout) for rank in (0, 1)]
     assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
@@ -205,16 +205,16 @@ def test_many_pending_shards_and_a_failing_worker_end_promptly(tmp_path):
         "import functools, sys\n"
         "from pathlib import Path\n"
         "from hfbatch import log\n"
-        "from hfbatch.devices import run_shards\n"
+        "from hfbatch.executor import run_shards\n"
         "from hfbatch.errors import InputError\n"
         "from hfbatch.runner import ShardDir\n"
         "def broken(device):\n"
         "    raise InputError('no such model')\n"
         "if __name__ == '__main__':\n"
         "    log.setup()\n"
-        "    job = ShardDir(Path(sys.argv[1])); job.name = 'test'\n"
         "    try:\n"
-        "        run_shards(job, list(range(50_000)), broken, ['cpu', 'cpu'], log.Progress('test', 0))\n"
+        "        run_shards('test', ShardDir(Path(sys.argv[1])), list(range(50_000)), broken, ['cpu', 'cpu'],\n"
+        "                   log.Progress('test', 0))\n"
         "    except InputError as exc:\n"
         "        print(exc.message)\n")
     (tmp_path / "shards").mkdir()
@@ -225,8 +225,8 @@ def test_many_pending_shards_and_a_failing_worker_end_promptly(tmp_path):
 
 
 def test_workers_that_would_compute_rows_differently_are_refused():
-    from hfbatch.devices import _check_same_settings
     from hfbatch.errors import InputError
+    from hfbatch.executor import _check_same_settings
 
     same = {"precision": "bf16", "backend": "torch", "dim": 384, "max_length": 256}
     _check_same_settings({0: same, 1: dict(same)}, ["cuda:0", "cuda:1"])

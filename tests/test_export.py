@@ -72,7 +72,7 @@ def test_export_is_atomic(runner, tmp_path, dataset, monkeypatch):
     target.write_text("previous export\n")
     OutputPaths(target).tmp(999999).write_text("left by a killed export")
 
-    import hfbatch.jobs.export as export_job
+    import hfbatch.exporting as export_job
 
     def fail_half_way(ds, fh, fmt):
         fh.write(b'{"id": 1}\n')

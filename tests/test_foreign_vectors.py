@@ -255,7 +255,7 @@ def test_foreign_options_are_refused_for_an_embed_output(tmp_path, runner):
     from hfbatch.runner import Job
 
     with Job("embed", tmp_path / "emb", config={"synthetic": True}) as job:
-        job.write_shard(0, embeddings_table([1, 2], np.eye(2, 4, dtype=np.float32), 4))
+        job.shards.write_shard(0, embeddings_table([1, 2], np.eye(2, 4, dtype=np.float32), 4))
         job.publish_dataset(1, embeddings_features(datasets.Value("int64"), 4), extra={"dim": 4})
     result = invoke(runner, ["index", tmp_path / "emb", "-o", tmp_path / "idx", "--metric", "dot"], expect=2)
     assert "--metric" in result.output and "vectors made elsewhere" in result.output

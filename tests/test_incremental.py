@@ -100,6 +100,7 @@ def test_previous_vectors_are_taken_from_every_chunk_of_the_old_output(tmp_path)
     import datasets
     import pyarrow as pa
 
+    from hfbatch.dataset import data_files
     from hfbatch.embedding import PreviousVectors
     from hfbatch.hashing import write_hash_file
 
@@ -112,8 +113,8 @@ def test_previous_vectors_are_taken_from_every_chunk_of_the_old_output(tmp_path)
     datasets.Dataset(pa.concat_tables(parts)).save_to_disk(str(tmp_path / "old"), num_shards=3)  # 3 files
     write_hash_file(tmp_path / "old", pa.array(ids), hashes)
 
-    previous = PreviousVectors(tmp_path / "old")
-    assert len(previous.blocks) == 3  # one memory-mapped chunk per file
+    assert len(data_files(tmp_path / "old")) == 3
+    previous = PreviousVectors(tmp_path / "old")  # reads each memory-mapped file's chunk (hfbatch.dataset)
     asked = ["i", "a", "zz", "c", "d", "b"]
     asked_hashes = [108, 100, 0, 109, 999, 101]  # "zz" is new, "d" changed
     old = previous.reusable(asked, asked_hashes)

@@ -28,7 +28,7 @@ def publish_embeddings(path, ids, vectors):
     from hfbatch.runner import Job
 
     with Job("embed", path, config={"synthetic": True}, force=True) as job:
-        job.write_shard(0, embeddings_table(list(ids), vectors, DIM))
+        job.shards.write_shard(0, embeddings_table(list(ids), vectors, DIM))
         job.publish_dataset(1, embeddings_features(datasets.Value("int64"), DIM), extra={"dim": DIM})
 
 

@@ -21,7 +21,7 @@ def embeddings(tmp_path_factory):
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     out = tmp_path_factory.mktemp("vec") / "emb"
     with Job("embed", out, config={"synthetic": True}) as job:
-        job.write_shard(0, embeddings_table(list(range(3000)), vectors, 32))
+        job.shards.write_shard(0, embeddings_table(list(range(3000)), vectors, 32))
         job.publish_dataset(1, embeddings_features(datasets.Value("int64"), 32), extra={"dim": 32})
     return out, vectors
 

@@ -59,7 +59,8 @@ def test_search_returns_each_document_as_its_own_top_hit(built, runner):
     result = invoke(runner, ["search", built / "index", *queries, "-k", "3"])
     hits = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(hits) == 3 * len(picks)
-    assert set(hits[0]) == {"query", "rank", "id", "score", "text"}
+    # hybrid, the default over an index with both parts: each hit also has both parts' scores
+    assert set(hits[0]) == {"query", "rank", "id", "score", "text", "dense_score", "lexical_score"}
     for i, pick in enumerate(picks):
         top = hits[3 * i]
         assert top["rank"] == 1 and top["id"] == ds[pick]["id"] and top["text"] == ds[pick]["text"]
@@ -114,8 +115,10 @@ def test_real_subprocess_pipeline_with_json_summaries(tmp_path, tiny_model):
     run("index", tmp_path / "emb", "-o", tmp_path / "idx")
     hits = [json.loads(x) for x in run("search", tmp_path / "idx", "third about python parsers", "-k", "1"
                                        ).stdout.splitlines()]
+    assert hits[0]["lexical_score"] > 0  # hybrid: its own words, so the best BM25 score, normalised to 1
     assert hits == [{"query": "third about python parsers", "rank": 1, "id": "docs.csv:3",
-                     "score": pytest.approx(1.0, abs=1e-4), "text": "third about python parsers"}]
+                     "score": pytest.approx(1.0, abs=1e-4), "text": "third about python parsers",
+                     "dense_score": pytest.approx(1.0, abs=1e-4), "lexical_score": hits[0]["lexical_score"]}]
     bad = run("embed", tmp_path / "ds", "-o", tmp_path / "emb2", "--model", tiny_model, "--text-column", "body",
               "--json", code=2)
     assert "body" in bad.stderr and json.loads(bad.stdout)["status"] == "failed"

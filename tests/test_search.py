@@ -95,7 +95,7 @@ def test_filter_is_exact_on_a_flat_index_and_combines_or_and_and(built, runner):
     vectors = ArrowVectors(built / "emb")
     allowed = [i for i, r in enumerate(rows) if r["section"] in ("games", "editors")]
     query_text = rows[0]["text"]                              # a games row: its own top hit
-    hits = hits_of(invoke(runner, ["search", built / "flat", query_text, "-k", "10",
+    hits = hits_of(invoke(runner, ["search", built / "flat", query_text, "-k", "10", "--mode", "dense",
                                    "--filter", "section=games", "--filter", "section=editors"]))
     assert len(hits) == 10 and all(sections[h["id"]] in ("games", "editors") for h in hits)
     assert hits[0]["id"] == rows[0]["id"]
@@ -127,7 +127,9 @@ def test_output_writes_a_dataset_with_a_manifest(built, runner, tmp_path):
                              "--filter", "section=games"])
     assert result.stdout == ""
     ds = load(out)
-    assert len(ds) == 8 and ds.column_names == ["query_index", "query", "rank", "id", "score", "text"]
+    # hybrid (the default over an index with both parts): each hit also says what each part scored it
+    assert len(ds) == 8 and ds.column_names == ["query_index", "query", "rank", "id", "score", "text",
+                                                "dense_score", "lexical_score"]
     assert ds["rank"] == [1, 2, 3, 4] * 2 and ds["query_index"] == [0] * 4 + [1] * 4
     assert all(section_of()[i] == "games" for i in ds["id"])
     manifest = json.loads((out / "manifest.json").read_text())

@@ -185,7 +185,7 @@ def test_the_index_answers_as_brute_force_under_the_models_similarity(tmp_path, 
         truth = q @ vectors.T
     else:
         truth = -np.linalg.norm(q[:, None, :] - vectors[None, :, :], axis=2)
-    hits = hits_of(invoke(runner, ["search", tmp_path / "index", *queries, "-k", "1"]))
+    hits = hits_of(invoke(runner, ["search", tmp_path / "index", *queries, "-k", "1", "--mode", "dense"]))
     ids = [r["id"] for r in rows]
     assert [h["id"] for h in hits] == [ids[i] for i in truth.argmax(axis=1)]
     np.testing.assert_allclose([h["score"] for h in hits], truth.max(axis=1), rtol=1e-3, atol=1e-3)
@@ -204,7 +204,7 @@ def synthetic_embeddings(path, n, dim, seed=0):
     vectors = centres[rng.integers(0, 40, n)] + 0.6 * rng.normal(size=(n, dim))
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     with Job("embed", path, config={"synthetic": True}, force=True) as job:
-        job.write_shard(0, embeddings_table(list(range(n)), vectors, dim))
+        job.shards.write_shard(0, embeddings_table(list(range(n)), vectors, dim))
         job.publish_dataset(1, embeddings_features(datasets.Value("int64"), dim), extra={"dim": dim})
     return vectors
 
