@@ -137,6 +137,9 @@ def main() -> None:
     rates = {name: len(texts) / seconds for name, seconds in figures.items()}
     best_pipeline = max(rates["pipeline"], rates["pipeline_batch32"])
     top = reference.argmax(axis=1)
+    ordered = np.sort(reference, axis=1)
+    margin = ordered[:, -1] - ordered[:, -2]  # the fp32 pipeline's gap between its top two scores
+    flipped = default.argmax(axis=1) != top
     report = {
         "model": model_note, "docs": len(texts), "max_length": max_length, "hfbatch_settings": settings,
         "docs_per_s": {k: round(v, 1) for k, v in rates.items()},
@@ -145,13 +148,16 @@ def main() -> None:
         "top_label_agreement_default_vs_fp32_pipeline": float((default.argmax(axis=1) == top).mean()),
         "top_label_agreement_fp32_vs_fp32_pipeline": float((exact.argmax(axis=1) == top).mean()),
         "max_score_diff_fp32_vs_pipeline": float(np.abs(exact - reference).max()),
+        # only near-ties may flip: the rows whose default top label differs, and their fp32 top-2 score gaps
+        "flipped_rows": int(flipped.sum()), "flipped_max_top2_gap": float(margin[flipped].max(initial=0)),
+        "median_top2_gap": float(np.median(margin)),
         "roof": roof, "default_share_of_roof": round(rates["hfbatch_default"] / roof["docs_per_s"], 2),
     }
     for name, rate in report["docs_per_s"].items():
         print(f"  {name:<22} {rate:8.1f} docs/s   {figures[name]:7.1f} s")
     for key in ("hfbatch_settings", "ratio_default_vs_best_pipeline", "ratio_cli_end_to_end_vs_best_pipeline",
                 "top_label_agreement_default_vs_fp32_pipeline", "top_label_agreement_fp32_vs_fp32_pipeline",
-                "max_score_diff_fp32_vs_pipeline"):
+                "max_score_diff_fp32_vs_pipeline", "flipped_rows", "flipped_max_top2_gap", "median_top2_gap"):
         print(f"{key}: {report[key]}")
     print(describe(roof, best_pipeline, "the faster pipeline") +
           f"; hfbatch default is at {report['default_share_of_roof']:.0%} of it")

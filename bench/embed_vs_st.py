@@ -16,7 +16,13 @@ Systems, each on the same docs, all on CPU:
 ST rates exclude model load and a 64-doc warm-up (as `core`). Every row reports docs/s, its ratio to ST fp32
 and to ST openvino, and the min / mean cosine of each document's vector to ST fp32's.
 
-    .venv/bin/python bench/embed_vs_st.py --n 2000 [--precisions auto,fp32] [--st-ov-python PY]
+    .venv/bin/python bench/embed_vs_st.py --n 2000 [--rounds 3] [--precisions auto,fp32] [--st-ov-python PY]
+
+Every system runs once per round, the rounds interleaved (each in another order); the table gives each
+system's median and, per round, its ratio to ST fp32 and ST-OpenVINO of the same round (median [min-max]).
+Then the no-op re-run (output up to date) and the whole-process time of a 64-doc embed (the fixed cost).
+ST-OpenVINO's python: a venv with `sentence-transformers optimum-intel[openvino]` (it pins its own
+transformers and torch).
 
 Timings on a shared machine are noisy: compare rows of one run only (the load average is printed per row).
 """
@@ -27,6 +33,7 @@ import argparse
 import gzip
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -55,12 +62,16 @@ def load_docs(path: str, n: int) -> list[dict]:
     return docs
 
 
-def st_encode(model: str, texts: list[str], backend: str, batch_size: int = 32) -> tuple[np.ndarray, float, float]:
-    """(vectors, encode seconds, load seconds); encode is timed after a 64-doc warm-up."""
+def st_encode(model: str, texts: list[str], backend: str, batch_size: int = 32,
+              save_to: Path | None = None) -> tuple[np.ndarray, float, float]:
+    """(vectors, encode seconds, load seconds); encode is timed after a 64-doc warm-up. `save_to`: keep the
+    loaded (for openvino: exported) model there."""
     from sentence_transformers import SentenceTransformer
 
     t0 = time.perf_counter()
     st = SentenceTransformer(model, device="cpu", backend=backend)
+    if save_to is not None:
+        st.save_pretrained(str(save_to))
     st.encode(texts[:64], batch_size=batch_size)
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -97,6 +108,7 @@ def main() -> None:
                     help="python with optimum-intel for ST backend='openvino' ('' to skip)")
     ap.add_argument("--workdir", default=None, help="keep the dataset and outputs here (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system (default 3)")
     ap.add_argument("--only-st-ov", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.model = args.model or default_model()
@@ -104,7 +116,9 @@ def main() -> None:
     texts = [d["text"] for d in docs]
 
     if args.only_st_ov:  # child mode, in the optimum-intel venv: vectors to a file, "seconds load" on stdout
-        emb, secs, load = st_encode(args.model, texts, "openvino")
+        exported = Path(args.only_st_ov).with_suffix(".model")  # the export kept for the next rounds
+        emb, secs, load = st_encode(str(exported) if exported.exists() else args.model, texts, "openvino",
+                                    save_to=None if exported.exists() else exported)
         np.save(args.only_st_ov, emb)
         print(secs, load)
         return
@@ -123,78 +137,118 @@ def main() -> None:
     roof_dtype = "bfloat16" if cpu_has_bf16() else "float32"
     roof_before = model_gflops(args.model, roof_dtype)  # and again at the end: the best of the two counts
 
-    def add(label, docs_per_s, vectors, note=""):
-        rows[label] = {"docs_per_s": docs_per_s, "vectors": vectors, "note": note,
-                       "load_avg": os.getloadavg()[0]}
-        print(f"  {label}: {docs_per_s:.1f} docs/s {note}", flush=True)
-
-    emb, secs, load = st_encode(args.model, texts, "torch")
-    add("ST fp32 (batch 32)", len(texts) / secs, emb, f"(load {load:.1f} s not timed)")
-    emb, secs, how = st_openvino(args, work)
-    if emb is None:
-        print(f"  ST backend=openvino: {how}", flush=True)
-    else:
-        add("ST backend=openvino (batch 32)", len(texts) / secs, emb, f"[{how}]")
+    def add(label, seconds, vectors, note=""):
+        row = rows.setdefault(label, {"seconds": [], "vectors": vectors, "note": note, "load_avg": []})
+        row["seconds"].append(seconds)
+        row["load_avg"].append(os.getloadavg()[0])
+        row["note"] = note or row["note"]
+        print(f"  {label}: {len(texts) / seconds:.1f} docs/s {note}", flush=True)
 
     # hfbatch, the real command: ingest once (not timed), one untimed small embed so that the OpenVINO
     # conversion cache is warm, then each precision as a whole process
     import datasets
+    from sentence_transformers import SentenceTransformer
+
+    from hfbatch.embedding import EncoderRun
 
     (work / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     run_hfbatch(["ingest", work / "docs.jsonl", "-o", work / "ds", "--force"])
     run_hfbatch(["ingest", work / "docs.jsonl", "-o", work / "ds64", "--limit", "64", "--force"])
     precisions = args.precisions.split(",")
+    warm = {}
     for precision in precisions:
-        run_hfbatch(["embed", work / "ds64", "-o", work / "warm", "--model", args.model, "--precision", precision,
-                     "--force"])
+        warm[precision] = run_hfbatch(["embed", work / "ds64", "-o", work / "warm", "--model", args.model,
+                                       "--precision", precision, "--force"]).wall_s
+    st = SentenceTransformer(args.model, device="cpu")
+    st.encode(texts[:64], batch_size=32)
+    cores = {}
     for precision in precisions:
-        out = work / f"emb-{precision}"
-        measured = run_hfbatch(["embed", work / "ds", "-o", out, "--model", args.model, "--precision", precision,
-                                "--force", "--json"])
-        wall, peak = measured.wall_s, measured.peak_rss_mb
-        manifest = json.loads((out / "manifest.json").read_text())
-        vectors = np.asarray(datasets.load_from_disk(str(out)).with_format("numpy")["embedding"])
-        add(f"hfbatch embed --precision {precision} (process)", len(texts) / wall, vectors,
-            f"({wall:.1f} s wall, peak RSS {peak:.0f} MB, in force {manifest['backend']}/{manifest['precision']}, "
-            f"conversion cache hit {manifest.get('openvino', {}).get('cache_hit')}, "
-            f"truncated {manifest['counts'].get('truncated', 0)} at {manifest['max_length']})")
+        cores[precision] = EncoderRun(Path(args.model), precision=precision)
+        cores[precision](texts[:64])
 
-    from hfbatch.embedding import EncoderRun
+    def st_fp32():
+        t0 = time.perf_counter()
+        emb = st.encode(texts, batch_size=32, convert_to_numpy=True)
+        add("ST fp32 (batch 32)", time.perf_counter() - t0, np.asarray(emb, dtype=np.float32), "(load not timed)")
 
-    for precision in precisions:
-        t0 = time.perf_counter()
-        embedder = EncoderRun(Path(args.model), precision=precision)
-        embedder(texts[:64])
-        load = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        vectors = embedder(texts)
-        secs = time.perf_counter() - t0
-        add(f"hfbatch core --precision {precision} (in-process)", len(texts) / secs, vectors,
-            f"(load {load:.1f} s not timed; {embedder.settings['backend']}/{embedder.settings['precision']})")
-        del embedder
+    def st_ov():
+        emb, secs, how = st_openvino(args, work)
+        if emb is None:
+            print(f"  ST backend=openvino: {how}", flush=True)
+        else:
+            add("ST backend=openvino (batch 32)", secs, emb, f"[{how}]")
+
+    def process(precision):
+        def run():
+            out = work / f"emb-{precision}"
+            measured = run_hfbatch(["embed", work / "ds", "-o", out, "--model", args.model, "--precision",
+                                    precision, "--force", "--json"])
+            manifest = json.loads((out / "manifest.json").read_text())
+            vectors = np.asarray(datasets.load_from_disk(str(out)).with_format("numpy")["embedding"])
+            add(f"hfbatch embed --precision {precision} (process)", measured.wall_s, vectors,
+                f"(peak RSS {measured.peak_rss_mb:.0f} MB, CPU {measured.cpu_s:.1f} s, in force "
+                f"{manifest['backend']}/{manifest['precision']}, conversion cache hit "
+                f"{manifest.get('openvino', {}).get('cache_hit')}, truncated {manifest['counts'].get('truncated', 0)}"
+                f" at {manifest['max_length']})")
+        return run
+
+    def core(precision):
+        def run():
+            embedder = cores[precision]
+            t0 = time.perf_counter()
+            vectors = embedder(texts)
+            add(f"hfbatch core --precision {precision} (in-process)", time.perf_counter() - t0, vectors,
+                f"({embedder.settings['backend']}/{embedder.settings['precision']})")
+        return run
+
+    systems = [st_fp32, st_ov] + [process(p) for p in precisions] + [core(p) for p in precisions]
+    for r in range(args.rounds):  # interleaved: each round in another order
+        print(f"round {r + 1} (load average {os.getloadavg()[0]:.1f})", flush=True)
+        k = r % len(systems)
+        for system in systems[k:] + systems[:k]:
+            system()
+    noop = [run_hfbatch(["embed", work / "ds", "-o", work / f"emb-{precisions[0]}", "--model", args.model,
+                         "--precision", precisions[0]]).wall_s for _ in range(3)]
+    print(f"no-op re-run (output up to date): {', '.join(f'{x:.2f}' for x in noop)} s (goal < 0.5 s)")
+    print(f"fixed cost, `hfbatch embed` of 64 docs as a whole process: "
+          f"{', '.join(f'{p} {w:.2f} s' for p, w in warm.items())}")
 
     ref_key, ov_key = "ST fp32 (batch 32)", "ST backend=openvino (batch 32)"
     ref = rows[ref_key]["vectors"]
     roof = ceiling(args.model, texts, roof_dtype, also_measured=roof_before)
+
+    def rate(label, r):
+        return len(texts) / rows[label]["seconds"][r]
+
     print()
-    print(describe(roof, rows[ref_key]["docs_per_s"], "ST fp32") + " (the '% roof' column)")
-    print(f"{'system':48s} {'docs/s':>7s} {'x ST':>6s} {'x STov':>6s} {'min cos':>10s} {'mean cos':>10s} "
-          f"{'1-min cos':>9s} {'% roof':>6s} {'load':>5s}")
+    print(describe(roof, len(texts) / statistics.median(rows[ref_key]["seconds"]), "ST fp32") +
+          " (the '% roof' column)")
+    print(f"{args.rounds} interleaved rounds; per system the median docs/s, and the median [min-max] over rounds of "
+          f"its ratio to ST fp32 and to ST-OpenVINO measured in the same round")
+    print(f"{'system':48s} {'docs/s':>7s} {'x ST':>17s} {'x STov':>17s} {'min cos':>10s} {'1-min cos':>9s} "
+          f"{'% roof':>6s}")
     summary = {}
     for label, row in rows.items():
         c = cosines(row["vectors"], ref)
-        x_st = row["docs_per_s"] / rows[ref_key]["docs_per_s"]
-        x_ov = row["docs_per_s"] / rows[ov_key]["docs_per_s"] if ov_key in rows else float("nan")
-        print(f"{label:48s} {row['docs_per_s']:7.1f} {x_st:6.2f} {x_ov:6.2f} {c.min():10.7f} {c.mean():10.7f} "
-              f"{1 - c.min():9.1e} {row['docs_per_s'] / roof['docs_per_s']:6.0%} {row['load_avg']:5.1f}")
-        summary[label] = {"docs_per_s": row["docs_per_s"], "x_st_fp32": x_st, "x_st_openvino": x_ov,
+        rounds = range(len(row["seconds"]))
+        x_st = [rate(label, r) / rate(ref_key, r) for r in rounds]
+        ov_rounds = [r for r in rounds if ov_key in rows and r < len(rows[ov_key]["seconds"])]
+        x_ov = [rate(label, r) / rate(ov_key, r) for r in ov_rounds] or [float("nan")]
+        docs_per_s = statistics.median(rate(label, r) for r in rounds)
+
+        def spread(xs):
+            return f"{statistics.median(xs):5.2f} [{min(xs):.2f}-{max(xs):.2f}]"
+
+        print(f"{label:48s} {docs_per_s:7.1f} {spread(x_st):>17s} {spread(x_ov):>17s} {c.min():10.7f} "
+              f"{1 - c.min():9.1e} {docs_per_s / roof['docs_per_s']:6.0%}  {row['note']}")
+        summary[label] = {"docs_per_s": docs_per_s, "x_st_fp32": x_st, "x_st_openvino": x_ov,
                           "min_cos": float(c.min()), "mean_cos": float(c.mean()), "note": row["note"],
-                          "load_avg": row["load_avg"], "of_roof": row["docs_per_s"] / roof["docs_per_s"]}
+                          "load_avg": row["load_avg"], "of_roof": docs_per_s / roof["docs_per_s"]}
     if ov_key not in rows:
         print("(ST backend=openvino was skipped: see the note above)")
     if args.json:
-        args.json.write_text(json.dumps({"n": len(texts), "model": args.model, "roof": roof, "rows": summary},
-                                        indent=2))
+        args.json.write_text(json.dumps({"n": len(texts), "model": args.model, "roof": roof, "rows": summary,
+                                         "noop_s": noop, "fixed_64_docs_s": warm}, indent=2))
 
 
 if __name__ == "__main__":

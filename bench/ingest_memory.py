@@ -1,11 +1,14 @@
 """Benchmark: `hfbatch ingest` against `datasets.load_dataset("json") + save_to_disk` on 10x the Debian corpus.
 
-    .venv/bin/python bench/ingest_memory.py [--repeat 10] [--runs 3] [--workdir DIR]
+    .venv/bin/python bench/ingest_memory.py [--repeat 10] [--runs 5] [--workdir DIR]
 
-Generates the corpus (the shared Debian descriptions repeated REPEAT times, with fresh ids) as JSON Lines in
-a temporary directory, then runs each side RUNS times as a subprocess, alternating, and reads each run's
-peak RSS from the kernel (os.wait4's rusage of that child). The machine is shared and noisy, so only the
-two sides of the same session are compared, on their median run (best runs and CPU seconds shown too). Then:
+Generates two corpora of the same rows (the shared Debian descriptions repeated REPEAT times, with fresh ids)
+as JSON Lines: all four columns (275 MB, above the auto-streaming threshold) and id/section/text only
+(256 MB, below it in hfbatch <= 0.1 where the threshold was 256 MiB). For each it runs, as subprocesses, in
+RUNS interleaved rounds (each round in another order): `hfbatch ingest` as a user runs it, `hfbatch ingest`
+with the other streaming mode forced, and `load_dataset("json") + save_to_disk`; each run's peak RSS is read
+from the kernel (os.wait4's rusage of that child). The machine is shared and noisy, so only sides of the same
+round are compared: per-round ratios with their median, min and max, CPU-second ratios beside them. Then:
   - opens the ingested dataset in a fresh process and iterates every row (peak RSS must stay < 500 MB),
   - ingests the real corpus, exports it to JSON Lines and checks it gives the source rows back, in order.
 Exit status 0 when every check holds: peak RSS < 1 GB, rows/s >= the peer's, iterate RSS < 500 MB, round trip.
@@ -56,68 +59,97 @@ def measured(args: list[str], env: dict) -> dict:
     return {"wall": run.wall_s, "cpu": run.cpu_s, "rss_mb": run.peak_rss_mb, "out": run.done.stdout}
 
 
-def make_corpus(path: Path, repeat: int) -> int:
+def make_corpus(path: Path, repeat: int, columns: list[str] | None = None) -> int:
     with gzip.open(CORPUS, "rt", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     n = 0
     with open(path, "w", encoding="utf-8") as out:
         for _ in range(repeat):
             for row in rows:
-                out.write(json.dumps({**row, "id": n}, ensure_ascii=False) + "\n")
+                row = {**row, "id": n}
+                out.write(json.dumps({k: row[k] for k in columns} if columns else row, ensure_ascii=False) + "\n")
                 n += 1
     return n
+
+
+# Two files of the same rows, on either side of hfbatch's auto-streaming threshold (in bytes): all four columns,
+# and id/section/text only.
+INPUTS = {"all columns": None, "id/section/text": ["id", "section", "text"]}
+
+
+def spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):.2f}, min {min(values):.2f}, max {max(values):.2f}"
+
+
+def compare(work: Path, big: Path, rows: int, runs: int, env: dict) -> dict:
+    """hfbatch as a user runs it (auto streaming), hfbatch with the other streaming mode forced, and the
+    peer, RUNS interleaved rounds (each round in another order); per side the rows/s of each run."""
+    from hfbatch.ingestion import STREAMING_THRESHOLD
+
+    auto_streams = big.stat().st_size > STREAMING_THRESHOLD
+    other = "--no-streaming" if auto_streams else "--streaming"
+    sides = {f"hfbatch (auto: {'streaming' if auto_streams else 'one parse'})": [],
+             f"hfbatch {other}": [], "datasets": []}
+    cmds = {name: (lambda out, extra=extra: [sys.executable, "-c", HFBATCH, "ingest", str(big), "-o", str(out),
+                                             "--json", *extra])
+            for name, extra in zip(list(sides)[:2], ([], [other]))}
+    cmds["datasets"] = lambda out: [sys.executable, "-c", PEER, str(big), str(work / "peer-cache"), str(out)]
+    names = list(sides)
+    for i in range(runs):
+        for name in names[i % 3:] + names[:i % 3]:
+            out = work / "out-side"
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(work / "peer-cache", ignore_errors=True)
+            r = measured(cmds[name](out), env)
+            got = json.loads(r["out"].splitlines()[-1])["rows"] if name != "datasets" else int(r["out"].split()[-1])
+            assert got == rows, r["out"]
+            r["rows_s"] = rows / r["wall"]
+            sides[name].append(r)
+            print(f"  round {i + 1} {name:<32}: {r['wall']:6.2f} s wall, {r['cpu']:6.2f} s CPU, "
+                  f"{r['rows_s']:>9,.0f} rows/s, peak RSS {r['rss_mb']:6.0f} MB", flush=True)
+    shutil.rmtree(work / "out-side", ignore_errors=True)
+    shutil.rmtree(work / "peer-cache", ignore_errors=True)
+    peer = sides["datasets"]
+    for name in names[:2]:
+        ratios = [a["rows_s"] / b["rows_s"] for a, b in zip(sides[name], peer)]
+        cpu = [b["cpu"] / a["cpu"] for a, b in zip(sides[name], peer)]
+        print(f"  {name} / datasets, per round: {' '.join(f'{x:.2f}' for x in ratios)} ({spread(ratios)}); "
+              f"CPU-seconds ratio {spread(cpu)}; peak RSS {max(r['rss_mb'] for r in sides[name]):.0f} MB vs "
+              f"{max(r['rss_mb'] for r in peer):.0f} MB")
+    return sides
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=10, help="copies of the corpus (default 10)")
-    parser.add_argument("--runs", type=int, default=5, help="runs of each side, alternating (default 5)")
+    parser.add_argument("--runs", type=int, default=5, help="interleaved rounds per input (default 5)")
     parser.add_argument("--workdir", default=None, help="where to put the corpus and outputs (default: a temp dir)")
     args = parser.parse_args()
     if not CORPUS.exists():
         sys.exit(f"{CORPUS} not found")
+    from hfbatch.ingestion import STREAMING_THRESHOLD
 
     work = Path(tempfile.mkdtemp(prefix="hfbatch-bench-", dir=args.workdir))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "HF_DATASETS_CACHE": str(work / "hf-cache"), "PYTHONUNBUFFERED": "1"}
     try:
-        big = work / "corpus.jsonl"
-        rows = make_corpus(big, args.repeat)
-        print(f"corpus: {rows:,} rows, {big.stat().st_size / 1e6:.1f} MB of JSON Lines "
-              f"({args.repeat} x {CORPUS.name}, fresh ids) in {work}")
-
-        ours_cmd = lambda out: [sys.executable, "-c", HFBATCH, "ingest", str(big), "-o", str(out), "--json"]
-        peer_cmd = lambda out: [sys.executable, "-c", PEER, str(big), str(work / "peer-cache"), str(out)]
-        results = {"hfbatch": [], "datasets": []}
-        for i in range(args.runs):
-            sides = [("hfbatch", ours_cmd), ("datasets", peer_cmd)]
-            for name, cmd in (sides if i % 2 == 0 else sides[::-1]):
-                out = work / f"out-{name}"
-                shutil.rmtree(out, ignore_errors=True)
-                shutil.rmtree(work / "peer-cache", ignore_errors=True)
-                r = measured(cmd(out), env)
-                if name == "hfbatch":
-                    assert json.loads(r["out"].splitlines()[-1])["rows"] == rows, r["out"]
-                else:
-                    assert int(r["out"].split()[-1]) == rows, r["out"]
-                r["rows_s"] = rows / r["wall"]
-                results[name].append(r)
-                print(f"  run {i + 1} {name:<8}: {r['wall']:6.2f} s wall, {r['cpu']:6.2f} s CPU, "
-                      f"{r['rows_s']:>9,.0f} rows/s, peak RSS {r['rss_mb']:6.0f} MB")
-            shutil.rmtree(work / "out-datasets", ignore_errors=True)
-        shutil.rmtree(work / "peer-cache", ignore_errors=True)
-
-        median = {name: statistics.median(r["rows_s"] for r in runs) for name, runs in results.items()}
-        best = {name: max(r["rows_s"] for r in runs) for name, runs in results.items()}
-        cpu = {name: statistics.median(r["cpu"] for r in runs) for name, runs in results.items()}
-        peak = {name: max(r["rss_mb"] for r in runs) for name, runs in results.items()}
-        ratio = median["hfbatch"] / median["datasets"]
-        paired = [a["rows_s"] / b["rows_s"] for a, b in zip(results["hfbatch"], results["datasets"])]
-        print(f"median of {args.runs}: hfbatch {median['hfbatch']:,.0f} rows/s, datasets {median['datasets']:,.0f} "
-              f"rows/s, ratio {ratio:.2f}x  (best: {best['hfbatch']:,.0f} vs {best['datasets']:,.0f}, "
-              f"{best['hfbatch'] / best['datasets']:.2f}x; CPU seconds {cpu['hfbatch']:.2f} vs {cpu['datasets']:.2f}, "
-              f"{cpu['datasets'] / cpu['hfbatch']:.2f}x; per-round ratios {' '.join(f'{x:.2f}' for x in paired)})")
-        print(f"peak RSS: hfbatch {peak['hfbatch']:.0f} MB (limit {RSS_LIMIT_MB}), datasets {peak['datasets']:.0f} MB")
+        results = {}
+        for label, columns in INPUTS.items():
+            big = work / "corpus.jsonl"
+            rows = make_corpus(big, args.repeat, columns)
+            size = big.stat().st_size
+            print(f"input {label}: {rows:,} rows, {size:,} bytes = {size / 2**20:.1f} MiB of JSON Lines "
+                  f"({args.repeat} x {CORPUS.name}, fresh ids); auto-streaming threshold "
+                  f"{STREAMING_THRESHOLD / 2**20:.0f} MiB: {'above' if size > STREAMING_THRESHOLD else 'below'}",
+                  flush=True)
+            results[label] = compare(work, big, rows, args.runs, env)
+        last = results[label]
+        ours = next(iter(last.values()))
+        peer = last["datasets"]
+        ratio = statistics.median(r["rows_s"] for r in ours) / statistics.median(r["rows_s"] for r in peer)
+        peak = {"hfbatch": max(r["rss_mb"] for r in ours), "datasets": max(r["rss_mb"] for r in peer)}
+        # the last input's output, kept for the iterate check
+        measured([sys.executable, "-c", HFBATCH, "ingest", str(big), "-o", str(work / "out-hfbatch")], env)
 
         it = measured([sys.executable, "-c", ITERATE, str(work / "out-hfbatch")], env)
         n, chars = map(int, it["out"].split())
@@ -127,7 +159,7 @@ def main() -> int:
 
         round_trip = check_round_trip(work, env)
         checks = {"peak RSS < 1 GB": peak["hfbatch"] < RSS_LIMIT_MB,
-                  "rows/s >= datasets": ratio >= 1.0,
+                  "rows/s >= datasets (median, last input)": ratio >= 1.0,
                   "iterate RSS < 500 MB": it["rss_mb"] < ITERATE_LIMIT_MB and n == rows,
                   "round trip": round_trip}
         for name, ok in checks.items():

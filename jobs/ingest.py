@@ -13,7 +13,6 @@ from hfbatch.ingestion import (
     BY_CHOICES,
     FORMAT_CHOICES,
     MIN_SHARD_SIZE,
-    STREAMING_THRESHOLD,
     parse_columns,
     parse_rename,
 )
@@ -51,7 +50,8 @@ from hfbatch.ingestion import ingest as run_ingest
                    "accepts any number.")
 @click.option("--streaming/--no-streaming", default=None,
               help="Read in blocks and write shards as they fill, so memory does not grow with the input. "
-                   f"Default: on when the inputs exceed {STREAMING_THRESHOLD >> 20} MB.")
+                   "On by default; --no-streaming parses each uncompressed file in one go (it holds several "
+                   "times the file in memory, and was measured no faster).")
 @click.option("--shard-size", type=SizeType(minimum=MIN_SHARD_SIZE), default="128MB", show_default=True,
               help="Size of the output's shard files, and of the byte ranges a big file is cut into (at least "
                    "1MB; MB = 10^6 bytes, MiB = 2^20).")

@@ -25,9 +25,17 @@ class EncoderRun:
 
     def __init__(self, model_dir, *, task="embed", backend="auto", device="auto", precision="auto",
                  max_length=None, batch_tokens=DEFAULT_BATCH_TOKENS, trust_remote_code=False):
-        from .models import load_tokenization, make_encoder
+        from .model_files import ConfigFile, TokenizerFile
+        from .models import effective_max_length, load_tokenization, make_encoder
 
-        self.tokenizer, config, self.max_length = load_tokenization(model_dir, max_length, trust_remote_code)
+        # tokenizer.json and config.json read without transformers where they can be (the same ids), so
+        # the OpenVINO path never imports torch
+        tokenizer = TokenizerFile.load(model_dir, trust_remote_code)
+        config = ConfigFile.load(model_dir, trust_remote_code)
+        if tokenizer is not None and config is not None:
+            self.tokenizer, self.max_length = tokenizer, effective_max_length(model_dir, tokenizer, config, max_length)
+        else:
+            self.tokenizer, config, self.max_length = load_tokenization(model_dir, max_length, trust_remote_code)
         self.config = config
         self.encoder, self.settings = make_encoder(model_dir, task=task, backend=backend, device=device,
                                                    precision=precision, trust_remote_code=trust_remote_code)

@@ -222,6 +222,10 @@ def load_tokenization(path: Path, requested: int | None, trust_remote_code: bool
 
 
 def choose_device(device: str) -> str:
+    from .model_files import may_have_gpu
+
+    if device == "auto" and not may_have_gpu():
+        return "cpu"  # without importing torch (about a second of start-up)
     import torch
 
     if device == "auto":

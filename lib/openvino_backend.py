@@ -7,9 +7,15 @@
   ``AutoModelForSequenceClassification`` for ``task="classify"``) traced with dynamic batch and sequence dims.
   Not optimum-intel.
 * For embeddings the pooling (masked mean / CLS / masked max, optional L2 normalisation) is appended to the
-  graph with OpenVINO ops, so only ``[B, H]`` comes back. Those ops are marked "precise" so that the CPU
-  plugin keeps them in f32 when the rest of the model runs in bf16. ``pooling=None`` returns the model's main
-  output (``last_hidden_state`` ``[B, T, H]`` or ``logits`` ``[B, labels]``).
+  graph with OpenVINO ops, so only ``[B, H]`` comes back. Those ops are marked "precise", but the CPU plugin
+  of OpenVINO 2026.4 runs them in bf16 all the same under a bf16 hint (their runtimePrecision says so), which
+  still gives cosines of 0.99997 to fp32. ``pooling=None`` returns the model's main output
+  (``last_hidden_state`` ``[B, T, H]`` or ``logits`` ``[B, labels]``).
+* A classifier under bf16 is compiled as two models (``split_head``): the encoder in bf16 up to its last
+  LayerNorm, and the head (LayerNorm's scale, pooler, classifier) in f32, so only near-ties flip its labels.
+* OpenVINO's compiled-model cache (``CACHE_DIR``) lives in ``compiled/`` inside the IR's entry, and the
+  weight files' sha256 are remembered by stat in ``file-digests.json``: a warm start hashes and compiles
+  nothing.
 * The converted IR is cached under ``cache_dir`` (argument) or ``$HFBATCH_CACHE_DIR/openvino`` or
   ``~/.cache/hfbatch/openvino``, in one folder per key: a sha256 over the model's config and weight files
   (relative paths + bytes), the graph options and the library versions. An entry is written in a temporary
@@ -22,6 +28,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +58,7 @@ PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 IR_XML = "model.xml"
 IR_BIN = "model.bin"
 META = "meta.json"
+COMPILED = "compiled"  # OpenVINO's compiled-model cache (CACHE_DIR) inside an entry
 
 # Weight files that AutoModel.from_pretrained reads from the top of a model directory.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -121,6 +129,62 @@ def _model_files(model_dir: Path) -> list[Path]:
     return files
 
 
+_file_digest_memo: dict[str, str] = {}
+DIGESTS = "file-digests.json"  # sha256 of weight files by their stat, kept in the cache dir between runs
+_MAX_DIGESTS = 256
+
+
+def _stat_key(p: Path) -> str:
+    """A file's identity for the digest memo: path, size, inode, mtime and ctime in ns. Any write changes
+    ctime (which no user call can set back), so a changed file never matches its old digest."""
+    st = p.stat()
+    return f"{p.resolve()}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def _load_digests(cache_dir: Path | None) -> None:
+    if cache_dir is None or _file_digest_memo:
+        return
+    try:
+        stored = json.loads((cache_dir / DIGESTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(stored, dict):
+        _file_digest_memo.update({k: v for k, v in stored.items() if isinstance(v, str) and len(v) == 64})
+
+
+def _save_digests(cache_dir: Path | None) -> None:
+    """Best effort (a lost update only means hashing that file again next time); atomic, never half-written."""
+    if cache_dir is None:
+        return
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        keep = dict(list(_file_digest_memo.items())[-_MAX_DIGESTS:])
+        fd, tmp = tempfile.mkstemp(prefix=f".{DIGESTS}.tmp-", dir=cache_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(keep, f)
+            os.replace(tmp, cache_dir / DIGESTS)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        log.debug("could not save %s", cache_dir / DIGESTS, exc_info=True)
+
+
+def _file_digest(p: Path) -> tuple[bytes, bool]:
+    """(sha256 of the file, whether it was hashed now rather than found in the memo)."""
+    memo_key = _stat_key(p)
+    d = _file_digest_memo.get(memo_key)
+    if d is not None:
+        return bytes.fromhex(d), False
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    _file_digest_memo[memo_key] = h.hexdigest()
+    return h.digest(), True
+
+
 def _graph_options(task: str, pooling: str | None, normalize: bool) -> dict[str, Any]:
     import openvino as ov
 
@@ -142,13 +206,23 @@ def _graph_options(task: str, pooling: str | None, normalize: bool) -> dict[str,
 
 
 def cache_key(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | None = None,
-              normalize: bool = False) -> str:
-    """sha256 (hex) over config + weight files (relative path and bytes), graph options and versions."""
+              normalize: bool = False, cache_dir: str | os.PathLike | None = None) -> str:
+    """sha256 (hex) over config + weight files (relative path and bytes), graph options and versions.
+    With `cache_dir` the files' digests are remembered there by stat, so a later process hashes no weights."""
     _check_options(task, pooling, normalize)
-    from .models import model_content_hash
-
     model_dir = Path(model_dir)
-    h = model_content_hash(model_dir, _model_files(model_dir), whole=True)
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
+    _load_digests(cache_dir)
+    h = hashlib.sha256()
+    hashed = False
+    for p in _model_files(model_dir):
+        # as models.model_content_hash(whole=True) counts a file, with its sha256 for its bytes
+        h.update(f"{p.relative_to(model_dir).as_posix()}\0{p.stat().st_size}\0".encode())
+        digest, new = _file_digest(p)
+        h.update(digest)
+        hashed |= new
+    if hashed:
+        _save_digests(cache_dir)
     h.update(json.dumps(_graph_options(task, pooling, normalize), sort_keys=True).encode())
     return h.hexdigest()
 
@@ -301,14 +375,14 @@ def _entry_complete(entry: Path) -> bool:
 
 
 def _sweep_stale_tmp(cache_dir: Path, max_age_s: float = 24 * 3600) -> None:
-    """Remove temporary folders left by writers that were killed (older than a day)."""
+    """Remove temporary folders and files left by writers that were killed (older than a day)."""
     now = time.time()
     try:
         for p in cache_dir.iterdir():
-            if p.name.startswith(".") and ".tmp-" in p.name and p.is_dir():
+            if p.name.startswith(".") and ".tmp-" in p.name:
                 try:
                     if now - p.stat().st_mtime > max_age_s:
-                        shutil.rmtree(p, ignore_errors=True)
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
                 except OSError:
                     pass
     except OSError:
@@ -383,8 +457,8 @@ def get_ir(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | 
     Returns ``(xml_path, cache_hit)``; ``cache_hit`` is False when this call converted the model.
     """
     model_dir = Path(model_dir).resolve()
-    key = cache_key(model_dir, task=task, pooling=pooling, normalize=normalize)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = cache_key(model_dir, task=task, pooling=pooling, normalize=normalize, cache_dir=cache_dir)
     entry = cache_dir / key
     if _entry_complete(entry):
         return entry / IR_XML, True
@@ -408,6 +482,71 @@ def get_ir(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | 
         }
         entry = _write_entry(cache_dir, key, ov_model, meta)
     return entry / IR_XML, False
+
+
+def compiled_cache_dir(ir_path: Path) -> Path | None:
+    """Where OpenVINO keeps this IR's compiled blobs (its CACHE_DIR): `compiled/` inside the IR's own cache
+    entry, a folder hfbatch made, so the blobs go when the entry goes. Importing a blob skips the CPU plugin's
+    graph transformations on every later run. None (no blob cache) where the entry is not writable, e.g. a
+    cache shared read-only; ``ov_config={"CACHE_DIR": ""}`` turns it off too."""
+    entry = Path(ir_path).parent
+    if not os.access(entry, os.W_OK):
+        return None
+    return entry / COMPILED
+
+
+HEAD_INPUT = "encoder_hidden"
+
+
+def _head_region(model):
+    """The nodes between the model's output and the encoder: walking back from the Result up to (not
+    through) LayerNorm's MVN. Returns (nodes, MVNs reached, Parameters reached)."""
+    nodes, mvns, params, seen = [], [], [], set()
+    stack = [model.get_results()[0].input_value(0).get_node()]
+    while stack:
+        node = stack.pop()
+        if node.get_name() in seen:  # (not id(): the Python wrappers are made anew and their ids reused)
+            continue
+        seen.add(node.get_name())
+        kind = node.get_type_name()
+        if kind == "Constant":
+            continue
+        if kind == "Parameter":
+            params.append(node)
+            continue
+        if kind == "MVN":
+            mvns.append(node)
+            continue
+        nodes.append(node)
+        stack.extend(i.get_source_output().get_node() for i in node.inputs())
+    return nodes, mvns, params
+
+
+def split_head(ir_path: Path):
+    """A classifier's IR cut in two at its last LayerNorm: `(encoder, head, head_inputs)`, the encoder up to
+    the normalised hidden states and the head (LayerNorm's scale and shift, pooler, classifier) taking them as
+    `encoder_hidden` (plus the model inputs in `head_inputs` it reads). The CPU plugin ignores
+    precision marks on single nodes under a bf16 hint, so a head kept in f32 is a model of its own. None
+    where the graph has not exactly one LayerNorm between its output and the rest, or the head would need
+    most of the graph."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    core = get_core()
+    head = core.read_model(str(ir_path))
+    nodes, mvns, params = _head_region(head)
+    if len(mvns) != 1 or len(nodes) > 64:
+        return None
+    cut = mvns[0].get_friendly_name()
+    body = core.read_model(str(ir_path))
+    body_cut = next(n for n in body.get_ops() if n.get_friendly_name() == cut)
+    encoder = ov.Model([ops.result(body_cut.output(0))], body.get_parameters(), "hfbatch_encoder")
+    hidden = ops.parameter(mvns[0].get_output_partial_shape(0), mvns[0].get_output_element_type(0), name=HEAD_INPUT)
+    hidden.output(0).get_tensor().set_names({HEAD_INPUT})
+    for target in list(mvns[0].output(0).get_target_inputs()):
+        target.replace_source_output(hidden.output(0))
+    head_inputs = [p.get_friendly_name() for p in params]
+    return encoder, ov.Model(head.get_results(), [hidden, *params], "hfbatch_head"), head_inputs
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -464,10 +603,22 @@ class OpenVINOEncoder:
         }
         if num_streams is not None:
             config["NUM_STREAMS"] = int(num_streams)
+        compiled_dir = compiled_cache_dir(self.ir_path)
+        if compiled_dir is not None:
+            config["CACHE_DIR"] = str(compiled_dir)
         config.update(ov_config or {})
         self.config = config
         t0 = time.perf_counter()
-        self.compiled = get_core().compile_model(str(self.ir_path), "CPU", config)
+        split = split_head(self.ir_path) if task == "classify" and precision == "bf16" else None
+        self.head_inputs: list[str] = []
+        self._head = None
+        if split is None:
+            self.compiled = get_core().compile_model(str(self.ir_path), "CPU", config)
+        else:  # the encoder in bf16, the classification head (and the last LayerNorm's scale) in f32
+            body, head, self.head_inputs = split
+            self.compiled = get_core().compile_model(body, "CPU", config)
+            self._head = get_core().compile_model(head, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"})
+            self._head_request = self._head.create_infer_request()
         self.compile_s = time.perf_counter() - t0
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
         self._request = self.compiled.create_infer_request()
@@ -477,7 +628,7 @@ class OpenVINOEncoder:
     @property
     def dim(self) -> int | None:
         """Last dimension of the output (hidden size or number of labels), when static."""
-        d = self.compiled.output(0).get_partial_shape()[-1]
+        d = (self._head or self.compiled).output(0).get_partial_shape()[-1]
         return d.get_length() if d.is_static else None
 
     def describe(self) -> dict[str, Any]:
@@ -516,9 +667,12 @@ class OpenVINOEncoder:
         """One batch: int64 ``[B, T]`` arrays in, float32 out (``[B, H]`` pooled, ``[B, T, H]``, or logits)."""
         feed = self._inputs(input_ids, attention_mask, token_type_ids)
         if feed["input_ids"].shape[0] == 0:
-            rank = self.compiled.output(0).get_partial_shape().rank.get_length()
+            rank = (self._head or self.compiled).output(0).get_partial_shape().rank.get_length()
             shape = (0, self.dim or 0) if rank == 2 else (0, feed["input_ids"].shape[1], self.dim or 0)
             return np.zeros(shape, dtype=np.float32)
         with self._lock:
-            out = self._request.infer(feed, share_inputs=True, share_outputs=False)
+            out = self._request.infer(feed, share_inputs=True, share_outputs=self._head is not None)
+            if self._head is not None:
+                head_feed = {HEAD_INPUT: out[0], **{n: feed[n] for n in self.head_inputs}}
+                out = self._head_request.infer(head_feed, share_inputs=True, share_outputs=False)
             return np.asarray(out[0], dtype=np.float32)

@@ -130,7 +130,8 @@ def test_cache_hit_converts_nothing(model_dir, tmp_path, monkeypatch):
     # the entry is complete and nothing temporary is left beside it
     entries = [p for p in cd.iterdir() if not p.name.startswith(".")]
     assert [p.name for p in entries] == [first.ir_path.parent.name]
-    assert sorted(p.name for p in entries[0].iterdir()) == ["meta.json", "model.bin", "model.xml"]
+    # the IR, and the compiled blobs OpenVINO caches beside it (CACHE_DIR)
+    assert sorted(p.name for p in entries[0].iterdir()) == ["compiled", "meta.json", "model.bin", "model.xml"]
     assert not [p for p in cd.iterdir() if ".tmp-" in p.name]
     # other graph options are another entry
     assert cache_key(model_dir, pooling="mean", normalize=True) != cache_key(model_dir, pooling="cls")

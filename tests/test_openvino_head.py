@@ -1,0 +1,53 @@
+"""A classifier under bf16 keeps its head in f32: the graph is cut at its last LayerNorm into two models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+import hfbatch.openvino_backend as ob  # noqa: E402
+
+IDS = np.array([[2, 7, 8, 9, 3, 0, 0], [2, 10, 3, 0, 0, 0, 0], [2, 11, 12, 13, 14, 15, 3]], dtype=np.int64)
+MASK = (IDS > 0).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_model_factory):
+    return tiny_model_factory("tiny-cls-head", pooling=None, num_labels=5)
+
+
+def test_split_is_the_same_function(classifier, tmp_path):
+    """Both halves in f32 give the whole graph's logits."""
+    xml, _ = ob.get_ir(classifier, task="classify", cache_dir=tmp_path)
+    split = ob.split_head(xml)
+    assert split is not None
+    body, head, head_inputs = split
+    core = ob.get_core()
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    whole = core.compile_model(str(xml), "CPU", f32)
+    feed = {"input_ids": IDS, "attention_mask": MASK, "token_type_ids": np.zeros_like(IDS)}
+    feed = {k: v for k, v in feed.items() if k in [i.get_any_name() for i in whole.inputs]}
+    expected = whole.create_infer_request().infer(feed)[0]
+    hidden = core.compile_model(body, "CPU", f32).create_infer_request().infer(feed)[0]
+    assert hidden.shape[:2] == IDS.shape  # [B, T, H]: the normalised hidden states
+    logits = core.compile_model(head, "CPU", f32).create_infer_request().infer(
+        {ob.HEAD_INPUT: hidden, **{n: feed[n] for n in head_inputs}})[0]
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not ob.cpu_has_bf16(), reason="the CPU has no native bf16: everything runs in f32")
+def test_bf16_classifier_runs_its_head_in_f32(classifier, tmp_path):
+    enc = ob.OpenVINOEncoder(classifier, task="classify", precision="bf16", cache_dir=tmp_path)
+    assert enc._head is not None
+
+    def precisions(compiled):
+        infos = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+        return {i["runtimePrecision"].astype(str) for i in infos if i["layerType"].astype(str) == "FullyConnected"}
+
+    assert precisions(enc._head) == {"f32"}  # pooler and classifier
+    assert precisions(enc.compiled) == {"bf16"}  # the encoder itself still runs in bf16
+    exact = ob.OpenVINOEncoder(classifier, task="classify", precision="fp32", cache_dir=tmp_path)
+    assert enc.run(IDS, MASK).shape == exact.run(IDS, MASK).shape == (3, 5)
+    assert enc.dim == 5
