@@ -221,7 +221,7 @@ def cache_key(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str
         digest, new = _file_digest(p)
         h.update(digest)
         hashed |= new
-    if hashed:
+    if hashed or (cache_dir is not None and not (cache_dir / DIGESTS).exists()):  # (the memo is per process)
         _save_digests(cache_dir)
     h.update(json.dumps(_graph_options(task, pooling, normalize), sort_keys=True).encode())
     return h.hexdigest()

@@ -176,21 +176,21 @@ def test_chunk_options_are_part_of_the_config(built, runner, tiny_model):
 
 
 def test_a_killed_chunked_run_resumes_from_its_finished_shards(built, runner, tiny_model, tmp_path, monkeypatch):
-    from hfbatch.runner import Job
+    from hfbatch.runner import ShardDir
 
     out = tmp_path / "emb"
     args = ["embed", built / "dataset", "-o", out, "--model", tiny_model, "--precision", "fp32",
             "--chunk-tokens", N, "--chunk-overlap", M, "--shard-rows", 150]
-    real = Job.write_shard
+    real = ShardDir.write_shard_stream
 
     def dies_on_shard_2(self, index, *a, **kw):
         if index == 2:
             raise KeyboardInterrupt
         return real(self, index, *a, **kw)
 
-    monkeypatch.setattr(Job, "write_shard", dies_on_shard_2)
+    monkeypatch.setattr(ShardDir, "write_shard_stream", dies_on_shard_2)
     invoke(runner, args, expect=1)
-    monkeypatch.setattr(Job, "write_shard", real)
+    monkeypatch.setattr(ShardDir, "write_shard_stream", real)
     assert sorted(p.name for p in OutputPaths(tmp_path / "emb").shards.glob("*.json")) == ["00000.json", "00001.json"]
     invoke(runner, args)
     assert load(out)["id"] == load(built / "chunks")["id"]

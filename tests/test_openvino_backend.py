@@ -128,7 +128,7 @@ def test_cache_hit_converts_nothing(model_dir, tmp_path, monkeypatch):
     assert second.cache_hit and ob.conversions == before + 1
     assert second.ir_path == first.ir_path
     # the entry is complete and nothing temporary is left beside it
-    entries = [p for p in cd.iterdir() if not p.name.startswith(".")]
+    entries = [p for p in cd.iterdir() if p.is_dir() and not p.name.startswith(".")]  # (and file-digests.json)
     assert [p.name for p in entries] == [first.ir_path.parent.name]
     # the IR, and the compiled blobs OpenVINO caches beside it (CACHE_DIR)
     assert sorted(p.name for p in entries[0].iterdir()) == ["compiled", "meta.json", "model.bin", "model.xml"]
