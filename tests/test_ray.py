@@ -211,7 +211,8 @@ def test_ray_is_imported_only_when_a_job_uses_it():
     code = ("import sys\n"
             "import hfbatch.ray_executor, hfbatch.embedding, hfbatch.classification\n"
             "assert 'click' not in sys.modules, 'the library imported click'\n"
-            "import hfbatch.jobs.embed, hfbatch.jobs.classify\n"
+            "import click, hfbatch.cli\n"
+            "[hfbatch.cli.cli.get_command(click.Context(hfbatch.cli.cli), job) for job in ('embed', 'classify')]\n"
             "from hfbatch.ray_executor import executor_for\n"
             "assert executor_for('local') is None\n"
             "assert 'ray' not in sys.modules, 'ray imported'\n")
