@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from . import log
 from .batching import DEFAULT_BATCH_TOKENS, warn_truncated
 from .embedding import ModelRun
 from .errors import InputError
@@ -46,7 +45,7 @@ def classify(dataset, output, *, model, text_column="text", text_pair_column=Non
     with Job("classify", output, config=config, datasets=[dataset], force=force) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
-        from .executor import run_shards
+        from .executor import run_job_shards
         from .io import open_dataset, require_text_column
 
         source, _ = open_dataset(dataset)
@@ -57,11 +56,8 @@ def classify(dataset, output, *, model, text_column="text", text_pair_column=Non
                             model_dir=str(model_dir), device=device, precision=precision, backend=backend,
                             max_length=max_length, batch_tokens=batch_tokens, trust_remote_code=trust_remote_code,
                             shard_rows=shard_rows, multi_label=multi_label, top_k=top_k)
-        n_shards, pending, pending_rows = job.shards.plan_rows(len(source), shard_rows)
-        progress = log.Progress("classify", pending_rows)
-        done = run_shards("classify", job.shards, pending, functools.partial(ClassifyShards, plan), devices, progress,
-                          executor=executor, device=device, inputs=[dataset])
-        progress.close()
+        n_shards, done = run_job_shards(job, len(source), shard_rows, functools.partial(ClassifyShards, plan), devices,
+                                        executor=executor, device=device, inputs=[dataset])
         info = done.info
         k = min(top_k, len(info["labels"])) if top_k else None
         job.publish_dataset(n_shards, labels_features(source.features["id"], k), extra={

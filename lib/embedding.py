@@ -139,7 +139,7 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
     the command's options (`devices` a list such as ["cuda:0", "cuda:1"]; `executor` "local" or "ray", with
     the Ray executor's options) and returns the summary that --json prints."""
     from .devices import check_devices, devices_kind
-    from .executor import run_shards
+    from .executor import run_job_shards
     from .io import open_dataset, require_text_column
     from .models import model_fingerprint, resolve_model_dir
     from .ray_executor import executor_for
@@ -174,11 +174,8 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
                          trust_remote_code=trust_remote_code, shard_rows=shard_rows, num_shards=num_shards,
                          shard_index=shard_index, chunking=chunking,
                          previous_output=str(job.output) if job.previous else None)
-        n_shards, pending, pending_rows = job.shards.plan_rows(stop - start, shard_rows)
-        progress = log.Progress("embed", pending_rows)
-        done = run_shards("embed", job.shards, pending, functools.partial(EmbedShards, plan), devices, progress,
-                          executor=executor, device=device, inputs=[dataset])
-        progress.close()
+        n_shards, done = run_job_shards(job, stop - start, shard_rows, functools.partial(EmbedShards, plan), devices,
+                                        executor=executor, device=device, inputs=[dataset])
         info = done.info
         extra = {"source_dataset": str(job.inputs[0]["path"]), "text_column": text_column,
                  "model": str(model_dir), **info,

@@ -102,6 +102,16 @@ def run_shards(job_name: str, shards, pending: list[int], make_work: Callable, d
     return done
 
 
+def run_job_shards(job, rows: int, shard_rows: int, make_work: Callable, devices: list[str] | None = None,
+                   **executor_options) -> tuple[int, ShardsDone]:
+    """A dataset job's shards of `rows` rows, `shard_rows` each: the pending ones run (`run_shards`, with its
+    `executor`/`device`/`inputs`) under a progress bar over the rows left; (number of shards, what was done)."""
+    n_shards, pending, pending_rows = job.shards.plan_rows(rows, shard_rows)
+    with log.Progress(job.name, pending_rows) as progress:
+        done = run_shards(job.name, job.shards, pending, make_work, devices, progress, **executor_options)
+    return n_shards, done
+
+
 def compute_shards(work, shards, indices: Iterable[int], job_name: str, on_rows: Callable[[int], None],
                    on_shard: Callable | None = None, worker: str | None = None) -> None:
     """The loop: each shard of `indices` (taken lazily: a worker's claims) computed by `work`, written, then

@@ -95,7 +95,7 @@ def generate(dataset, output, *, model, prompt_column="text", chat_history_colum
     with Job("generate", output, config=config, datasets=[dataset], force=force) as job:
         if job.up_to_date:
             return job.summary()
-        from .executor import run_shards
+        from .executor import run_job_shards
         from .io import open_dataset
 
         source, _ = open_dataset(dataset)
@@ -103,11 +103,8 @@ def generate(dataset, output, *, model, prompt_column="text", chat_history_colum
         plan = GeneratePlan(dataset=str(dataset), model_dir=str(model_dir), options=options,
                             prompt_options=prompt_options, device=device, precision=precision,
                             batch_size=batch_size, shard_rows=shard_rows, trust_remote_code=trust_remote_code)
-        n_shards, pending, pending_rows = job.shards.plan_rows(len(source), shard_rows)
-        progress = log.Progress("generate", pending_rows)
-        done = run_shards("generate", job.shards, pending, functools.partial(GenerateShards, plan), devices, progress,
-                          executor=executor, device=device, inputs=[dataset])
-        progress.close()
+        n_shards, done = run_job_shards(job, len(source), shard_rows, functools.partial(GenerateShards, plan), devices,
+                                        executor=executor, device=device, inputs=[dataset])
         manifest = job.publish_dataset(n_shards, generation_features(source.features["id"], num_return_sequences),
                                        extra={"source_dataset": str(job.inputs[0]["path"]), "model": str(model_dir),
                                               **done.info})

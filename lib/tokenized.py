@@ -178,9 +178,8 @@ def tokenize(dataset, output, *, model=None, text_column="text", text_pair_colum
     import functools
     import os
 
-    from . import log
     from .batching import warn_truncated
-    from .executor import run_shards
+    from .executor import run_job_shards
     from .models import model_fingerprint, resolve_model_dir
     from .ray_executor import executor_for
     from .runner import Job
@@ -216,12 +215,10 @@ def tokenize(dataset, output, *, model=None, text_column="text", text_pair_colum
         features = datasets.Features({**source.features, **token_features(tokenizer, offsets)})
         function = TokenizeBatch(model_dir, wanted["max_length"], text_column, text_pair_column, offsets,
                                  trust_remote_code)
-        n_shards, pending, pending_rows = job.shards.plan_rows(len(source), shard_rows)
         plan = TokenizePlan(str(dataset), str(job.shards.shard_dir), job.fingerprint, function, features,
                             shard_rows, num_proc)
-        with log.Progress("tokenize", pending_rows) as progress:
-            done = run_shards("tokenize", job.shards, pending, functools.partial(TokenizeShards, plan),
-                              progress=progress, executor=executor, device="cpu", inputs=[dataset])
+        n_shards, done = run_job_shards(job, len(source), shard_rows, functools.partial(TokenizeShards, plan),
+                                        executor=executor, device="cpu", inputs=[dataset])
         info = {"model": str(model_dir), "model_fingerprint": config["model_fingerprint"],
                 "tokenizer_fingerprint": wanted["tokenizer_fingerprint"], "max_length": wanted["max_length"],
                 "text_column": text_column, "text_pair_column": text_pair_column,
