@@ -11,19 +11,17 @@ import click
 from hfbatch.classification import classify as run_classify
 from hfbatch.cli import (
     batching_options,
+    dataset_command,
     device_options,
     executor_options,
     force_option,
     json_summary,
-    output_option,
     text_column_option,
     trust_remote_code_option,
 )
 
 
-@click.command()
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@output_option
+@dataset_command
 @click.option("--model", "model", required=True, metavar="DIR",
               help="Local sequence-classification model directory (e.g. made by `hfbatch train`).")
 @text_column_option

@@ -10,21 +10,19 @@ import click
 
 from hfbatch.cli import (
     batching_options,
+    dataset_command,
     device_options,
     executor_options,
     force_option,
     json_summary,
     model_option,
-    output_option,
     text_column_option,
     trust_remote_code_option,
 )
 from hfbatch.embedding import embed as run_embed
 
 
-@click.command()
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@output_option
+@dataset_command
 @model_option
 @text_column_option
 @device_options

@@ -9,10 +9,10 @@ from __future__ import annotations
 import click
 
 from hfbatch.cli import (
+    dataset_command,
     executor_options,
     force_option,
     json_summary,
-    output_option,
     torch_device_options,
     trust_remote_code_option,
 )
@@ -20,9 +20,7 @@ from hfbatch.generation import DEFAULT_BATCH_SIZE
 from hfbatch.generation import generate as run_generate
 
 
-@click.command()
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@output_option
+@dataset_command
 @click.option("--model", "model", required=True, metavar="DIR",
               help="Local causal LM directory (GPT-2 family and others; AutoModelForCausalLM), e.g. made by "
                    "`hfbatch train --task causal-lm`.")

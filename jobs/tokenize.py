@@ -9,21 +9,19 @@ from __future__ import annotations
 import click
 
 from hfbatch.cli import (
+    dataset_command,
     executor_options,
     force_option,
     json_summary,
     max_length_option,
     model_option,
-    output_option,
     text_column_option,
     trust_remote_code_option,
 )
 from hfbatch.tokenized import tokenize as run_tokenize
 
 
-@click.command()
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@output_option
+@dataset_command
 @model_option
 @text_column_option
 @click.option("--text-pair-column", default=None,

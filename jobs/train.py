@@ -6,18 +6,16 @@ from __future__ import annotations
 import click
 
 from hfbatch.cli import (
+    dataset_command,
     device_option,
     force_option,
     json_summary,
-    output_option,
     text_column_option,
     trust_remote_code_option,
 )
 
 
-@click.command()
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@output_option
+@dataset_command
 @click.option("--task", type=click.Choice(["classification", "causal-lm"]), default="classification",
               show_default=True, help="classification: a text classifier; causal-lm: a language model for "
                                       "`hfbatch generate` (hfbatch.causal_lm).")

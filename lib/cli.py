@@ -169,6 +169,13 @@ def output_option(f):
                         help="Output directory (published atomically with a manifest.json).")(f)
 
 
+def dataset_command(f):
+    """A job over one dataset: `hfbatch JOB DATASET -o OUTPUT [options]` (the options are decorated below it)."""
+    f = output_option(f)
+    f = click.argument("dataset", type=click.Path(exists=True, file_okay=False))(f)
+    return click.command()(f)
+
+
 FORCE_HELP = ("Recompute OUTPUT and replace it when it is an hfbatch output made from other inputs or options. A "
               "directory hfbatch did not make is never replaced.")
 
