@@ -58,9 +58,11 @@ demo-classify: $(STAMP)  ## Train a Debian-section classifier (8 largest section
 	@$(BIN)/python bench/debian_sections.py score $(DEMO)/heldout-ds $(DEMO)/heldout-labels
 
 # ---- demo-generate: a 16k BPE tokenizer and a small GPT-2 trained on Debian descriptions, then generation ------
-# GEN_TRAIN_ROWS is the size knob: about 10 minutes on an idle 2-core CPU with the defaults (one directory per
-# size, so a re-run with another size starts clean and an unchanged re-run skips what is done).
-GEN_TRAIN_ROWS      ?= 3000
+# GEN_TRAIN_ROWS is the size knob (one directory per size, so a re-run with another size starts clean and an
+# unchanged re-run skips what is done). Measured on an idle 2-core Xeon (AMX): 12000 rows take 6.4 min in all
+# (training 5 min) and reach held-out perplexity 280 against the unigram baseline's 1359; 3000 rows take
+# 2.6 min and reach 781 against 1505.
+GEN_TRAIN_ROWS      ?= 12000
 GEN                 ?= $(OUT)/generate-$(GEN_TRAIN_ROWS)
 GEN_TRAIN_OPTS      ?= --from-config gpt2-tiny --block-size 128 --epochs 1 --lr 1e-3 --batch-size 16
 GEN_OPTS            ?= --do-sample --temperature 0.8 --top-p 0.95 --repetition-penalty 1.2 --max-new-tokens 48 --seed 1
