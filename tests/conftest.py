@@ -148,6 +148,33 @@ def invoke(runner: CliRunner, args: list[str], expect: int = 0):
     return result
 
 
+def clustered_unit_vectors(n: int, dim: int, clusters: int, spread: float, seed: int = 0):
+    """float32 unit vectors around `clusters` random centres (noise `spread` per coordinate): about as hard for
+    an approximate index as text embeddings, and the same for the same arguments."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def ingested_sample(directory: Path, rows: int) -> Path:
+    """`hfbatch ingest` of `sample_rows(rows)` in `directory`: the dataset's path."""
+    write_jsonl(directory / "rows.jsonl", sample_rows(rows))
+    invoke(CliRunner(), ["ingest", directory / "rows.jsonl", "-o", directory / "ds"])
+    return directory / "ds"
+
+
+def python_succeeds(code: str) -> str:
+    """Run `code` in a fresh interpreter (so sys.modules starts empty); its stdout, or fail with its stderr."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import inspect
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import invoke, load, write_jsonl
+from conftest import invoke, load, python_succeeds, write_jsonl
 
 import hfbatch
 from hfbatch.errors import Busy, InputError
@@ -154,9 +152,7 @@ def test_import_hfbatch_imports_no_torch_and_gives_the_real_functions():
             "hfbatch.info, hfbatch.inspect, hfbatch.run, hfbatch.train\n"
             "assert 'torch' not in sys.modules, 'a light job imported torch'\n"
             "print(sorted(inspect.signature(hfbatch.search).parameters)[:3], hfbatch.search.__module__)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["['device',", "'ef',", "'filters']", "hfbatch.retrieval"]
+    assert python_succeeds(code).split() == ["['device',", "'ef',", "'filters']", "hfbatch.retrieval"]
 
 
 def test_the_api_functions_are_the_library_functions_with_the_commands_options():

@@ -5,17 +5,14 @@ import re
 
 import numpy as np
 import pytest
-from conftest import invoke
+from conftest import clustered_unit_vectors, invoke
 
 N, DIM = 3000, 32
 
 
 @pytest.fixture(scope="module")
 def vectors_npy(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(60, DIM))
-    x = centres[rng.integers(0, 60, N)] + 0.6 * rng.normal(size=(N, DIM))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    x = clustered_unit_vectors(N, DIM, clusters=60, spread=0.6)
     path = tmp_path_factory.mktemp("vec") / "v.npy"
     np.save(path, x)
     return path, x

@@ -5,17 +5,14 @@ import os
 
 import numpy as np
 import pytest
-from conftest import hits_of, invoke
+from conftest import clustered_unit_vectors, hits_of, invoke
 
 N, DIM, K = 4000, 32, 10
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(80, DIM))
-    x = centres[rng.integers(0, 80, N + 50)] + 0.7 * rng.normal(size=(N + 50, DIM))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    x = clustered_unit_vectors(N + 50, DIM, clusters=80, spread=0.7)
     root = tmp_path_factory.mktemp("ooc")
     np.save(root / "v.npy", x[:N])
     np.save(root / "q.npy", x[N:])

@@ -4,17 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import invoke
+from conftest import clustered_unit_vectors, invoke
 
 N, DIM, K = 3000, 32, 10
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(60, DIM))
-    x = centres[rng.integers(0, 60, N + 40)] + 0.6 * rng.normal(size=(N + 40, DIM))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    x = clustered_unit_vectors(N + 40, DIM, clusters=60, spread=0.6)
     root = tmp_path_factory.mktemp("shards")
     np.save(root / "v.npy", x[:N])
     return root, x[:N], x[N:]

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import HFBATCH, finished_shards, invoke, load, sample_rows, write_jsonl
+from conftest import HFBATCH, finished_shards, ingested_sample, load, sample_rows, write_jsonl
 
 from hfbatch.runner import OutputPaths
 
@@ -23,12 +23,7 @@ PARTS_EVERY_BATCH = {"HFBATCH_PART_SECONDS": "0"}
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from click.testing import CliRunner
-
-    work = tmp_path_factory.mktemp("kill-resume")
-    write_jsonl(work / "rows.jsonl", sample_rows(ROWS))
-    invoke(CliRunner(), ["ingest", work / "rows.jsonl", "-o", work / "ds"])
-    return work / "ds"
+    return ingested_sample(tmp_path_factory.mktemp("kill-resume"), ROWS)
 
 
 @pytest.fixture(scope="module")

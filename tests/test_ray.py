@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HFBATCH, finished_shards, invoke, load, sample_rows, write_jsonl
+from conftest import HFBATCH, finished_shards, ingested_sample, invoke, load, python_succeeds, write_jsonl
 
 from hfbatch.runner import OutputPaths
 
@@ -37,12 +37,7 @@ def ray_address():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from click.testing import CliRunner
-
-    work = tmp_path_factory.mktemp("ray")
-    write_jsonl(work / "rows.jsonl", sample_rows(ROWS))
-    invoke(CliRunner(), ["ingest", work / "rows.jsonl", "-o", work / "ds"])
-    return work / "ds"
+    return ingested_sample(tmp_path_factory.mktemp("ray"), ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +211,7 @@ def test_ray_is_imported_only_when_a_job_uses_it():
             "from hfbatch.ray_executor import executor_for\n"
             "assert executor_for('local') is None\n"
             "assert 'ray' not in sys.modules, 'ray imported'\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    python_succeeds(code)
 
 
 def test_ray_options_need_the_ray_executor(tmp_path, runner, dataset, tiny_model):
