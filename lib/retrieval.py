@@ -547,14 +547,15 @@ def query_embedder(manifest, *, model, trust_remote_code, device, precision):
 
 
 def open_index_file(index_dir: Path, manifest):
-    """index.faiss, memory-mapped; missing or unreadable is a clear error naming the file."""
-    from hfbatch.indexing import INDEX_FILE, load_index, one_line
+    """index.faiss, memory-mapped where that saves memory; missing or unreadable is a clear error naming the
+    file."""
+    from hfbatch.indexing import INDEX_FILE, load_index, maps_in_place, one_line
 
     path = index_dir / INDEX_FILE
     if not path.is_file():
         raise InputError(f"{path} is missing; {rebuild_hint(index_dir, manifest)}")
     try:
-        index = load_index(path, mmap=True)
+        index = load_index(path, mmap=maps_in_place(manifest.get("factory")))
     except RuntimeError as exc:  # faiss: bad magic, truncated, ...
         raise InputError(f"{path} is not a readable FAISS index ({one_line(exc)}); "
                          f"{rebuild_hint(index_dir, manifest)}")

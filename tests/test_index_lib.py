@@ -179,3 +179,16 @@ def test_normalize_rows_leaves_unit_rows_bit_for_bit_and_scales_the_others():
     np.testing.assert_allclose(np.linalg.norm(out[10:20], axis=1), 1, atol=1e-6)
     assert not out[30].any()                                        # zero rows stay zero
     np.testing.assert_allclose(np.linalg.norm(x[10:20], axis=1), 3, rtol=1e-5)   # the input is untouched
+
+
+def test_fast_scan_lists_are_read_not_mapped_unless_a_refine_stage_maps_in_place(tmp_path):
+    """faiss copies fast-scan IVF lists out of a map: such an index is read (mapped, it would be held
+    twice); refine codes, flat and HNSW storage map in place."""
+    from hfbatch.indexing import maps_in_place
+
+    assert not maps_in_place("IVF1024,PQ96x4fs,RDisk")
+    assert not maps_in_place("IVF4096,PQ96x4fsr")
+    assert maps_in_place("IVF1024,PQ96x4fs,Refine(SQfp16)")
+    assert maps_in_place("IVF4096,PQ96x4fs,RFlat")
+    assert maps_in_place("IVF256,Flat") and maps_in_place("HNSW32,Flat") and maps_in_place("Flat")
+    assert maps_in_place("IVF256,PQ16") and maps_in_place(None)
