@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import math
 
-import faiss
-
 from hfbatch.errors import InputError
+from hfbatch.faiss_runtime import faiss
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30           # the same on every machine: one config gives one index
 DEFAULT_MEMORY_BUDGET_TEXT = "4GiB"

@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from hfbatch.errors import InputError
+from hfbatch.faiss_runtime import faiss
 
 QUERY_BATCH = 256            # queries re-scored together: gathers [batch, k x k_factor, dim] float32
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from hfbatch.errors import InputError
+from hfbatch.faiss_runtime import faiss
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:

@@ -24,7 +24,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import numpy as np
 
 from hfbatch import log
 from hfbatch.errors import InputError
+from hfbatch.faiss_runtime import faiss  # (imported with its runtime settings: see there)
 from hfbatch.index_budget import (
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_MEMORY_BUDGET_TEXT,
@@ -45,20 +45,6 @@ from hfbatch.index_budget import (
     reranks_from_disk,
 )
 from hfbatch.index_rerank import DiskRerank, unwrap
-
-# faiss ships its own OpenMP runtime, which by default spins at every barrier.
-# On a shared 2-core machine a descheduled thread makes the others spin for its
-# whole time slice: a 0.4 s build took 13-17 s. Passive waiting costs ~nothing
-# on big batches. The setting is read once, when faiss loads its runtime, so it
-# only takes effect if faiss is first imported here (an explicit
-# OMP_WAIT_POLICY wins); it is restored afterwards so that it reaches no
-# other library.
-if "faiss" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    import faiss
-    del os.environ["OMP_WAIT_POLICY"]
-else:
-    import faiss
 
 ReadChunk = Callable[[int, int], np.ndarray]
 

@@ -665,9 +665,9 @@ def filtered_search(index, vectors, k, allowed, exact_reader=None, metric="ip"):
     an ArrowVectors-like read_chunk, or None where the indexed vectors are no longer at hand) restricted to the
     allowed rows.
     """
-    import faiss
     import numpy as np
 
+    from hfbatch.faiss_runtime import faiss
     from hfbatch.indexing import exact_neighbors, search_params_with_selector
 
     n = index.ntotal
