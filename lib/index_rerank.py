@@ -131,16 +131,18 @@ class NpyRows:
 
     def take(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        if not len(rows):
-            return out
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        at = 0
-        for run in np.split(rows, breaks):
-            data = os.pread(self.fd, len(run) * self.row_bytes, self.offset + int(run[0]) * self.row_bytes)
-            out[at:at + len(run)] = np.frombuffer(data, dtype=self.dtype).reshape(len(run), self.dim)
-            at += len(run)
-        return out
+        out = np.empty((len(rows), self.dim), dtype=self.dtype)
+        if len(rows):
+            # each run of adjacent rows read straight into `out` (preadv: no bytes object, no per-run array)
+            starts = np.flatnonzero(np.diff(rows) != 1) + 1
+            bounds = [0, *starts.tolist(), len(rows)]
+            buffer, row_bytes = memoryview(out).cast("B"), self.row_bytes
+            for lo, hi, first in zip(bounds[:-1], bounds[1:], rows[bounds[:-1]].tolist()):
+                got = os.preadv(self.fd, [buffer[lo * row_bytes:hi * row_bytes]], self.offset + first * row_bytes)
+                if got != (hi - lo) * row_bytes:
+                    raise InputError(f"row {first:,} is beyond the end of the vectors file ({self.n:,} rows): "
+                                     f"it is truncated; rebuild the index")
+        return out.astype(np.float32, copy=False)
 
 
 def source_record(source_path: Path, fmt: str | None, vector_column: str | None, unit: bool) -> dict:
