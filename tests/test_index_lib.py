@@ -192,3 +192,24 @@ def test_fast_scan_lists_are_read_not_mapped_unless_a_refine_stage_maps_in_place
     assert maps_in_place("IVF4096,PQ96x4fs,RFlat")
     assert maps_in_place("IVF256,Flat") and maps_in_place("HNSW32,Flat") and maps_in_place("Flat")
     assert maps_in_place("IVF256,PQ16") and maps_in_place(None)
+
+
+def test_tuning_tries_short_shortlists_a_few_probes_above_the_first_that_reaches_the_target(data, built):
+    """Re-ranking a long shortlist is not free (from disk least of all): above the first nprobe that reaches
+    the target with the longest shortlist, shorter ones are tried too, and the fastest setting that holds
+    the target wins."""
+    _, _, tune_q, tune_gt = data[:4]
+    index = built["ivfpq"]
+    lines = []
+    params = hx.tune_search_params(index, tune_q, tune_gt, target_recall=0.95, k=K, log=lines.append)
+    pattern = re.compile(r"'k_factor_rf': ([\d.]+), 'nprobe': (\d+)\} recall@10=([\d.]+) qps=([\d,]+)")
+    tried = [(int(m[2]), float(m[1]), float(m[3]), float(m[4].replace(",", "")))
+             for m in map(pattern.search, lines) if m]
+    assert len(tried) == len(lines) > 2, lines
+    first = min(p for p, f, r, _ in tried if f == 32 and r >= 0.95)  # step 1's end: the longest shortlist
+    above = sorted({p for p, f, _, _ in tried if p > first and f < 32})
+    assert above, tried                                     # shorter shortlists tried at higher nprobe
+    assert len(above) <= hx.REFINE_STEPS_UP
+    holding = [t for t in tried if t[2] >= 0.95]
+    assert (params["nprobe"], params["k_factor_rf"]) in {(p, f) for p, f, _, _ in holding}
+    assert params["recall"] >= 0.95
