@@ -92,4 +92,4 @@ def test_choose_index_prefers_the_copy_in_memory_then_the_disk_then_sq8():
     assert tight.factory.endswith(",RDisk")
     assert hx.choose_index(1_000_000, 384, 500 * 2**20, row_access=False).factory.endswith("Refine(SQ8)")
     ten_million = hx.choose_index(10_000_000, 384, 4 * 2**30, row_access=True)
-    assert ten_million.factory == "IVF1024,PQ96x4fs,RDisk"           # fp16 copy (7.2 GiB) exceeds 4 GiB
+    assert ten_million.factory == "IVF4096,PQ96x4fs,RDisk"           # fp16 copy (7.2 GiB) exceeds 4 GiB
