@@ -53,8 +53,27 @@ class DiskRerank:
             base_params = params
         shortlist = int(min(self.ntotal, max(k, round(k * k_factor))))
         x = np.ascontiguousarray(x, dtype=np.float32)
-        _, candidates = self.base.search(x, shortlist, params=base_params)
-        return self.rescore(x, candidates, k)
+        if len(x) <= QUERY_BATCH:
+            _, candidates = self.base.search(x, shortlist, params=base_params)
+            return self.rescore(x, candidates, k)
+        # batch by batch, the next batch's shortlist searched (faiss, both cores, GIL released) while this
+        # one is re-scored (reads and numpy, mostly one core): the two overlap
+        from concurrent.futures import ThreadPoolExecutor
+
+        starts = range(0, len(x), QUERY_BATCH)
+        D = np.empty((len(x), k), dtype=np.float32)
+        I = np.empty((len(x), k), dtype=np.int64)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            def shortlist_of(lo):
+                return pool.submit(self.base.search, x[lo:lo + QUERY_BATCH], shortlist, params=base_params)
+
+            pending = shortlist_of(0)
+            for lo in starts:
+                _, candidates = pending.result()
+                if lo + QUERY_BATCH < len(x):
+                    pending = shortlist_of(lo + QUERY_BATCH)
+                D[lo:lo + QUERY_BATCH], I[lo:lo + QUERY_BATCH] = self.rescore(x[lo:lo + QUERY_BATCH], candidates, k)
+        return D, I
 
     def rescore(self, x: np.ndarray, candidates: np.ndarray, k: int):
         """(scores, rows) [len(x), k]: the candidates' exact scores, best first; row -1 where there are fewer."""

@@ -562,8 +562,9 @@ def timed_search(index: faiss.Index, queries: np.ndarray, k: int, repeat: int = 
 def search_batched(index, queries: np.ndarray, k: int, batch: int = SEARCH_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """index.search over `batch` queries at a time: a fast-scan IVF search builds lookup tables for all its
     queries at once (queries x nprobe x m x 16 floats: 1,000 queries at nprobe 192, PQ96 are 295 MB, and
-    search RSS was 2.3 GB at 1M), while 256 queries a batch keep the cores as busy."""
-    if len(queries) <= batch:
+    search RSS was 2.3 GB at 1M), while 256 queries a batch keep the cores as busy. A DiskRerank batches
+    its queries itself (overlapping the next batch's search with this one's re-ranking)."""
+    if len(queries) <= batch or isinstance(index, DiskRerank):
         return index.search(queries, k)
     parts = [index.search(queries[lo:lo + batch], k) for lo in range(0, len(queries), batch)]
     return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])

@@ -121,3 +121,22 @@ def test_a_changed_source_is_refused_for_reranking(data, tmp_path, runner):
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     result = invoke(runner, args, expect=2)
     assert "changed" in result.output and "--force" in result.output and "Traceback" not in result.output
+
+
+def test_many_queries_are_reranked_batch_by_batch_with_the_same_results(data, tmp_path):
+    """Over QUERY_BATCH queries, the next batch's shortlist is searched while this one is re-scored: the hits
+    are those of searching each batch on its own."""
+    from hfbatch import index_rerank
+    from hfbatch import indexing as hx
+    from hfbatch.retrieval import Searcher
+
+    root, x, _ = data
+    hx.make_index(root / "v.npy", tmp_path / "idx", factory="IVF32,PQ8x4fs,RDisk", target_recall=0.9)
+    index = Searcher(tmp_path / "idx").index
+    assert isinstance(index, index_rerank.DiskRerank)
+    queries = np.ascontiguousarray(x[::3][:2 * index_rerank.QUERY_BATCH + 37] + 0.01, dtype=np.float32)
+    D, I = index.search(queries, K)
+    parts = [index.search(queries[lo:lo + 100], K) for lo in range(0, len(queries), 100)]
+    assert np.array_equal(I, np.concatenate([i for _, i in parts]))
+    assert np.array_equal(D, np.concatenate([d for d, _ in parts]))
+    assert np.allclose(D, np.take_along_axis(queries @ x.T, I, axis=1), atol=1e-5)
