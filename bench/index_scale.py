@@ -291,9 +291,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed searches per index (best is kept)")
     args = p.parse_args()
 
-    from hfbatch.faiss_runtime import faiss  # the BLAS kernels hfbatch uses, for a fair baseline
-
     from hfbatch import indexing as hx
+    from hfbatch.faiss_runtime import faiss  # the BLAS kernels hfbatch uses, for a fair baseline
 
     os.makedirs(args.workdir, exist_ok=True)
     if args.vectors:
