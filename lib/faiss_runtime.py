@@ -20,16 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+from hfbatch.models import cpu_flags
 
 
 def openblas_coretype(flags: set[str]) -> str | None:

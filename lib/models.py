@@ -199,17 +199,22 @@ def effective_max_length(path: Path, tokenizer, config, requested: int | None) -
     return requested or default_max_length(path, tokenizer, config)
 
 
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512_BF16 or AMX), so bf16 inference is fast and offered
-    (by --precision auto, and by the OpenVINO backend)."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512_BF16 or AMX), so bf16 inference is fast and offered
+    (by --precision auto, and by the OpenVINO backend)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def load_tokenization(path: Path, requested: int | None, trust_remote_code: bool = False, tokenizer=None):

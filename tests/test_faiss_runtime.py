@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from hfbatch.faiss_runtime import cpu_flags, openblas_coretype, runtime_settings
+from hfbatch.faiss_runtime import openblas_coretype, runtime_settings
+from hfbatch.models import cpu_flags
 
 CORENAME = """
 import ctypes, glob, os, sys
