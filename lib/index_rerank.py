@@ -53,14 +53,10 @@ class DiskRerank:
             base_params = params
         shortlist = int(min(self.ntotal, max(k, round(k * k_factor))))
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if len(x) <= QUERY_BATCH:
-            _, candidates = self.base.search(x, shortlist, params=base_params)
-            return self.rescore(x, candidates, k)
-        # batch by batch, the next batch's shortlist searched (faiss, both cores, GIL released) while this
-        # one is re-scored (reads and numpy, mostly one core): the two overlap
+        # batch by batch (a fast-scan search's lookup tables grow with its queries), the next batch's shortlist
+        # searched (faiss, GIL released) while this one is re-scored (reads and numpy)
         from concurrent.futures import ThreadPoolExecutor
 
-        starts = range(0, len(x), QUERY_BATCH)
         D = np.empty((len(x), k), dtype=np.float32)
         I = np.empty((len(x), k), dtype=np.int64)
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -68,7 +64,7 @@ class DiskRerank:
                 return pool.submit(self.base.search, x[lo:lo + QUERY_BATCH], shortlist, params=base_params)
 
             pending = shortlist_of(0)
-            for lo in starts:
+            for lo in range(0, len(x), QUERY_BATCH):
                 _, candidates = pending.result()
                 if lo + QUERY_BATCH < len(x):
                     pending = shortlist_of(lo + QUERY_BATCH)

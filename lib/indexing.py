@@ -846,7 +846,7 @@ def maps_in_place(factory: str | None) -> bool:
     if not factory:
         return True
     parts = factory.replace(" ", "").split(",")
-    fast_scan = any(p.startswith("IVF") for p in parts) and any(p.endswith("fs") or "fsr" in p for p in parts)
+    fast_scan = any(p.startswith("IVF") for p in parts) and any(p.endswith(("fs", "fsr")) for p in parts)
     refined = any(p.startswith(("Refine(", "RFlat")) for p in parts)
     return not fast_scan or refined
 
