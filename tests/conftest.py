@@ -113,6 +113,29 @@ def runner() -> CliRunner:
 HFBATCH = [sys.executable, "-c", "from hfbatch.cli import main; main()"]  # the CLI as its own process
 
 
+def hfbatch_killed_after_step(step: int) -> list[str]:
+    """The CLI as its own process that SIGKILLs itself when Trainer finishes optimizer step `step` (after any
+    checkpoint of the steps before it is written, before the next one). Waiting from outside for a checkpoint
+    to appear raced a fast machine: the run finished, or rotated the checkpoint away, between two polls."""
+    script = f"""
+import os, signal, transformers
+from hfbatch.cli import main
+
+class KillAtStep(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+init = transformers.Trainer.__init__
+def init_with_kill(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.add_callback(KillAtStep())
+transformers.Trainer.__init__ = init_with_kill
+main()
+"""
+    return [sys.executable, "-c", script]
+
+
 def manifest(path):
     return json.loads((Path(path) / "manifest.json").read_text())
 

@@ -5,11 +5,10 @@ import json
 import random
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
-from conftest import HFBATCH, WORDS, invoke, write_jsonl
+from conftest import HFBATCH, WORDS, hfbatch_killed_after_step, invoke, write_jsonl
 
 from hfbatch.runner import OutputPaths
 
@@ -112,26 +111,19 @@ def test_a_rerun_is_a_noop_and_a_changed_option_is_refused(trained, labelled, ba
 
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tmp_path, labelled, base_model):
     out = tmp_path / "model"
-    args = HFBATCH + ["train", str(labelled), "-o", str(out), "--base-model", str(base_model), "--epochs", "3",
-                      "--save-steps", "2", *TRAIN_ARGS]
+    args = ["train", str(labelled), "-o", str(out), "--base-model", str(base_model), "--epochs", "3",
+            "--save-steps", "2", *TRAIN_ARGS]
     checkpoints = OutputPaths(out).partial / "checkpoints"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
-            assert proc.poll() is None, "train finished before a checkpoint could be seen"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    # killed in epoch 2 (11 steps an epoch), after step 15: checkpoint-14 is the last one written
+    killed = subprocess.run(hfbatch_killed_after_step(15) + args, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (checkpoints / "checkpoint-14" / "trainer_state.json").exists()
     assert not out.exists()  # nothing half-published
-    done = subprocess.run(args, capture_output=True, text=True)
+    done = subprocess.run(HFBATCH + args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "msg=resuming checkpoint=checkpoint-" in done.stderr
+    assert "msg=resuming checkpoint=checkpoint-14" in done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= 2
+    assert metrics["resumed_from_step"] == 14
     assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]  # the epochs before the kill are kept
     assert metrics["history"][-1]["step"] == 33  # 81 rows / 8 per batch = 11 steps an epoch
     assert not checkpoints.exists()

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 
 import pytest
-from conftest import HFBATCH, invoke, load, manifest, sample_rows, write_jsonl
+from conftest import HFBATCH, hfbatch_killed_after_step, invoke, load, manifest, sample_rows, write_jsonl
 from test_generate import make_tiny_gpt2, write_bpe_tokenizer
 
 TINY = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}
@@ -116,21 +117,16 @@ def test_bad_causal_lm_options_are_one_error_line(tmp_path, runner, sample, tiny
 @pytest.mark.slow
 def test_a_killed_training_resumes_from_its_checkpoint(tmp_path, sample, tiny_config, tokenizer_dir):
     out = tmp_path / "lm"
-    args = [*HFBATCH, "train", str(sample), "-o", str(out), "--task", "causal-lm", "--from-config", str(tiny_config),
+    args = ["train", str(sample), "-o", str(out), "--task", "causal-lm", "--from-config", str(tiny_config),
             "--tokenizer", str(tokenizer_dir), *FAST, "--save-steps", "3", "--json"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
     checkpoints = out.parent / f".{out.name}.hfbatch-partial" / "checkpoints"
-    import time
-
-    deadline = time.monotonic() + 300
-    while not (checkpoints / "checkpoint-6" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
+    killed = subprocess.run(hfbatch_killed_after_step(7) + args, capture_output=True, text=True, env=os.environ,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (checkpoints / "checkpoint-6" / "trainer_state.json").exists()
     assert not out.exists()
-    done = subprocess.run(args, capture_output=True, text=True, env=os.environ, timeout=600)
+    done = subprocess.run([*HFBATCH, *args], capture_output=True, text=True, env=os.environ, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert manifest(out)["history"][-1]["epoch"] == 2 and summary["perplexity"] > 0
-    assert "msg=resuming checkpoint=checkpoint-" in done.stderr
+    assert "msg=resuming checkpoint=checkpoint-6" in done.stderr
