@@ -109,6 +109,14 @@ def test_a_row_is_dropped_from_its_own_results_and_the_shortlist_made_one_longer
     assert found.shape == (50, K) and not (found == rows[:, None]).any()
 
 
+def test_the_tuner_needs_recall_two_standard_errors_above_the_target():
+    gt = np.arange(40).reshape(4, 10)
+    found = gt.copy()
+    found[2:, 5:] += 100                          # per query recall: 1, 1, 0.5, 0.5
+    mean, low = hx.recall_lower_bound(found, gt, 10)
+    assert mean == 0.75 and low == pytest.approx(0.75 - 2 * 0.25 / 2)
+
+
 def test_choose_index():
     assert hx.choose_index(5_000, 384, None).kind == "flat"
     big = hx.choose_index(1_000_000, 384, None)
@@ -234,8 +242,8 @@ def test_tuning_tries_short_shortlists_a_few_probes_above_the_first_that_reaches
     lines = []
     params = hx.tune_search_params(index, tune_q, tune_gt, target_recall=0.95, k=K, log=lines.append)
     pattern = re.compile(r"'k_factor_rf': ([\d.]+), 'nprobe': (\d+)\} recall@10=([\d.]+) "
-                         r"\(-1 s.e. ([\d.]+)\) qps=([\d,]+)")
-    # (nprobe, k_factor, recall less one standard error, qps)
+                         r"\(lower bound ([\d.]+)\) qps=([\d,]+)")
+    # (nprobe, k_factor, recall less two standard errors, qps)
     tried = [(int(m[2]), float(m[1]), float(m[4]), float(m[5].replace(",", "")))
              for m in map(pattern.search, lines) if m]
     assert len(tried) == len(lines) > 2, lines
