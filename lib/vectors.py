@@ -235,7 +235,13 @@ class NpyVectors:
         return out
 
     def take(self, rows) -> np.ndarray:
-        return np.ascontiguousarray(self.array[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+        """Rows in any order, their pages then dropped as a chunk's are: the kernel maps a whole cached folio
+        (up to 2 MiB) on a fault, so 1,000 scattered rows of a 15 GB file held 1.8 GB of it in this process."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.ascontiguousarray(self.array[rows], dtype=np.float32)
+        for row in np.unique(rows):
+            self._release(int(row), int(row) + 1)
+        return out
 
     def _release(self, start: int, stop: int) -> None:
         """Drop the mapped pages of rows [start, stop) from this process (they stay in the OS page cache):

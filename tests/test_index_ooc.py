@@ -44,6 +44,19 @@ def test_reading_an_npy_file_chunk_by_chunk_does_not_keep_it_resident(tmp_path):
     assert mapped_rss_kb(tmp_path / "big.npy") < 2_000                 # not the 25,000 kB read
 
 
+def test_scattered_rows_of_an_npy_file_are_not_kept_resident(tmp_path):
+    """Tuning reads 1,000 rows spread over the file: each fault maps a whole cached folio (up to 2 MiB), which
+    held 1.8 GB of a 15 GB file in the 10M build until the rows' pages were dropped."""
+    from hfbatch.vectors import NpyVectors
+
+    x = np.random.default_rng(0).standard_normal((200_000, 32)).astype(np.float32)    # 25 MB
+    np.save(tmp_path / "big.npy", x)
+    reader = NpyVectors(tmp_path / "big.npy")
+    rows = np.random.default_rng(1).choice(len(x), 3_000, replace=False)
+    assert np.array_equal(reader.take(rows), x[rows])
+    assert mapped_rss_kb(tmp_path / "big.npy") < 2_000                 # 3,000 rows touch >= 12,000 kB of pages
+
+
 def test_the_out_of_core_build_equals_one_built_in_memory(data):
     from hfbatch import indexing as hx
     from hfbatch.vectors import NpyVectors
