@@ -127,13 +127,14 @@ class NpyRows:
     """Rows of a float .npy file read with pread (no memory map: a search's resident memory stays what it
     reads, not every page it ever touched). Sorted rows that are adjacent are read in one call."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mapped: np.ndarray | None = None):
+        """`mapped`: the file's checked memory map where the caller has one (NpyVectors), for its header."""
         from hfbatch.vectors import NpyVectors
 
-        mapped = NpyVectors(path).array
+        if mapped is None:
+            mapped = NpyVectors(path).array
         self.n, self.dim, self.dtype, self.offset = mapped.shape[0], mapped.shape[1], mapped.dtype, mapped.offset
         self.row_bytes = self.dim * self.dtype.itemsize
-        del mapped
         self.fd = os.open(path, os.O_RDONLY)
 
     def __del__(self):

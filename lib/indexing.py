@@ -339,21 +339,8 @@ def with_reranking(index: faiss.Index, plan: IndexPlan, read_chunk: ReadChunk):
     if not supports_row_reads(read_chunk):
         raise InputError(f"{plan.factory}: re-ranking from disk needs vectors that can be read row by row "
                          f"(an embed output or a .npy file)")
-    return DiskRerank(index, row_reader(read_chunk), plan.metric, source="the vectors being indexed")
-
-
-def row_reader(read_chunk):
-    """The reader re-ranking reads rows through: a .npy file by pread (hfbatch.index_rerank.NpyRows), so
-    random rows add nothing to the resident memory; others as they are."""
-    from hfbatch.index_rerank import NpyRows
-    from hfbatch.vectors import NpyVectors
-
-    inner = getattr(read_chunk, "read_chunk", read_chunk)
-    filename = getattr(getattr(inner, "array", None), "filename", None)
-    if not isinstance(inner, NpyVectors) or not filename:
-        return read_chunk
-    rows = NpyRows(Path(filename))
-    return UnitRows(rows) if isinstance(read_chunk, UnitRows) else rows
+    # a .npy file's `take` reads by pread (NpyVectors.take), so random rows add nothing to resident memory
+    return DiskRerank(index, read_chunk, plan.metric, source="the vectors being indexed")
 
 
 class blas_for_batches:

@@ -241,7 +241,7 @@ class NpyVectors:
         from hfbatch.index_rerank import NpyRows
 
         if self._rows is None:
-            self._rows = NpyRows(self.path)
+            self._rows = NpyRows(self.path, self.array)
         return self._rows.take(rows)
 
     def _release(self, start: int, stop: int) -> None:
