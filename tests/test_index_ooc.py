@@ -46,7 +46,7 @@ def test_reading_an_npy_file_chunk_by_chunk_does_not_keep_it_resident(tmp_path):
 
 def test_scattered_rows_of_an_npy_file_are_not_kept_resident(tmp_path):
     """Tuning reads 1,000 rows spread over the file: each fault maps a whole cached folio (up to 2 MiB), which
-    held 1.8 GB of a 15 GB file in the 10M build until the rows' pages were dropped."""
+    held 1.8 GB of a 15 GB file in the 10M build while take() indexed the map (it now reads by pread)."""
     from hfbatch.vectors import NpyVectors
 
     x = np.random.default_rng(0).standard_normal((200_000, 32)).astype(np.float32)    # 25 MB
