@@ -177,13 +177,14 @@ def evict_from_page_cache(path: str) -> None:
 
 
 def phases(stderr: str, started: float) -> str:
-    """When `hfbatch index` logged its plan (data opened), quality (built, tuned) and published (saved)."""
+    """When `hfbatch index` logged its input checked (and a Parquet input decoded once), plan (data opened),
+    quality (built, tuned) and published (saved)."""
     import datetime
     marks = []
     for line in stderr.splitlines():
         parts = line.split()
         msg = next((p[4:] for p in parts if p.startswith("msg=")), None)
-        if msg in ("plan", "quality", "published"):
+        if msg in ("decoded_once", "plan", "quality", "published"):
             try:
                 t = datetime.datetime.strptime(parts[0], "%Y-%m-%dT%H:%M:%S").timestamp()
             except (ValueError, IndexError):

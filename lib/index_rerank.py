@@ -116,11 +116,13 @@ def unwrap(index):
 
 def supports_row_reads(reader) -> bool:
     """Whether rows can be read one by one cheaply (memory-mapped .npy or Arrow files), as re-ranking from
-    disk needs; a Parquet file decodes a whole row group per row."""
-    from hfbatch.vectors import NpyVectors
+    disk needs; a Parquet file decodes a whole row group per row (its copy decoded for the build, DecodedVectors,
+    is gone with the process: search cannot re-rank from it)."""
+    from hfbatch.vectors import DecodedVectors, NpyVectors
 
     inner = getattr(reader, "read_chunk", reader)             # UnitRows wraps a reader
-    return isinstance(inner, NpyVectors) or type(inner).__name__ == "ArrowVectors"
+    return (isinstance(inner, NpyVectors) and not isinstance(inner, DecodedVectors)) \
+        or type(inner).__name__ == "ArrowVectors"
 
 
 class NpyRows:

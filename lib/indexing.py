@@ -981,7 +981,8 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
         config["shards"] = shards
     source = None
     if is_foreign(path):
-        source, found = open_foreign(path, vector_column, id_column, ids, metric)  # checked before the job
+        source, found = open_foreign(path, vector_column, id_column, ids, metric,  # checked before the job
+                                     copy_dir=Path(output).parent)
         config["vectors"] = {"format": found.format, "vector_column": vector_column, "id_column": id_column,
                              "metric": metric or "cosine"}
         files, datasets = found.files, []
@@ -1006,8 +1007,9 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
         return build_and_publish(job, source, kind, factory, given, target_recall, shards, text)
 
 
-def open_foreign(path: Path, vector_column, id_column, ids, metric):
-    """(IndexInput, ForeignVectors) for vectors made elsewhere: opened and checked, nothing written yet."""
+def open_foreign(path: Path, vector_column, id_column, ids, metric, copy_dir: Path | None = None):
+    """(IndexInput, ForeignVectors) for vectors made elsewhere: opened and checked, nothing written yet (Parquet
+    vectors are decoded once into an unnamed file in `copy_dir`, hfbatch.vectors.DecodedVectors)."""
     import pyarrow as pa
 
     from hfbatch.vectors import open_vectors
@@ -1015,7 +1017,8 @@ def open_foreign(path: Path, vector_column, id_column, ids, metric):
     metric = metric or "cosine"
     if metric not in FOREIGN_SIMILARITY:
         raise InputError(f"--metric {metric!r}: expected one of {', '.join(FOREIGN_SIMILARITY)}")
-    found = open_vectors(path, vector_column=vector_column or "embedding", id_column=id_column, ids_file=ids)
+    found = open_vectors(path, vector_column=vector_column or "embedding", id_column=id_column, ids_file=ids,
+                         copy_dir=copy_dir)
     similarity = FOREIGN_SIMILARITY[metric]
     reader = UnitRows(found.reader) if similarity == "cosine" else found.reader
     record = {"vectors": str(path.resolve()), "vectors_format": found.format, "model": None,

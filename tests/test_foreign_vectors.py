@@ -3,6 +3,7 @@ indexed, searched with query vectors and evaluated; bad inputs are one Error lin
 written."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -272,3 +273,76 @@ def test_parquet_reads_cross_row_groups_and_files_in_any_order(tmp_path, data):
     np.testing.assert_array_equal(reader(390, 1110), vectors[390:1110])       # spans all three files
     rows = np.array([1499, 0, 777, 501, 3, 1000, 500])
     np.testing.assert_array_equal(reader.take(rows), vectors[rows])
+
+
+def test_parquet_read_ahead_gives_the_rows_in_order_after_jumps_and_its_errors(tmp_path, data):
+    """Row groups decoded by the read-ahead threads are the ones asked for, also after a jump back; a bad row
+    in a group read ahead is reported as it is without read-ahead."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hfbatch.errors import InputError
+    from hfbatch.vectors import ParquetVectors
+
+    vectors, _, ids = data
+    path = write_parquet(tmp_path / "v.parquet", vectors, ids)        # row groups of 400 rows
+    reader = ParquetVectors([path], "embedding")
+    got = np.concatenate([reader(s, min(N, s + 150)) for s in range(0, N, 150)])
+    np.testing.assert_array_equal(got, vectors)
+    assert reader._pool is not None                                   # the groups after the first were read ahead
+    np.testing.assert_array_equal(reader(10, 20), vectors[10:20])     # back to the first group
+    np.testing.assert_array_equal(reader(1210, 1500), vectors[1210:1500])
+    np.testing.assert_array_equal(reader(401, 1300), vectors[401:1300])
+
+    ragged = [list(map(float, row)) for row in vectors]
+    ragged[1111] = ragged[1111][:-2]                                  # in the third group of four
+    pq.write_table(pa.table({"id": ids, "embedding": pa.array(ragged, pa.list_(pa.float32()))}),
+                   tmp_path / "r.parquet", row_group_size=400)
+    reader = ParquetVectors([tmp_path / "r.parquet"], "embedding")
+    with pytest.raises(InputError, match="row 1111 of column 'embedding' has 14 values"):
+        for start in range(0, N, 100):
+            reader(start, min(N, start + 100))
+    assert start == 800                                               # the first read of that group
+
+
+def test_parquet_vectors_are_decoded_once_into_a_file_without_a_name(tmp_path, data):
+    """The index reads a Parquet input from its decoded copy, which no directory lists (a kill cannot leave it
+    behind); the copy holds exactly the rows, and re-ranking from disk still needs a real .npy or Arrow source."""
+    from hfbatch.index_rerank import supports_row_reads
+    from hfbatch.indexing import open_foreign
+    from hfbatch.vectors import DecodedVectors
+
+    vectors, _, ids = data
+    path = write_parquet(tmp_path / "v.parquet", vectors, ids)
+    out = tmp_path / "out"
+    out.mkdir()
+    source, found = open_foreign(path, None, None, None, "dot", copy_dir=out)
+    copy = found.reader
+    assert isinstance(copy, DecodedVectors) and source.reader is copy  # dot: not wrapped in UnitRows
+    assert list(out.iterdir()) == [] and os.stat(copy.file.fileno()).st_nlink == 0
+    assert os.fstat(copy.file.fileno()).st_size == 128 + N * DIM * 4  # .npy header + float32 rows
+    np.testing.assert_array_equal(copy(0, N), vectors)
+    rows = np.array([1499, 3, 400, 399, 0])
+    np.testing.assert_array_equal(copy.take(rows), vectors[rows])
+    assert not supports_row_reads(copy)
+
+
+def test_an_index_of_a_parquet_input_is_the_same_with_or_without_the_decoded_copy(tmp_path, runner, data,
+                                                                                    monkeypatch):
+    from hfbatch.vectors import DecodedVectors
+
+    vectors, queries, ids = data
+    path = write_parquet(tmp_path / "v.parquet", vectors, ids)
+    np.save(tmp_path / "q.npy", queries)
+    built = {}
+    for copied in (True, False):
+        if not copied:  # the file system has no room for the copy: each pass decodes
+            monkeypatch.setattr(DecodedVectors, "SPARE_BYTES", 2**62)
+        out = tmp_path / f"idx-{copied}"
+        said = invoke(runner, ["index", path, "-o", out, "--kind", "ivf", "--target-recall", "0.9"]).stderr
+        assert ("msg=decoded_once rows=1500" in said) == copied and ("msg=not_decoded_once" in said) != copied
+        built[copied] = ((out / "index.faiss").read_bytes(), manifest(out)["params"],
+                         search_ids(runner, out, tmp_path / "q.npy"))
+    assert built[True] == built[False]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
+        ["idx-False", "idx-True", "q.npy", "v.parquet"]
