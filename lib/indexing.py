@@ -981,8 +981,7 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
         config["shards"] = shards
     source = None
     if is_foreign(path):
-        source, found = open_foreign(path, vector_column, id_column, ids, metric,  # checked before the job
-                                     copy_dir=Path(output).parent)
+        source, found = open_foreign(path, vector_column, id_column, ids, metric)  # checked before the job
         config["vectors"] = {"format": found.format, "vector_column": vector_column, "id_column": id_column,
                              "metric": metric or "cosine"}
         files, datasets = found.files, []
@@ -994,12 +993,18 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
                              f"own; {given[0]} is for vectors made elsewhere")
         similarity = embeddings_similarity(require_complete(path, "embeddings"), path)  # refused first
         files, datasets = [], [path]
-    with Job("index", output, config=config, files=files, datasets=datasets, force=force,
-             incremental=incremental) as job:
+    job = Job("index", output, config=config, files=files, datasets=datasets, force=force, incremental=incremental)
+    # the values of vectors made elsewhere are checked (one pass over them) before the job writes anything, unless
+    # the output already holds them: a no-op re-run reads none of them
+    if source is not None and not job.looks_up_to_date():
+        source, found = check_foreign(source, found, vector_column, job.output.parent), None
+    with job:
         if job.up_to_date:
             return job.summary()
         if source is None:
             source = open_embeddings(path, similarity, job.inputs[0])
+        elif found is not None:  # up to date a moment ago, changed since
+            source = check_foreign(source, found, vector_column, job.output.parent)
         given = Budget(int(budget) if budget else DEFAULT_MEMORY_BUDGET,
                        budget.text if budget else DEFAULT_MEMORY_BUDGET_TEXT, given=bool(budget))
         text = {"language": language, "budget_bytes": given.bytes} \
@@ -1007,9 +1012,9 @@ def make_index(vectors, output, *, kind: str = "auto", factory: str | None = Non
         return build_and_publish(job, source, kind, factory, given, target_recall, shards, text)
 
 
-def open_foreign(path: Path, vector_column, id_column, ids, metric, copy_dir: Path | None = None):
-    """(IndexInput, ForeignVectors) for vectors made elsewhere: opened and checked, nothing written yet (Parquet
-    vectors are decoded once into an unnamed file in `copy_dir`, hfbatch.vectors.DecodedVectors)."""
+def open_foreign(path: Path, vector_column, id_column, ids, metric):
+    """(IndexInput, ForeignVectors) for vectors made elsewhere: opened, nothing written; all checked but the
+    values of the vectors (check_foreign)."""
     import pyarrow as pa
 
     from hfbatch.vectors import open_vectors
@@ -1018,12 +1023,26 @@ def open_foreign(path: Path, vector_column, id_column, ids, metric, copy_dir: Pa
     if metric not in FOREIGN_SIMILARITY:
         raise InputError(f"--metric {metric!r}: expected one of {', '.join(FOREIGN_SIMILARITY)}")
     found = open_vectors(path, vector_column=vector_column or "embedding", id_column=id_column, ids_file=ids,
-                         copy_dir=copy_dir)
+                         check_values=False)
     similarity = FOREIGN_SIMILARITY[metric]
-    reader = UnitRows(found.reader) if similarity == "cosine" else found.reader
     record = {"vectors": str(path.resolve()), "vectors_format": found.format, "model": None,
               "embeddings": None, "source_dataset": None, "vector_column": vector_column}
-    return IndexInput(path, reader, pa.table({"id": found.ids}), similarity, record), found
+    return IndexInput(path, unit_rows_for(similarity, found.reader), pa.table({"id": found.ids}), similarity,
+                      record), found
+
+
+def check_foreign(source: IndexInput, found, vector_column, copy_dir: Path) -> IndexInput:
+    """The source with its vectors' values checked (NaN/inf: one pass); Parquet vectors are decoded once as they
+    are checked, into an unnamed file in `copy_dir` (hfbatch.vectors.DecodedVectors), which it then reads."""
+    from hfbatch.vectors import check_vector_values
+
+    check_vector_values(found, vector_column or "embedding", copy_dir)
+    return dataclasses.replace(source, reader=unit_rows_for(source.similarity, found.reader))
+
+
+def unit_rows_for(similarity: str, reader):
+    # cosine is inner product over unit vectors; a model may not normalise
+    return UnitRows(reader) if similarity == "cosine" else reader
 
 
 def open_embeddings(embeddings: Path, similarity: str, input_record: dict) -> IndexInput:
@@ -1035,9 +1054,7 @@ def open_embeddings(embeddings: Path, similarity: str, input_record: dict) -> In
     require_column(dataset, "id", embeddings, option="hfbatch embed")  # search names its hits by id
     row_table = dataset.data.table.select([c for c in ("id", *CHUNK_COLUMNS) if c in dataset.column_names])
     del dataset
-    reader = ArrowVectors(embeddings)
-    if similarity == "cosine":  # cosine is inner product over unit vectors; a model may not normalise
-        reader = UnitRows(reader)
+    reader = unit_rows_for(similarity, ArrowVectors(embeddings))
     record = {
         "embeddings": str(input_record["path"]), "source_dataset": emb_manifest.get("source_dataset"),
         # which versions were indexed: search trusts their rows only while they are still these

@@ -586,7 +586,24 @@ class Job:
         self._made_partial = False  # this run (not an earlier, killed one) made self.partial
         self.manifest: dict | None = None
         self.inputs: list[dict] = []
+        self._peeked: list[dict] = []  # the inputs as looks_up_to_date found them
         self.started = time.monotonic()
+
+    def looks_up_to_date(self) -> bool:
+        """Whether OUTPUT already holds this run (same job, options and inputs), read without the lock: for a job
+        to skip checking its inputs' values where it will not read them (a no-op re-run from cron). The run
+        decides again under the lock. An input hashed here is not hashed again there."""
+        if self.force:
+            return False
+        try:
+            existing = read_manifest(self.output)
+        except InputError:  # a damaged manifest: the run says so
+            return False
+        if existing is None:
+            return False
+        self._peeked = [file_input(p, existing.get("inputs", [])) for p in self._file_paths]
+        inputs = self._peeked + [output_input(p) for p in self._dataset_paths]
+        return not describe_changes(existing, self.name, self.config, inputs)
 
     # -- lifecycle --
     def __enter__(self) -> Job:
@@ -671,7 +688,8 @@ class Job:
             # killed after publishing, before removing its work directory: the output holds all of it
             self._discard_partial("its run was already published")
             partial_job = None
-        previous = list((existing or {}).get("inputs", [])) + list((partial_job or {}).get("inputs", []))
+        previous = list((existing or {}).get("inputs", [])) + list((partial_job or {}).get("inputs", [])) + \
+            self._peeked
         self.inputs = [file_input(p, previous) for p in self._file_paths] + \
                       [output_input(p) for p in self._dataset_paths]
         self.fingerprint = fingerprint({"job": self.name, "config": self.config, "inputs": self.inputs})

@@ -51,11 +51,10 @@ def is_foreign(path) -> bool:
 
 
 def open_vectors(path, *, vector_column: str = "embedding", id_column: str | None = None,
-                 ids_file=None, copy_dir: Path | None = None) -> ForeignVectors:
+                 ids_file=None, check_values: bool = True) -> ForeignVectors:
     """Open and check vectors made elsewhere (see the module docstring). `id_column` None: `id` where the
     table has one, else row numbers. `ids_file`: the ids of a .npy file's rows (text, .npy or .parquet).
-    `copy_dir`: Parquet vectors are decoded once, as they are checked, into an unnamed file there
-    (DecodedVectors), which the reader then reads."""
+    `check_values` False: the NaN/inf pass over every vector is left to the caller (check_vector_values)."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".npy":
         if id_column is not None:
@@ -74,19 +73,27 @@ def open_vectors(path, *, vector_column: str = "embedding", id_column: str | Non
 
         found = ForeignVectors(path, fmt, reader, ids, files + ([] if fmt == "parquet" else [path / STATE_FILE]))
     check_ids(found.ids, reader.n, ids_file or path, "ids" if ids_file else id_column or "row numbers")
-    copy_to = DecodedVectors.room_in(copy_dir, reader) if found.format == "parquet" and copy_dir else None
-    if copy_to is not None:
-        from hfbatch import log
-
-        started = time.monotonic()
-        with contextlib.ExitStack() as on_error:
-            on_error.callback(copy_to.close)  # a refused input's copy is freed at once
-            found.reader = check_finite(reader, path, vector_column, copy_to)
-            on_error.pop_all()
-        log.event("index", "decoded_once", rows=reader.n, seconds=f"{time.monotonic() - started:.1f}")
-    else:
-        check_finite(reader, path, vector_column if found.format != "npy" else None)
+    if check_values:
+        check_vector_values(found, vector_column)
     return found
+
+
+def check_vector_values(found: ForeignVectors, vector_column: str, copy_dir: Path | None = None) -> None:
+    """Every vector finite: one pass over them. `copy_dir`: Parquet vectors are decoded once, as they are
+    checked, into an unnamed file there (DecodedVectors), which found.reader then reads."""
+    reader, column = found.reader, vector_column if found.format != "npy" else None
+    copy_to = DecodedVectors.room_in(copy_dir, reader) if found.format == "parquet" and copy_dir else None
+    if copy_to is None:
+        check_finite(reader, found.path, column)
+        return
+    from hfbatch import log
+
+    started = time.monotonic()
+    with contextlib.ExitStack() as on_error:
+        on_error.callback(copy_to.close)  # a refused input's copy is freed at once
+        found.reader = check_finite(reader, found.path, column, copy_to)
+        on_error.pop_all()
+    log.event("index", "decoded_once", rows=reader.n, seconds=f"{time.monotonic() - started:.1f}")
 
 
 def table_files(path: Path) -> tuple[str, list[Path]]:

@@ -4,6 +4,7 @@ written."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,14 +310,15 @@ def test_parquet_vectors_are_decoded_once_into_a_file_without_a_name(tmp_path, d
     """The index reads a Parquet input from its decoded copy, which no directory lists (a kill cannot leave it
     behind); the copy holds exactly the rows, and re-ranking from disk still needs a real .npy or Arrow source."""
     from hfbatch.index_rerank import supports_row_reads
-    from hfbatch.indexing import open_foreign
+    from hfbatch.indexing import check_foreign, open_foreign
     from hfbatch.vectors import DecodedVectors
 
     vectors, _, ids = data
     path = write_parquet(tmp_path / "v.parquet", vectors, ids)
     out = tmp_path / "out"
     out.mkdir()
-    source, found = open_foreign(path, None, None, None, "dot", copy_dir=out)
+    source, found = open_foreign(path, None, None, None, "dot")
+    source = check_foreign(source, found, None, out)
     copy = found.reader
     assert isinstance(copy, DecodedVectors) and source.reader is copy  # dot: not wrapped in UnitRows
     assert list(out.iterdir()) == [] and os.stat(copy.file.fileno()).st_nlink == 0
@@ -346,3 +348,79 @@ def test_an_index_of_a_parquet_input_is_the_same_with_or_without_the_decoded_cop
     assert built[True] == built[False]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
         ["idx-False", "idx-True", "q.npy", "v.parquet"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "npy"])
+def test_a_no_op_rerun_reads_no_vector_values_and_a_changed_input_is_checked(tmp_path, runner, data, monkeypatch,
+                                                                           fmt):
+    """From cron: the NaN pass over every vector (and a Parquet input's decoded copy) is skipped when the index
+    already holds these inputs, and done again, with a bad row refused, when an input changed."""
+    import hfbatch.vectors as hv
+
+    vectors, _, ids = data
+    path, extra = write_input(tmp_path, fmt, vectors, ids)
+    passes = []
+    real = hv.check_finite
+    monkeypatch.setattr(hv, "check_finite", lambda *a, **k: passes.append(a[0].n) or real(*a, **k))
+    out = tmp_path / "idx"
+    invoke(runner, ["index", path, "-o", out, *extra])
+    assert passes == [N]
+    before = manifest(out)
+    again = json.loads(invoke(runner, ["index", path, "-o", out, *extra, "--json"]).stdout)
+    assert again["status"] == "up_to_date" and passes == [N] and manifest(out) == before
+
+    bad = vectors.copy()
+    bad[77, 1] = np.inf
+    write_input(tmp_path, fmt, bad, ids) if fmt == "npy" else write_parquet(path, bad, ids)
+    result = invoke(runner, ["index", path, "-o", out, *extra, "--force"], expect=2)
+    assert "row 77" in result.output and passes == [N, N] and manifest(out) == before
+
+
+def test_an_input_that_changes_after_the_up_to_date_look_is_checked_in_the_job(tmp_path, runner, data,
+                                                                               monkeypatch):
+    """The look before the lock said "up to date", the run under the lock finds a changed input: its values are
+    checked there, and a bad row is refused as before, the existing index kept."""
+    from hfbatch.runner import Job
+
+    vectors, _, ids = data
+    path = write_parquet(tmp_path / "v.parquet", vectors, ids)
+    out = tmp_path / "idx"
+    invoke(runner, ["index", path, "-o", out])
+    before = manifest(out)
+    bad = vectors.copy()
+    bad[1300, 0] = np.nan
+    write_parquet(path, bad, ids)
+    monkeypatch.setattr(Job, "looks_up_to_date", lambda self: True)
+    result = invoke(runner, ["index", path, "-o", out, "--force"], expect=2)
+    assert "row 1300 of column 'embedding' holds NaN" in result.output and "Traceback" not in result.output
+    assert manifest(out) == before
+    changed = vectors[::-1].copy()
+    write_parquet(path, changed, ids)
+    invoke(runner, ["index", path, "-o", out, "--force"])
+    assert manifest(out)["rows"] == N and manifest(out)["inputs"][0]["sha256"] != before["inputs"][0]["sha256"]
+
+
+def test_the_up_to_date_look_hashes_a_changed_input_once(tmp_path, data, monkeypatch):
+    import hfbatch.runner as runner_module
+    from hfbatch.runner import Job
+
+    vectors, _, ids = data
+    path = write_parquet(tmp_path / "v.parquet", vectors, ids)
+    job = Job("index", tmp_path / "idx", config={"kind": "auto"}, files=[path])
+    assert not job.looks_up_to_date()                              # nothing there yet
+    with job:
+        job.publish(job.publisher.assemble_files(rows=N), extra={})
+    assert Job("index", tmp_path / "idx", config={"kind": "auto"}, files=[path]).looks_up_to_date()
+    assert not Job("index", tmp_path / "idx", config={"kind": "flat"}, files=[path]).looks_up_to_date()
+    assert not Job("index", tmp_path / "idx", config={"kind": "auto"}, files=[path], force=True).looks_up_to_date()
+    write_parquet(path, vectors[::-1].copy(), ids)
+    hashed = []
+    real = runner_module.sha256_file
+    monkeypatch.setattr(runner_module, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
+    assert not Job("index", tmp_path / "idx", config={"kind": "auto"}, files=[path], force=True).looks_up_to_date()
+    assert hashed == []                                           # --force: no look at all
+    job = Job("index", tmp_path / "idx", config={"kind": "auto"}, files=[path], incremental=True)
+    assert not job.looks_up_to_date()
+    with job:
+        assert not job.up_to_date and job.previous is not None
+    assert hashed == ["v.parquet"]                                # by the look; the run reused its hash
