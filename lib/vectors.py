@@ -91,7 +91,13 @@ def check_vector_values(found: ForeignVectors, vector_column: str, copy_dir: Pat
     started = time.monotonic()
     with contextlib.ExitStack() as on_error:
         on_error.callback(copy_to.close)  # a refused input's copy is freed at once
-        found.reader = check_finite(reader, found.path, column, copy_to)
+        try:
+            found.reader = check_finite(reader, found.path, column, copy_to)
+        except OSError as exc:  # the disk filled up meanwhile: check without the copy
+            log.warn("index", "not_decoded_once", reason=f"writing the decoded copy failed ({exc.strerror or exc})",
+                     hint="each pass over the vectors decodes them again")
+            check_finite(reader, found.path, column)
+            return
         on_error.pop_all()
     log.event("index", "decoded_once", rows=reader.n, seconds=f"{time.monotonic() - started:.1f}")
 
@@ -352,14 +358,19 @@ class DecodedVectors(NpyVectors):
 
         directory = next(p for p in (Path(directory), *Path(directory).parents) if p.is_dir())
         need = reader.n * reader.dim * 4
-        free = shutil.disk_usage(directory).free
-        if not os.path.isdir("/proc/self/fd") or free < need + cls.SPARE_BYTES:
-            log.warn("index", "not_decoded_once", hint="each pass over the vectors decodes the Parquet files",
-                     reason=f"{need / 2**30:.1f} GiB of decoded vectors would leave less than "
-                            f"{cls.SPARE_BYTES / 2**30:.0f} GiB free in {directory}" if free < need + cls.SPARE_BYTES
-                     else "no /proc/self/fd")
-            return None
-        return tempfile.TemporaryFile(dir=directory, prefix=".hfbatch-decoded-")
+        try:
+            free = shutil.disk_usage(directory).free
+            if free < need + cls.SPARE_BYTES:
+                reason = (f"{need / 2**30:.1f} GiB of decoded vectors would leave less than "
+                          f"{cls.SPARE_BYTES / 2**30:.0f} GiB free in {directory}")
+            elif not os.path.isdir("/proc/self/fd"):
+                reason = "no /proc/self/fd to read an unnamed file through"
+            else:
+                return tempfile.TemporaryFile(dir=directory, prefix=".hfbatch-decoded-")
+        except OSError as exc:  # e.g. a directory we may not write to: the job itself says what is wrong there
+            reason = f"cannot write in {directory} ({exc.strerror or exc})"
+        log.warn("index", "not_decoded_once", reason=reason, hint="each pass over the vectors decodes them again")
+        return None
 
 
 def load_npy(path: Path) -> np.ndarray:

@@ -331,23 +331,52 @@ def test_parquet_vectors_are_decoded_once_into_a_file_without_a_name(tmp_path, d
 
 def test_an_index_of_a_parquet_input_is_the_same_with_or_without_the_decoded_copy(tmp_path, runner, data,
                                                                                     monkeypatch):
+    """Copied, or not (no room for the copy, or the disk filling up while it is written: each pass then decodes):
+    the same index, parameters and hits."""
+    import errno
+
     from hfbatch.vectors import DecodedVectors
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
 
     vectors, queries, ids = data
     path = write_parquet(tmp_path / "v.parquet", vectors, ids)
     np.save(tmp_path / "q.npy", queries)
     built = {}
-    for copied in (True, False):
-        if not copied:  # the file system has no room for the copy: each pass decodes
+    for how in ("copied", "no room", "disk full"):
+        if how == "no room":
             monkeypatch.setattr(DecodedVectors, "SPARE_BYTES", 2**62)
-        out = tmp_path / f"idx-{copied}"
+        if how == "disk full":
+            monkeypatch.setattr(DecodedVectors, "room_in", classmethod(lambda cls, directory, reader: FullDisk()))
+        out = tmp_path / f"idx-{how.replace(' ', '-')}"
         said = invoke(runner, ["index", path, "-o", out, "--kind", "ivf", "--target-recall", "0.9"]).stderr
-        assert ("msg=decoded_once rows=1500" in said) == copied and ("msg=not_decoded_once" in said) != copied
-        built[copied] = ((out / "index.faiss").read_bytes(), manifest(out)["params"],
-                         search_ids(runner, out, tmp_path / "q.npy"))
-    assert built[True] == built[False]
+        assert ("msg=decoded_once rows=1500" in said) == (how == "copied")
+        assert ("msg=not_decoded_once" in said) == (how != "copied")
+        assert how != "disk full" or "No space left on device" in said
+        built[how] = ((out / "index.faiss").read_bytes(), manifest(out)["params"],
+                      search_ids(runner, out, tmp_path / "q.npy"))
+    assert built["copied"] == built["no room"] == built["disk full"]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
-        ["idx-False", "idx-True", "q.npy", "v.parquet"]
+        ["idx-copied", "idx-disk-full", "idx-no-room", "q.npy", "v.parquet"]
+
+
+def test_no_copy_is_made_in_a_directory_that_cannot_be_written(tmp_path, data, monkeypatch):
+    import tempfile
+
+    from hfbatch.vectors import DecodedVectors, ParquetVectors
+
+    def refuse(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    vectors, _, ids = data
+    reader = ParquetVectors([write_parquet(tmp_path / "v.parquet", vectors, ids)], "embedding")
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    assert DecodedVectors.room_in(tmp_path / "a" / "b", reader) is None   # (the nearest existing parent)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "npy"])
