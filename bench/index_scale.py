@@ -33,7 +33,11 @@ vectors made outside hfbatch would come. Then, in one run:
   2. on held-out queries (not in the index) measures recall@10 of the index
      with the recorded parameters against exact search, and batched QPS
      against IndexFlatIP, timed in the same run (targets: recall >= 0.95,
-     >= 20x the QPS of exact search).
+     >= 20x the QPS of exact search);
+  3. for IVF indexes, the scan roof (scan_roof): the list-scan kernel's rate on
+     a full scan, and the codes the held-out queries really scan at the tuned
+     nprobe, which bound the QPS at that recall; and how few codes a query
+     could scan for --min-qps-ratio at that rate.
 
 How hard the synthetic data is, and why it matters: with 2k well-separated
 clusters every IVF index is exact at nprobe 16 and the benchmark proves
@@ -249,6 +253,30 @@ def open_as_search_does(out_dir: str, manifest: dict):
     return index
 
 
+def scan_roof(index, params: dict, queries: np.ndarray, k: int, flat_qps: float, goal_ratio: float,
+              sample: int = 200) -> dict | None:
+    """How fast an IVF index's list scan can go, measured in this run: its kernel's rate on a full scan (every list,
+    `sample` queries, the tuned shortlist size), and the codes the held-out queries scan at the tuned nprobe (their
+    probed lists' sizes, exactly). Their ratio bounds the QPS at that nprobe, whatever the per-list overheads; and
+    `goal_ratio` x flat_qps needs at most rate / (goal_ratio x flat_qps) codes per query. None for a non-IVF index."""
+    from hfbatch import indexing as hx
+
+    ivf = hx._coarse_ivf(index)
+    if ivf is None:
+        return None
+    nprobe, shortlist = int(params.get("nprobe", ivf.nprobe)), int(k * params.get("k_factor_rf", 1))
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
+    _, probed = ivf.quantizer.search(queries, nprobe)
+    scanned = float(sizes[probed].sum(axis=1).mean())
+    full = queries[:sample]
+    ivf.nprobe = ivf.nlist
+    _, wall, _ = timed(lambda: ivf.search(full, shortlist), 2)
+    ivf.nprobe = nprobe
+    rate = len(full) * ivf.ntotal / wall                       # codes scored per second, all cores
+    return {"codes_per_s": rate, "codes_per_query": scanned, "scanned_share": scanned / ivf.ntotal,
+            "qps_ceiling": rate / scanned, "codes_for_goal": rate / (goal_ratio * flat_qps)}
+
+
 def timed(fn, repeat: int) -> tuple[object, float, float]:
     """(result, best wall s, best CPU s) of fn() over repeat runs."""
     best_wall = best_cpu = float("inf")
@@ -349,12 +377,21 @@ def main() -> None:
         index = open_as_search_does(out_dir, b["manifest"])
         (_, found), idx_s, idx_cpu = timed(lambda index=index: index.search(heldout, k), args.repeat)
         recall = hx.recall_at_k(found, gt_eval, k)
+        roof = scan_roof(index, b["manifest"]["params"], heldout, k, flat_qps, args.min_qps_ratio)
+        if roof:
+            qps, ceiling = len(heldout) / idx_s, roof["qps_ceiling"]
+            print(f"{name} scan roof: the full scan scores {roof['codes_per_s'] / 1e9:.2f} G codes/s; at its "
+                  f"nprobe the held-out queries scan {roof['codes_per_query']:,.0f} codes ({roof['scanned_share']:.1%}"
+                  f" of the rows): at most {ceiling:,.0f} QPS = {ceiling / flat_qps:.1f}x {baseline}; measured "
+                  f"{qps:,.0f} QPS, {qps / ceiling:.0%} of that. {args.min_qps_ratio:g}x would need <= "
+                  f"{roof['codes_for_goal']:,.0f} codes a query ({roof['codes_for_goal'] / n:.1%} of the rows) at "
+                  f"this rate", flush=True)
         index = None  # closes its maps before the next one is opened
         rss_mb, search_s = search_rss(out_dir, queries_file, k)
         b.pop("manifest")
         result = {"name": name, **b, "recall": recall, "qps": len(heldout) / idx_s,
                   "qps_ratio": flat_s / idx_s, "cpu_qps_ratio": flat_cpu / idx_cpu, "search_rss_mb": rss_mb,
-                  "search_process_s": search_s}
+                  "search_process_s": search_s, "scan_roof": roof}
         results.append(result)
         rows.append((b["factory"] + (f" x{args.shards} shards" if name == "hfbatch" and args.shards > 1 else ""),
                      b["build_s"], b["process_s"], b["process_cpu_s"], recall, result["qps_ratio"],

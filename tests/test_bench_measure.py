@@ -25,3 +25,30 @@ def test_exit_code_and_output_come_back():
     done = run_measured([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"])
     assert (done.done.returncode, done.done.stdout, done.done.stderr) == (3, "out\n", "err\n")
     assert done.wall_s > 0 and done.cpu_s > 0
+
+
+def test_the_scan_roof_counts_the_codes_the_probed_lists_hold():
+    """bench/index_scale.scan_roof: the codes a query scans are the sizes of the lists it probes, exactly; the
+    ceiling is the full scan's rate over them; the index keeps its nprobe."""
+    from index_scale import scan_roof
+
+    from hfbatch import indexing as hx
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 32)).astype(np.float32)
+    x[:3000] += 4 * np.eye(32, dtype=np.float32)[0]         # lists of very different sizes
+    index = hx.faiss.index_factory(32, "IVF16,PQ16x4fs,Refine(SQfp16)", hx.faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    queries = x[:50] + 0.01
+    ivf = hx._coarse_ivf(index)
+    hx.apply_search_params(index, {"nprobe": 3, "k_factor_rf": 4})
+    roof = scan_roof(index, {"nprobe": 3, "k_factor_rf": 4}, queries, 10, flat_qps=1000.0, goal_ratio=20, sample=50)
+    sizes = [ivf.invlists.list_size(i) for i in range(16)]
+    _, probed = ivf.quantizer.search(queries, 3)
+    assert roof["codes_per_query"] == np.mean([sum(sizes[j] for j in row) for row in probed])
+    assert roof["scanned_share"] == roof["codes_per_query"] / 4000 and 0 < roof["scanned_share"] < 1
+    assert roof["qps_ceiling"] == roof["codes_per_s"] / roof["codes_per_query"]
+    assert roof["codes_for_goal"] == roof["codes_per_s"] / 20000.0
+    assert ivf.nprobe == 3
+    assert scan_roof(hx.faiss.index_factory(32, "HNSW8"), {}, queries, 10, 1000.0, 20) is None
