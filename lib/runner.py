@@ -593,16 +593,14 @@ class Job:
         """Whether OUTPUT already holds this run (same job, options and inputs), read without the lock: for a job
         to skip checking its inputs' values where it will not read them (a no-op re-run from cron). The run
         decides again under the lock. An input hashed here is not hashed again there."""
-        if self.force:
+        if self.force or not is_hfbatch_output(self.output):  # (reads only a real directory's regular file)
             return False
         try:
             existing = read_manifest(self.output)
-        except InputError:  # a damaged manifest: the run says so
+            self._peeked = [file_input(p, existing.get("inputs", [])) for p in self._file_paths]
+            inputs = self._peeked + [output_input(p) for p in self._dataset_paths]
+        except (InputError, OSError):  # a damaged manifest, an input gone: the run says what is wrong
             return False
-        if existing is None:
-            return False
-        self._peeked = [file_input(p, existing.get("inputs", [])) for p in self._file_paths]
-        inputs = self._peeked + [output_input(p) for p in self._dataset_paths]
         return not describe_changes(existing, self.name, self.config, inputs)
 
     # -- lifecycle --

@@ -82,7 +82,8 @@ def check_vector_values(found: ForeignVectors, vector_column: str, copy_dir: Pat
     """Every vector finite: one pass over them. `copy_dir`: Parquet vectors are decoded once, as they are
     checked, into an unnamed file there (DecodedVectors), which found.reader then reads."""
     reader, column = found.reader, vector_column if found.format != "npy" else None
-    copy_to = DecodedVectors.room_in(copy_dir, reader) if found.format == "parquet" and copy_dir else None
+    copying = found.format == "parquet" and copy_dir is not None and reader.n > 0
+    copy_to = DecodedVectors.room_in(copy_dir, reader) if copying else None
     if copy_to is None:
         check_finite(reader, found.path, column)
         return
@@ -90,16 +91,20 @@ def check_vector_values(found: ForeignVectors, vector_column: str, copy_dir: Pat
 
     started = time.monotonic()
     with contextlib.ExitStack() as on_error:
-        on_error.callback(copy_to.close)  # a refused input's copy is freed at once
-        try:
-            found.reader = check_finite(reader, found.path, column, copy_to)
-        except OSError as exc:  # the disk filled up meanwhile: check without the copy
-            log.warn("index", "not_decoded_once", reason=f"writing the decoded copy failed ({exc.strerror or exc})",
-                     hint="each pass over the vectors decodes them again")
-            check_finite(reader, found.path, column)
+        on_error.callback(close_quietly, copy_to)  # a refused input's copy is freed at once
+        copy = check_finite(reader, found.path, column, copy_to)
+        if copy is None:  # given up on (the disk filled up): each pass decodes
             return
         on_error.pop_all()
+    found.reader = copy
     log.event("index", "decoded_once", rows=reader.n, seconds=f"{time.monotonic() - started:.1f}")
+
+
+def close_quietly(file) -> None:
+    """Close a copy given up on: its buffer may still hold bytes that the full disk refuses again (the file
+    descriptor is closed all the same)."""
+    with contextlib.suppress(OSError):
+        file.close()
 
 
 def table_files(path: Path) -> tuple[str, list[Path]]:
@@ -333,18 +338,18 @@ class NpyVectors:
 
 
 class DecodedVectors(NpyVectors):
-    """Parquet vectors decoded once into an unnamed file (O_TMPFILE, or one unlinked at once) beside the output:
-    an index build reads its vectors four more times after checking them (the training sample, adding, the
-    tuning rows, their exact neighbours), and decoding 1M x 384 floats from Parquet costs ~4 s a pass where the
-    copy is memory-mapped. The file has no name, so it is gone with the process, however it ends: a kill leaves
-    nothing behind. It is read through /proc/self/fd (Linux); elsewhere, or where the copy would leave less
+    """Parquet vectors decoded once into an unnamed file beside the output: an index build reads its vectors four
+    more times after checking them (the training sample, adding, the tuning rows, their exact neighbours), and
+    decoding 1M x 384 floats from Parquet costs ~4 s a pass where the copy is memory-mapped. The file has no
+    name (O_TMPFILE, or unlinked at once where the file system lacks it), so it is gone with the process,
+    however it ends: a kill leaves nothing behind (on NFS, the client's `.nfs*` placeholder lasts until the
+    file is closed). It is read through /proc/self/fd (Linux); elsewhere, or where the copy would leave less
     than SPARE_BYTES free, no copy is made and each pass decodes."""
 
     SPARE_BYTES = 2**30
 
     def __init__(self, file):
-        file.flush()
-        self.file = file  # kept open: closing it frees the space
+        self.file = file  # written and flushed; kept open: closing it frees the space
         super().__init__(Path(f"/proc/self/fd/{file.fileno()}"))
 
     @classmethod
@@ -490,17 +495,32 @@ def _strictly_increasing(ids, block: int = 1 << 20) -> bool:
 
 def check_finite(reader, path, column: str | None, copy_to=None):
     """Every value a finite number: one pass over the vectors, a chunk at a time. `copy_to` (an open binary
-    file, or None): the checked rows are also written there, and a DecodedVectors over it is returned."""
+    file, or None): the checked rows are also written there, and a DecodedVectors over it is returned; None
+    where writing it failed (a warning; the check goes on: only the copy is given up)."""
     where = f" of column {column!r}" if column else ""
-    if copy_to is not None:
-        np.lib.format.write_array_header_1_0(copy_to, {"descr": "<f4", "fortran_order": False,
-                                                       "shape": (reader.n, reader.dim)})
+
+    def write(data) -> None:
+        nonlocal copy_to
+        if copy_to is None:
+            return
+        try:
+            data(copy_to)
+        except OSError as exc:  # the disk filled up meanwhile
+            from hfbatch import log
+
+            log.warn("index", "not_decoded_once", reason=f"writing the decoded copy failed ({exc.strerror or exc})",
+                     hint="each pass over the vectors decodes them again")
+            close_quietly(copy_to)
+            copy_to = None
+
+    write(lambda f: np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                             "shape": (reader.n, reader.dim)}))
     for start in range(0, reader.n, CHECK_ROWS):
         chunk = reader(start, min(reader.n, start + CHECK_ROWS))
         bad = ~np.isfinite(chunk).all(axis=1)
         if bad.any():
             raise InputError(f"{path}: row {start + int(np.flatnonzero(bad)[0])}{where} holds NaN or infinite "
                              f"values; every vector must be finite")
-        if copy_to is not None:
-            copy_to.write(memoryview(np.ascontiguousarray(chunk, dtype=np.float32)))
+        write(lambda f, chunk=chunk: f.write(memoryview(np.ascontiguousarray(chunk, dtype=np.float32))))
+    write(lambda f: f.flush())
     return None if copy_to is None else DecodedVectors(copy_to)

@@ -2,6 +2,7 @@
 indexed, searched with query vectors and evaluated; bad inputs are one Error line each, and nothing is
 written."""
 
+import io
 import json
 import os
 from pathlib import Path
@@ -337,12 +338,23 @@ def test_an_index_of_a_parquet_input_is_the_same_with_or_without_the_decoded_cop
 
     from hfbatch.vectors import DecodedVectors
 
-    class FullDisk:
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDiskRaw(io.RawIOBase):
+        """A file system with room for ROOM bytes: writes beyond are refused, also when a close flushes."""
 
-        def close(self):
-            pass
+        ROOM = 50_000
+
+        def __init__(self):
+            self.written = 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            room = self.ROOM - self.written
+            if room <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += min(room, len(data))
+            return min(room, len(data))
 
     vectors, queries, ids = data
     path = write_parquet(tmp_path / "v.parquet", vectors, ids)
@@ -352,7 +364,8 @@ def test_an_index_of_a_parquet_input_is_the_same_with_or_without_the_decoded_cop
         if how == "no room":
             monkeypatch.setattr(DecodedVectors, "SPARE_BYTES", 2**62)
         if how == "disk full":
-            monkeypatch.setattr(DecodedVectors, "room_in", classmethod(lambda cls, directory, reader: FullDisk()))
+            monkeypatch.setattr(DecodedVectors, "room_in",
+                                classmethod(lambda cls, directory, reader: io.BufferedWriter(FullDiskRaw())))
         out = tmp_path / f"idx-{how.replace(' ', '-')}"
         said = invoke(runner, ["index", path, "-o", out, "--kind", "ivf", "--target-recall", "0.9"]).stderr
         assert ("msg=decoded_once rows=1500" in said) == (how == "copied")
@@ -363,6 +376,24 @@ def test_an_index_of_a_parquet_input_is_the_same_with_or_without_the_decoded_cop
     assert built["copied"] == built["no room"] == built["disk full"]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
         ["idx-copied", "idx-disk-full", "idx-no-room", "q.npy", "v.parquet"]
+    bad = vectors.copy()
+    bad[1400, 2] = np.nan  # refused while the copy's buffer holds bytes the full disk refuses again on close
+    FullDiskRaw.ROOM = 0
+    result = invoke(runner, ["index", write_parquet(tmp_path / "bad.parquet", bad, ids), "-o", tmp_path / "x"],
+                    expect=2)
+    assert "row 1400 of column 'embedding' holds NaN" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_empty_parquet_input_is_refused_as_empty(tmp_path, runner):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, kind in (("fixed", pa.list_(pa.float32(), DIM)), ("lists", pa.list_(pa.float32()))):
+        pq.write_table(pa.table({"id": pa.array([], pa.string()), "embedding": pa.array([], kind)}),
+                       tmp_path / f"{name}.parquet")
+        result = invoke(runner, ["index", tmp_path / f"{name}.parquet", "-o", tmp_path / f"idx-{name}"], expect=2)
+        assert "no vectors to index" in result.output and "internal error" not in result.output
 
 
 def test_no_copy_is_made_in_a_directory_that_cannot_be_written(tmp_path, data, monkeypatch):
@@ -375,8 +406,11 @@ def test_no_copy_is_made_in_a_directory_that_cannot_be_written(tmp_path, data, m
 
     vectors, _, ids = data
     reader = ParquetVectors([write_parquet(tmp_path / "v.parquet", vectors, ids)], "embedding")
+    warned = []
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr("hfbatch.log.warn", lambda job, msg, **fields: warned.append((msg, fields["reason"])))
     assert DecodedVectors.room_in(tmp_path / "a" / "b", reader) is None   # (the nearest existing parent)
+    assert warned == [("not_decoded_once", f"cannot write in {tmp_path} (Permission denied)")]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "npy"])
@@ -401,7 +435,7 @@ def test_a_no_op_rerun_reads_no_vector_values_and_a_changed_input_is_checked(tmp
     bad = vectors.copy()
     bad[77, 1] = np.inf
     write_input(tmp_path, fmt, bad, ids) if fmt == "npy" else write_parquet(path, bad, ids)
-    result = invoke(runner, ["index", path, "-o", out, *extra, "--force"], expect=2)
+    result = invoke(runner, ["index", path, "-o", out, *extra], expect=2)  # the look sees the change
     assert "row 77" in result.output and passes == [N, N] and manifest(out) == before
 
 
@@ -420,12 +454,12 @@ def test_an_input_that_changes_after_the_up_to_date_look_is_checked_in_the_job(t
     bad[1300, 0] = np.nan
     write_parquet(path, bad, ids)
     monkeypatch.setattr(Job, "looks_up_to_date", lambda self: True)
-    result = invoke(runner, ["index", path, "-o", out, "--force"], expect=2)
+    result = invoke(runner, ["index", path, "-o", out, "--incremental"], expect=2)
     assert "row 1300 of column 'embedding' holds NaN" in result.output and "Traceback" not in result.output
     assert manifest(out) == before
     changed = vectors[::-1].copy()
     write_parquet(path, changed, ids)
-    invoke(runner, ["index", path, "-o", out, "--force"])
+    invoke(runner, ["index", path, "-o", out, "--incremental"])
     assert manifest(out)["rows"] == N and manifest(out)["inputs"][0]["sha256"] != before["inputs"][0]["sha256"]
 
 
@@ -453,3 +487,24 @@ def test_the_up_to_date_look_hashes_a_changed_input_once(tmp_path, data, monkeyp
     with job:
         assert not job.up_to_date and job.previous is not None
     assert hashed == ["v.parquet"]                                # by the look; the run reused its hash
+
+
+def test_the_up_to_date_look_reads_no_manifest_that_is_not_a_regular_file(tmp_path, runner, data):
+    """Before the lock, the look reads OUTPUT/manifest.json only where it is a real directory's regular file: a
+    symlink loop or a FIFO there is refused by the job's own check (one line), not read (an internal error, or
+    a run that hangs on the FIFO)."""
+    import subprocess
+
+    from conftest import HFBATCH
+
+    vectors, _, ids = data
+    path = write_parquet(tmp_path / "v.parquet", vectors, ids)
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "manifest.json").symlink_to("manifest.json")
+    result = invoke(runner, ["index", path, "-o", tmp_path / "loop"], expect=2)
+    assert "is not an hfbatch output" in result.output and "internal error" not in result.output
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "manifest.json")
+    done = subprocess.run([*HFBATCH, "index", str(path), "-o", str(tmp_path / "fifo")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "is not an hfbatch output" in done.stderr
