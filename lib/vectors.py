@@ -212,8 +212,15 @@ class ParquetVectors:
         self._ahead, self._pool, self._handles = {}, None, {}
 
     def _decode_raw(self, group: int, parquet=None):
+        import pyarrow as pa
+
         i, g = self._groups[group]
-        return (parquet or self._parquet)[i].read_row_group(g, columns=[self.column]).column(0).combine_chunks()
+        try:
+            return (parquet or self._parquet)[i].read_row_group(g, columns=[self.column]).column(0).combine_chunks()
+        except (OSError, pa.ArrowException) as exc:  # a damaged page: pyarrow's IOError or a decode error
+            raise InputError(f"{self.files[i]}: row group {g} (rows {int(self._starts[group]):,} on) cannot be read: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; the file is damaged: "
+                             f"write it again")
 
     def _release(self, group: int) -> None:
         if self._dontneed is not None:

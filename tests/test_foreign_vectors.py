@@ -508,3 +508,21 @@ def test_the_up_to_date_look_reads_no_manifest_that_is_not_a_regular_file(tmp_pa
     done = subprocess.run([*HFBATCH, "index", str(path), "-o", str(tmp_path / "fifo")], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "is not an hfbatch output" in done.stderr
+
+
+def test_a_damaged_parquet_file_is_one_error_line_naming_its_row_group(tmp_path, runner, data):
+    import pyarrow.parquet as pq
+
+    vectors, _, ids = data
+    path = write_parquet(tmp_path / "v.parquet", vectors, ids)          # row groups of 400 rows
+    column = pq.ParquetFile(path).metadata.row_group(2).column(1)
+    start = column.dictionary_page_offset or column.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start:start + 64] = b"\xff" * 64                                 # the page header of group 2's vectors
+    path.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = invoke(runner, ["index", path, "-o", out / "idx"], expect=2)
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert len(errors) == 1 and "row group 2 (rows 800 on) cannot be read" in errors[0], errors
+    assert "internal error" not in result.output and list(out.iterdir()) == []
