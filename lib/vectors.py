@@ -457,11 +457,16 @@ def table_ids(files: list[Path], fmt: str, id_column: str | None, n: int):
         raise InputError(f"--id-column: {files[0]} has no column {column!r}; columns: {', '.join(schema.names)}")
     parts = []
     for file in files:
-        if fmt == "parquet":
-            parts.append(pq.read_table(str(file), columns=[column], memory_map=True).column(0))
-        else:
-            with pa.memory_map(str(file)) as source:
-                parts.append(pa.ipc.open_stream(source).read_all().column(column))
+        try:
+            if fmt == "parquet":
+                parts.append(pq.read_table(str(file), columns=[column], memory_map=True).column(0))
+            else:
+                with pa.memory_map(str(file)) as source:
+                    parts.append(pa.ipc.open_stream(source).read_all().column(column))
+        except (OSError, pa.ArrowException) as exc:  # a damaged page
+            raise InputError(f"{file}: id column {column!r} cannot be read: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; the file is damaged: "
+                             f"write it again")
     ids = pa.chunked_array([c for part in parts for c in part.chunks], parts[0].type).combine_chunks()
     if not (pa.types.is_integer(ids.type) or pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
         raise InputError(f"{files[0]}: id column {column!r} is {ids.type}; ids must be integers or strings "

@@ -514,15 +514,16 @@ def test_a_damaged_parquet_file_is_one_error_line_naming_its_row_group(tmp_path,
     import pyarrow.parquet as pq
 
     vectors, _, ids = data
-    path = write_parquet(tmp_path / "v.parquet", vectors, ids)          # row groups of 400 rows
-    column = pq.ParquetFile(path).metadata.row_group(2).column(1)
-    start = column.dictionary_page_offset or column.data_page_offset
-    raw = bytearray(path.read_bytes())
-    raw[start:start + 64] = b"\xff" * 64                                 # the page header of group 2's vectors
-    path.write_bytes(bytes(raw))
-    out = tmp_path / "out"
-    out.mkdir()
-    result = invoke(runner, ["index", path, "-o", out / "idx"], expect=2)
-    errors = [line for line in result.output.splitlines() if line.strip()]
-    assert len(errors) == 1 and "row group 2 (rows 800 on) cannot be read" in errors[0], errors
-    assert "internal error" not in result.output and list(out.iterdir()) == []
+    for col, words in ((1, "row group 2 (rows 800 on) cannot be read"), (0, "id column 'id' cannot be read")):
+        path = write_parquet(tmp_path / f"v{col}.parquet", vectors, ids)   # row groups of 400 rows
+        column = pq.ParquetFile(path).metadata.row_group(2).column(col)
+        start = column.dictionary_page_offset or column.data_page_offset
+        raw = bytearray(path.read_bytes())
+        raw[start:start + 64] = b"\xff" * 64                             # a page header of group 2
+        path.write_bytes(bytes(raw))
+        out = tmp_path / f"out{col}"
+        out.mkdir()
+        result = invoke(runner, ["index", path, "-o", out / "idx"], expect=2)
+        errors = [line for line in result.output.splitlines() if line.strip()]
+        assert len(errors) == 1 and words in errors[0] and str(path) in errors[0], errors
+        assert "internal error" not in result.output and list(out.iterdir()) == []
