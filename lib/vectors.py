@@ -92,10 +92,12 @@ def check_vector_values(found: ForeignVectors, vector_column: str, copy_dir: Pat
     started = time.monotonic()
     with contextlib.ExitStack() as on_error:
         on_error.callback(close_quietly, copy_to)  # a refused input's copy is freed at once
+        on_error.callback(reader.forget)
         copy = check_finite(reader, found.path, column, copy_to)
         if copy is None:  # given up on (the disk filled up): each pass decodes
             return
         on_error.pop_all()
+    reader.forget()
     found.reader = copy
     log.event("index", "decoded_once", rows=reader.n, seconds=f"{time.monotonic() - started:.1f}")
 
@@ -210,6 +212,18 @@ class ParquetVectors:
             self.dim = int(self._decode_raw(0).value_lengths()[0].as_py() or 0)
         self._cached = (None, None)
         self._ahead, self._pool, self._handles = {}, None, {}
+
+    def forget(self) -> None:
+        """Drop the decoded groups (the one kept, those read ahead) and hand the memory their decoding took back
+        to the OS: pyarrow's allocator keeps freed pages (1M x 384 floats: ~600 MB after a pass), which would
+        otherwise stay in the process's resident memory through the build."""
+        from concurrent.futures import wait
+
+        import pyarrow as pa
+
+        wait([f for f in self._ahead.values() if not f.cancel()])
+        self._ahead, self._cached = {}, (None, None)
+        pa.default_memory_pool().release_unused()
 
     def _decode_raw(self, group: int, parquet=None):
         import pyarrow as pa
