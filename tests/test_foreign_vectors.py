@@ -319,8 +319,10 @@ def test_parquet_vectors_are_decoded_once_into_a_file_without_a_name(tmp_path, d
     out = tmp_path / "out"
     out.mkdir()
     source, found = open_foreign(path, None, None, None, "dot")
+    parquet = found.reader
     source = check_foreign(source, found, None, out)
     copy = found.reader
+    assert parquet._cached == (None, None) and parquet._ahead == {}   # its decoded groups are let go
     assert isinstance(copy, DecodedVectors) and source.reader is copy  # dot: not wrapped in UnitRows
     assert list(out.iterdir()) == [] and os.stat(copy.file.fileno()).st_nlink == 0
     assert os.fstat(copy.file.fileno()).st_size == 128 + N * DIM * 4  # .npy header + float32 rows
