@@ -597,11 +597,15 @@ class Job:
             return False
         try:
             existing = read_manifest(self.output)
-            self._peeked = [file_input(p, existing.get("inputs", [])) for p in self._file_paths]
-            inputs = self._peeked + [output_input(p) for p in self._dataset_paths]
+            inputs = self._inputs_now(existing.get("inputs", []))
         except (InputError, OSError):  # a damaged manifest, an input gone: the run says what is wrong
             return False
+        self._peeked = inputs[:len(self._file_paths)]
         return not describe_changes(existing, self.name, self.config, inputs)
+
+    def _inputs_now(self, previous: list[dict]) -> list[dict]:
+        """The inputs' records as they are now (a file's sha256 reused from `previous` where it is unchanged)."""
+        return [file_input(p, previous) for p in self._file_paths] + [output_input(p) for p in self._dataset_paths]
 
     # -- lifecycle --
     def __enter__(self) -> Job:
@@ -688,8 +692,7 @@ class Job:
             partial_job = None
         previous = list((existing or {}).get("inputs", [])) + list((partial_job or {}).get("inputs", [])) + \
             self._peeked
-        self.inputs = [file_input(p, previous) for p in self._file_paths] + \
-                      [output_input(p) for p in self._dataset_paths]
+        self.inputs = self._inputs_now(previous)
         self.fingerprint = fingerprint({"job": self.name, "config": self.config, "inputs": self.inputs})
         self.publisher = Publisher(self.name, self.paths, self.shards, self.fingerprint)
 

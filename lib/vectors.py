@@ -90,14 +90,16 @@ def check_vector_values(found: ForeignVectors, vector_column: str, copy_dir: Pat
     from hfbatch import log
 
     started = time.monotonic()
-    with contextlib.ExitStack() as on_error:
-        on_error.callback(close_quietly, copy_to)  # a refused input's copy is freed at once
-        on_error.callback(reader.forget)
-        copy = check_finite(reader, found.path, column, copy_to)
-        if copy is None:  # given up on (the disk filled up): each pass decodes
-            return
-        on_error.pop_all()
-    reader.forget()
+    try:
+        with contextlib.ExitStack() as on_error:
+            on_error.callback(close_quietly, copy_to)  # a refused input's copy is freed at once
+            copy = check_finite(reader, found.path, column, copy_to)
+            if copy is not None:
+                on_error.pop_all()
+    finally:
+        reader.forget()
+    if copy is None:  # given up on (the disk filled up): each pass decodes
+        return
     found.reader = copy
     log.event("index", "decoded_once", rows=reader.n, seconds=f"{time.monotonic() - started:.1f}")
 
@@ -217,13 +219,18 @@ class ParquetVectors:
         """Drop the decoded groups (the one kept, those read ahead) and hand the memory their decoding took back
         to the OS: pyarrow's allocator keeps freed pages (1M x 384 floats: ~600 MB after a pass), which would
         otherwise stay in the process's resident memory through the build."""
-        from concurrent.futures import wait
-
         import pyarrow as pa
 
-        wait([f for f in self._ahead.values() if not f.cancel()])
-        self._ahead, self._cached = {}, (None, None)
+        self._drop_ahead()
+        self._cached = (None, None)
         pa.default_memory_pool().release_unused()
+
+    def _drop_ahead(self) -> None:
+        """Forget the groups read ahead; a decode under way is let finish, so no two threads share a handle."""
+        from concurrent.futures import wait
+
+        wait([f for f in self._ahead.values() if not f.cancel()])
+        self._ahead = {}
 
     def _decode_raw(self, group: int, parquet=None):
         import pyarrow as pa
@@ -232,9 +239,7 @@ class ParquetVectors:
         try:
             return (parquet or self._parquet)[i].read_row_group(g, columns=[self.column]).column(0).combine_chunks()
         except (OSError, pa.ArrowException) as exc:  # a damaged page: pyarrow's IOError or a decode error
-            raise InputError(f"{self.files[i]}: row group {g} (rows {int(self._starts[group]):,} on) cannot be read: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; the file is damaged: "
-                             f"write it again")
+            raise damaged(self.files[i], f"row group {g} (rows {int(self._starts[group]):,} on)", exc)
 
     def _release(self, group: int) -> None:
         if self._dontneed is not None:
@@ -243,14 +248,11 @@ class ParquetVectors:
     def _decode(self, group: int) -> np.ndarray:
         if self._cached[0] == group:
             return self._cached[1]
-        from concurrent.futures import wait
-
         ahead = self._ahead.pop(group, None)
         vectors = ahead.result() if ahead is not None else self._decode_group(group)
         in_order = self._cached[0] == group - 1
-        if not in_order:  # a jump: what was read ahead is not wanted; a decode under way is let finish, so
-            wait([f for f in self._ahead.values() if not f.cancel()])  # no two threads share a handle
-            self._ahead = {}
+        if not in_order:  # a jump: what was read ahead is not wanted
+            self._drop_ahead()
         self._cached = (group, vectors)
         if in_order:
             self._read_ahead(group)
@@ -399,6 +401,12 @@ class DecodedVectors(NpyVectors):
         return None
 
 
+def damaged(file, part: str, exc: Exception) -> InputError:
+    """The one line for a part of a file pyarrow cannot read (a damaged page)."""
+    return InputError(f"{file}: {part} cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                      f"; the file is damaged: write it again")
+
+
 def load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
@@ -478,9 +486,7 @@ def table_ids(files: list[Path], fmt: str, id_column: str | None, n: int):
                 with pa.memory_map(str(file)) as source:
                     parts.append(pa.ipc.open_stream(source).read_all().column(column))
         except (OSError, pa.ArrowException) as exc:  # a damaged page
-            raise InputError(f"{file}: id column {column!r} cannot be read: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; the file is damaged: "
-                             f"write it again")
+            raise damaged(file, f"id column {column!r}", exc)
     ids = pa.chunked_array([c for part in parts for c in part.chunks], parts[0].type).combine_chunks()
     if not (pa.types.is_integer(ids.type) or pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
         raise InputError(f"{files[0]}: id column {column!r} is {ids.type}; ids must be integers or strings "
