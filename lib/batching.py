@@ -119,17 +119,22 @@ def run_batches(forward: Callable[[dict[str, np.ndarray]], np.ndarray], tokenize
         out[rows] = values
         if on_batch is not None:
             on_batch(len(rows))
-    for b, rows in enumerate(batches):
-        if parts is not None and b in parts.done_batches:
-            continue
-        result = forward(pad(tokenized, rows, pad_id))
-        if out is None:
-            out = np.empty((len(tokenized),) + result.shape[1:], dtype=np.float32)
-        out[rows] = result
-        if parts is not None:
-            parts.add(b, out[rows])  # what the result holds (float32), so a resumed row is the same bits
-        if on_batch is not None:
-            on_batch(len(rows))
+    todo = [(b, rows) for b, rows in enumerate(batches) if parts is None or b not in parts.done_batches]
+    padded = (pad(tokenized, rows, pad_id) for _, rows in todo)
+    # an encoder with `map` (OpenVINO) keeps several batches in flight; results come in order either way
+    results = forward.map(padded) if hasattr(forward, "map") else map(forward, padded)
+    try:
+        for (b, rows), result in zip(todo, results):
+            if out is None:
+                out = np.empty((len(tokenized),) + result.shape[1:], dtype=np.float32)
+            out[rows] = result
+            if parts is not None:
+                parts.add(b, out[rows])  # what the result holds (float32), so a resumed row is the same bits
+            if on_batch is not None:
+                on_batch(len(rows))
+    finally:
+        if hasattr(results, "close"):  # a failed commit: the batches in flight finish, the encoder is free
+            results.close()
     return out
 
 

@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -555,7 +557,11 @@ def split_head(ir_path: Path):
 class OpenVINOEncoder:
     """A compiled OpenVINO model for one model directory and one set of graph options.
 
-    ``run`` is thread-safe (one infer request, under a lock).
+    ``run`` is thread-safe (one infer request, under a lock). ``run_many`` keeps one batch in flight on each
+    of the compiled model's streams and yields the outputs in order: under the default THROUGHPUT hint the CPU
+    plugin makes one stream per core (2 on 2 cores, 1 thread each), which on the 2-core AMX machine ran
+    the same batches 1.09-1.12x faster than one 2-thread stream, with the same output bits (the threads
+    split a batch's work, not its sums).
     """
 
     def __init__(
@@ -568,7 +574,7 @@ class OpenVINOEncoder:
         precision: str = "bf16",
         num_threads: int | None = None,
         cache_dir: str | os.PathLike | None = None,
-        performance_hint: str = "LATENCY",
+        performance_hint: str = "THROUGHPUT",
         num_streams: int | None = None,
         ov_config: dict[str, Any] | None = None,
     ):
@@ -621,7 +627,9 @@ class OpenVINOEncoder:
             self._head_request = self._head.create_infer_request()
         self.compile_s = time.perf_counter() - t0
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
-        self._request = self.compiled.create_infer_request()
+        self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
+        self._request = self._requests[0]
         self._lock = threading.Lock()
 
     # -- properties
@@ -645,6 +653,7 @@ class OpenVINOEncoder:
             "requested_precision": self.requested_precision,
             "num_threads": self.num_threads,
             "performance_hint": self.config["PERFORMANCE_HINT"],
+            "streams": self.streams,
             "ir": str(self.ir_path),
         }
 
@@ -671,8 +680,41 @@ class OpenVINOEncoder:
             shape = (0, self.dim or 0) if rank == 2 else (0, feed["input_ids"].shape[1], self.dim or 0)
             return np.zeros(shape, dtype=np.float32)
         with self._lock:
-            out = self._request.infer(feed, share_inputs=True, share_outputs=self._head is not None)
-            if self._head is not None:
-                head_feed = {HEAD_INPUT: out[0], **{n: feed[n] for n in self.head_inputs}}
-                out = self._head_request.infer(head_feed, share_inputs=True, share_outputs=False)
-            return np.asarray(out[0], dtype=np.float32)
+            out = self._request.infer(feed, share_inputs=True, share_outputs=True)
+            return self._finish(out[0], feed)
+
+    def run_many(self, batches: Iterable[tuple]) -> Iterator[np.ndarray]:
+        """`run` over ``(input_ids, attention_mask[, token_type_ids])`` batches, one in flight per stream;
+        the outputs come in input order. The next batch is taken (and padded by the caller's generator) while
+        the others run."""
+        with self._lock:
+            free, pending = collections.deque(self._requests), collections.deque()
+            try:
+                for batch in batches:
+                    feed = self._inputs(*batch)
+                    if feed["input_ids"].shape[0] == 0:
+                        raise ValueError("run_many takes non-empty batches")
+                    if not free:
+                        yield self._collect(pending, free)
+                    request = free.popleft()
+                    request.start_async(feed, share_inputs=True)  # `pending` keeps the arrays alive
+                    pending.append((request, feed))
+                while pending:
+                    yield self._collect(pending, free)
+            finally:
+                for request, _ in pending:  # abandoned midway: no request may still write into memory
+                    request.wait()
+
+    def _collect(self, pending: collections.deque, free: collections.deque) -> np.ndarray:
+        request, feed = pending.popleft()
+        request.wait()
+        result = self._finish(request.get_output_tensor(0).data, feed)
+        free.append(request)
+        return result
+
+    def _finish(self, body_out: np.ndarray, feed: dict) -> np.ndarray:
+        """The model's output, in memory of its own: through the f32 head where the model was split."""
+        if self._head is not None:
+            head_feed = {HEAD_INPUT: body_out, **{n: feed[n] for n in self.head_inputs}}
+            body_out = self._head_request.infer(head_feed, share_inputs=True, share_outputs=False)[0]
+        return np.array(body_out, dtype=np.float32, copy=True)
