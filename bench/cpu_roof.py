@@ -89,6 +89,70 @@ def ceiling(model_dir, texts: list[str], dtype: str = "float32", also_measured: 
             "docs_per_s": gflops * 1e9 / (flops / len(texts))}
 
 
+def matmul_only_forward(config, lengths: np.ndarray, dtype: str = "bfloat16", batch_tokens: int = 2048,
+                        repeats: int = 2) -> dict:
+    """The encoder's own matmuls and nothing else, at the token-budget batches hfbatch makes of these docs
+    (length-sorted, `batch_tokens` a batch): per layer the Q, K, V and output projections, the FFN's two, and
+    attention's per-head scores and mixing (batched [B*heads, L, head_dim] products), on random inputs of
+    the same shapes. No softmax, LayerNorm, GELU, residual adds, pooling or tokenizing.
+
+    It says whether the model's own shapes (hidden size 384, 32-wide heads, ~2,048-token batches) let the
+    matmuls reach the roof. On the 2-core AMX machine they do (98-109% of the roof measured beside it), so
+    whatever an engine loses to the roof is lost in its other work: attention's softmax, LayerNorm, GELU,
+    adds and layout changes.
+    Returns {gflops, seconds, batches} for the best of `repeats` passes (FLOPs as `encoder_flops`: real
+    tokens only, so padding counts against it as it does against an engine)."""
+    import torch
+
+    from hfbatch.batching import budget_batches
+    from hfbatch.openvino_backend import available_cpus
+
+    torch.set_num_threads(available_cpus())
+    dt = getattr(torch, dtype)
+    h, i, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    weights = {name: torch.randn(k, n, dtype=dt) for name, (k, n) in
+               {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "up": (h, i), "down": (i, h)}.items()}
+    shapes = [(len(rows), int(lengths[rows].max())) for rows in budget_batches(lengths, batch_tokens)]
+
+    most = max(rows * length for rows, length in shapes)
+    # inputs made once, outside the timing, each batch a view of their first rows; the attention operands
+    # already in the [B*heads, L, head_dim] layout, so no transpose copy is timed
+    x, up = torch.randn(most, h, dtype=dt), torch.randn(most, i, dtype=dt)
+    q, k, v = (torch.randn(most * h, dtype=dt) for _ in range(3))
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        for rows, length in shapes:
+            tokens, per_head = rows * length, (rows * heads, length, h // heads)
+            qh, kh, vh = (t[:tokens * h].view(per_head) for t in (q, k, v))
+            for _ in range(config.num_hidden_layers):
+                for name in ("q", "k", "v", "o", "up"):
+                    x[:tokens] @ weights[name]
+                up[:tokens] @ weights["down"]
+                torch.bmm(torch.bmm(qh, kh.transpose(1, 2)), vh)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        one_pass()  # warm-up: first-touch of every shape's kernels
+        seconds = min(one_pass() for _ in range(repeats))
+    return {"gflops": encoder_flops(config, lengths) / seconds / 1e9, "seconds": seconds, "batches": len(shapes),
+            "batch_tokens": batch_tokens}
+
+
+def matmul_only_line(c: dict, model_dir, texts: list[str], batch_tokens: int = 2048) -> tuple[str, dict]:
+    """One line (and its figures) for the benches: the matmul-only forward against the roof `c`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    lengths = token_lengths(model_dir, texts)
+    m = matmul_only_forward(config, lengths, c["dtype"], batch_tokens)
+    m["of_roof"] = m["gflops"] / c["gflops"]
+    m["docs_per_s"] = len(texts) / m["seconds"]
+    return (f"{c['dtype']} matmul-only forward (the encoder's own matmuls at {batch_tokens}-token batches, "
+            f"nothing else): {m['gflops']:.0f} GFLOP/s, {m['docs_per_s']:.0f} docs/s = {m['of_roof']:.0%} of the "
+            f"roof (what an engine loses beyond that, it loses outside its matmuls)"), m
+
+
 def describe(c: dict, baseline_docs_per_s: float | None = None, baseline: str = "") -> str:
     line = (f"{c['dtype']} ceiling on this CPU: matmul {c['gflops']:.0f} GFLOP/s, {c['tokens']:,} tokens, "
             f"{c['flops_per_doc'] / 1e9:.2f} GFLOP/doc -> at most {c['docs_per_s']:.0f} docs/s")
@@ -121,6 +185,8 @@ def main() -> None:
     ceilings = {dtype: ceiling(model, texts, dtype, also_measured=gflops) for dtype, gflops in before.items()}
     for c in ceilings.values():
         print(describe(c, st_rate, "ST fp32"))
+        for batch_tokens in (2048, 8192):
+            print("  " + matmul_only_line(c, model, texts, batch_tokens)[0])
     if st_rate:
         fp32 = ceilings["float32"]
         used = st_rate * fp32["flops_per_doc"] / 1e9
