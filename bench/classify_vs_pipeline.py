@@ -177,10 +177,9 @@ def main() -> None:
         kept = {}
 
         def measure(name, run):
-            def timed_run(r):
+            def timed_run(r):  # run(r) -> (scores, seconds, ...)
                 result = run(r)
-                seconds = result if isinstance(result, float) else result[1]
-                rounds.setdefault(name, []).append(seconds)
+                rounds.setdefault(name, []).append(result[1])
                 kept.setdefault(name, result)  # the first round's scores
             return timed_run
 
@@ -188,7 +187,7 @@ def main() -> None:
                    measure("pipeline_batch32", lambda r: run_pipeline(model_dir, texts, max_length, 32)),
                    measure("hfbatch_default", lambda r: run_core(model_dir, texts, max_length, "auto")),
                    measure("hfbatch_fp32", lambda r: run_core(model_dir, texts, max_length, "fp32")),
-                   measure("hfbatch_cli_default", lambda r: run_cli(model_dir, texts, tmp, r))]
+                   measure("hfbatch_cli_default", lambda r: (None, run_cli(model_dir, texts, tmp, r)))]
         for r in range(args.rounds):
             k = r % len(systems)
             for system in systems[k:] + systems[:k]:

@@ -69,11 +69,11 @@ def token_lengths(model_dir, texts: list[str], max_length: int | None = None) ->
     return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
 
 
-def model_gflops(model_dir, dtype: str = "float32") -> float:
+def model_gflops(model_dir, dtype: str = "float32", seconds: float = 1.5) -> float:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir))
-    return matmul_gflops(config.hidden_size, config.intermediate_size, dtype)
+    return matmul_gflops(config.hidden_size, config.intermediate_size, dtype, seconds=seconds)
 
 
 def ceiling(model_dir, texts: list[str], dtype: str = "float32", also_measured: float = 0.0) -> dict:
@@ -97,9 +97,10 @@ def matmul_only_forward(config, lengths: np.ndarray, dtype: str = "bfloat16", ba
     the same shapes. No softmax, LayerNorm, GELU, residual adds, pooling or tokenizing.
 
     It says whether the model's own shapes (hidden size 384, 32-wide heads, ~2,048-token batches) let the
-    matmuls reach the roof. On the 2-core AMX machine they do (98-109% of the roof measured beside it), so
-    whatever an engine loses to the roof is lost in its other work: attention's softmax, LayerNorm, GELU,
-    adds and layout changes.
+    matmuls reach the roof. On the 2-core AMX machine they ran at 0.9-1.1 TFLOP/s whatever the roof read:
+    84-109% of a roof of 0.9-1.2 TFLOP/s, where an engine loses the rest in its other work (attention's
+    softmax, LayerNorm, GELU, adds, layout changes), but 53% of one of 2.1 TFLOP/s, which then no engine on
+    these kernels can get near.
     Returns {gflops, seconds, batches} for the best of `repeats` passes (FLOPs as `encoder_flops`: real
     tokens only, so padding counts against it as it does against an engine)."""
     import torch

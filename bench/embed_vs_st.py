@@ -132,7 +132,7 @@ def main() -> None:
     print(f"{len(texts)} docs from {args.corpus}; model {args.model}; {os.cpu_count()} cores; "
           f"cpu_has_bf16={cpu_has_bf16()}; load average {os.getloadavg()[0]:.1f}", flush=True)
     rows: dict[str, dict] = {}
-    from cpu_roof import ceiling, describe, matmul_gflops, matmul_only_line, model_gflops
+    from cpu_roof import ceiling, describe, matmul_only_line, model_gflops
 
     roof_dtype = "bfloat16" if cpu_has_bf16() else "float32"
     roof_before = model_gflops(args.model, roof_dtype)  # and again at the end: the best of the two counts
@@ -196,13 +196,10 @@ def main() -> None:
     # The roof of this machine moves: on the 2-core AMX VM the same bf16 product ran at ~1,000 GFLOP/s for
     # half an hour and at ~2,100 in another (what shares the core's matrix unit changes). So each core run is
     # also set against the roof measured just before and just after it (the better of the two).
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(args.model)
     adjacent_roofs: dict[str, list[float]] = {}
 
     def roof_now() -> float:
-        return matmul_gflops(model_config.hidden_size, model_config.intermediate_size, roof_dtype, seconds=0.4)
+        return model_gflops(args.model, roof_dtype, seconds=0.4)
 
     def core(precision):
         def run():

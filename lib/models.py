@@ -425,9 +425,14 @@ class OpenVINOBatchEncoder:
             {"cache_hit": self.engine.cache_hit}
 
     def __call__(self, batch: dict):
-        return self.engine.run(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return self.engine.run(*engine_arrays(batch))
 
     def map(self, batches):
         """`self(batch)` over `batches`, in order, one in flight per OpenVINO stream (hfbatch.batching.run_batches
         uses it where an encoder has it)."""
-        return self.engine.run_many((b["input_ids"], b["attention_mask"], b.get("token_type_ids")) for b in batches)
+        return self.engine.run_many(map(engine_arrays, batches))
+
+
+def engine_arrays(batch: dict) -> tuple:
+    """A padded batch as OpenVINOEncoder.run takes it."""
+    return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")

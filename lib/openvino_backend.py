@@ -716,5 +716,5 @@ class OpenVINOEncoder:
         """The model's output, in memory of its own: through the f32 head where the model was split."""
         if self._head is not None:
             head_feed = {HEAD_INPUT: body_out, **{n: feed[n] for n in self.head_inputs}}
-            body_out = self._head_request.infer(head_feed, share_inputs=True, share_outputs=False)[0]
-        return np.array(body_out, dtype=np.float32, copy=True)
+            body_out = self._head_request.infer(head_feed, share_inputs=True, share_outputs=True)[0]
+        return np.array(body_out, dtype=np.float32, copy=True)  # the one copy, before the request runs again
