@@ -167,7 +167,7 @@ def main() -> None:
         print(f"model: {model_note}; {len(texts)} docs; max_length {max_length}; {os.cpu_count()} CPUs",
               flush=True)
 
-        from cpu_roof import ceiling, describe, model_gflops
+        from cpu_roof import ceiling, describe, model_gflops, op_profile, op_profile_line, profile_sample
 
         from hfbatch.models import cpu_has_bf16
 
@@ -195,6 +195,7 @@ def main() -> None:
         reference, default, settings, exact = (kept["pipeline"][0], kept["hfbatch_default"][0],
                                                kept["hfbatch_default"][2], kept["hfbatch_fp32"][0])
         roof = ceiling(model_dir, texts, roof_dtype, also_measured=roof_before)
+        profile = op_profile(model_dir, profile_sample(texts), task="classify")
 
     figures = {name: statistics.median(seconds) for name, seconds in rounds.items()}
     rates = {name: len(texts) / seconds for name, seconds in figures.items()}
@@ -225,6 +226,7 @@ def main() -> None:
         "flipped_rows": int(flipped.sum()), "flipped_max_top2_gap": float(margin[flipped].max(initial=0)),
         "median_top2_gap": float(np.median(margin)),
         "roof": roof, "default_share_of_roof": round(rates["hfbatch_default"] / roof["docs_per_s"], 2),
+        "op_profile": profile,
     }
     for name, rate in report["docs_per_s"].items():
         print(f"  {name:<22} {rate:8.1f} docs/s   {figures[name]:7.1f} s")
@@ -236,6 +238,7 @@ def main() -> None:
         print(f"{key}: {report[key]}")
     print(describe(roof, best_pipeline, "the faster pipeline") +
           f"; hfbatch default is at {report['default_share_of_roof']:.0%} of it")
+    print(op_profile_line(profile))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -24,15 +24,15 @@ CORPUS = "/work/shared/corpora/debian-descriptions.jsonl.gz"
 
 
 def matmul_gflops(hidden: int, intermediate: int, dtype: str = "float32", tokens: int = 2048,
-                  seconds: float = 1.5) -> float:
+                  seconds: float = 1.5, threads: int | None = None) -> float:
     """Best sustained torch matmul rate over the encoder's shapes (attention and FFN projections) and a large
-    square one (BLAS at its best: a generous roof), on all cores this process may use. On a shared machine
-    the rate drifts with the neighbours: measure it more than once in a run and keep the best."""
+    square one (BLAS at its best: a generous roof), on all cores this process may use (or `threads`). On a
+    shared machine the rate drifts with the neighbours: measure it more than once in a run and keep the best."""
     import torch
 
     from hfbatch.openvino_backend import available_cpus
 
-    torch.set_num_threads(available_cpus())
+    torch.set_num_threads(threads or available_cpus())
     dt = getattr(torch, dtype)
     best = 0.0
     for m, k, n in [(tokens, hidden, intermediate), (tokens, intermediate, hidden), (tokens, hidden, hidden),
@@ -154,6 +154,106 @@ def matmul_only_line(c: dict, model_dir, texts: list[str], batch_tokens: int = 2
             f"roof (what an engine loses beyond that, it loses outside its matmuls)"), m
 
 
+#: OpenVINO CPU node types that are matrix products (the projections, and attention's own when unfused)
+MATMUL_NODES = ("FullyConnected", "MatMul")
+
+
+def op_profile(model_dir, texts: list[str], task: str = "embed", batch_tokens: int = 2048,
+               seconds: float = 1.0) -> dict:
+    """Where hfbatch's own OpenVINO forward spends its time, from the CPU plugin's per-op counters
+    (PERF_COUNT), over the token-budget batches of these docs, on one thread (one stream: one core, as hfbatch
+    runs one stream per core), against the one-thread roof measured just before and just after (the better).
+
+    Ops fall in three groups: matmuls (FullyConnected: the projections and the FFN, with their fused GELU and
+    bias), attention (the fused scaled-dot-product Subgraph: scores, mask, softmax, mixing) and the rest
+    (LayerNorm, residual adds, layout transposes and reorders, casts, embeddings, pooling). A second pass with
+    OpenVINO's attention fusion off (SNIPPETS_MODE=DISABLE) times attention's softmax on its own (its Softmax
+    nodes).
+
+    The caps say how close to the roof an engine on these kernels could come: the forward's FLOPs (as
+    `encoder_flops`) over the time they would take at the roof plus the time of what is left as OpenVINO runs
+    it. `cap_matmuls_and_attention`: every FullyConnected and the whole attention at the roof, only the rest
+    as run (the loosest bound). `cap_all_matmuls`: every matmul, attention's included, at the roof; the
+    softmax as the unfused pass ran it and the rest as run. `rest_speedup_for_75`: how much faster the rest
+    would have to run for 75% even in the loosest case."""
+    import collections
+
+    from transformers import AutoConfig
+
+    from hfbatch.batching import budget_batches, pad
+    from hfbatch.embedding import EncoderRun
+    from hfbatch.openvino_backend import get_core
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    run = EncoderRun(Path(model_dir), task=task, batch_tokens=batch_tokens)  # hfbatch's default settings
+    engine = run.encoder.engine
+    tokenized = run.tokenize(texts)
+    lengths = np.fromiter((len(s) for s in tokenized.input_ids), dtype=np.int64, count=len(tokenized))
+    padded = (pad(tokenized, rows, run.tokenizer.pad_token_id or 0) for rows in budget_batches(lengths, batch_tokens))
+    feeds = [engine._inputs(*(b.get(k) for k in ("input_ids", "attention_mask", "token_type_ids"))) for b in padded]
+    flops = encoder_flops(config, lengths)
+    dtype = "bfloat16" if engine.precision == "bf16" else "float32"
+
+    def one_pass(snippets: str) -> dict:
+        settings = {k: v for k, v in engine.config.items() if k != "CACHE_DIR"}  # a compile of its own
+        settings.update(PERFORMANCE_HINT="LATENCY", INFERENCE_NUM_THREADS=1, NUM_STREAMS=1, PERF_COUNT=True,
+                        SNIPPETS_MODE=snippets)
+        request = get_core().compile_model(str(engine.ir_path), "CPU", settings).create_infer_request()
+        request.infer(feeds[0])  # warm-up
+        by_type: collections.Counter = collections.Counter()
+        start = time.perf_counter()
+        for feed in feeds:
+            request.infer(feed)
+            for p in request.profiling_info:
+                attention = p.node_type == "Subgraph" and "scaled_dot_product_attention" in p.node_name
+                by_type["attention" if attention else p.node_type] += p.real_time.total_seconds()
+        return {"wall_s": time.perf_counter() - start, "by_type": dict(by_type)}
+
+    before = matmul_gflops(config.hidden_size, config.intermediate_size, dtype, seconds=seconds, threads=1)
+    fused, unfused = one_pass("ENABLE"), one_pass("DISABLE")
+    roof = max(before, matmul_gflops(config.hidden_size, config.intermediate_size, dtype, seconds=seconds,
+                                     threads=1))
+    at_roof = flops / (roof * 1e9)  # seconds for all the FLOPs at the roof
+
+    def cap(rest_s: float) -> float:
+        return at_roof / (at_roof + rest_s)
+
+    groups = {"matmuls": sum(fused["by_type"].get(t, 0.0) for t in MATMUL_NODES),
+              "attention": fused["by_type"].get("attention", 0.0)}
+    groups["rest"] = sum(fused["by_type"].values()) - groups["matmuls"] - groups["attention"]
+    softmax = unfused["by_type"].get("Softmax", 0.0)
+    projection_flops = flops - 4 * layers_attention_flops(config, lengths)
+    return {"dtype": dtype, "docs": len(texts), "batches": len(feeds), "roof_1thread_gflops": roof,
+            "of_roof": flops / fused["wall_s"] / 1e9 / roof, "groups_s": groups,
+            "by_type_s": fused["by_type"], "unfused_by_type_s": unfused["by_type"],
+            "matmul_gflops": projection_flops / groups["matmuls"] / 1e9 if groups["matmuls"] else 0.0,
+            "cap_matmuls_and_attention": cap(groups["rest"]), "softmax_s": softmax,
+            "cap_all_matmuls": cap(groups["rest"] + softmax),
+            "rest_speedup_for_75": groups["rest"] / (at_roof / 3)}
+
+
+def layers_attention_flops(config, lengths: np.ndarray) -> float:
+    """One of the four L²·h products (scores or mixing, multiply and add counted apart) over all layers."""
+    return float(config.num_hidden_layers * (lengths.astype(np.float64) ** 2).sum() * config.hidden_size)
+
+
+def profile_sample(texts: list[str], n: int = 600) -> list[str]:
+    """Every k-th of `texts`, about `n` (the profile runs one thread and twice: a sample is enough)."""
+    return texts[::max(1, len(texts) // n)][:n]
+
+
+def op_profile_line(p: dict) -> str:
+    g, total = p["groups_s"], sum(p["groups_s"].values())
+    return (f"OpenVINO's own per-op counters, 1 thread, {p['docs']} docs in {p['batches']} batches: "
+            f"{p['of_roof']:.0%} of the 1-thread {p['dtype']} roof ({p['roof_1thread_gflops']:.0f} GFLOP/s); time in "
+            f"matmuls {g['matmuls'] / total:.0%} (at {p['matmul_gflops']:.0f} GFLOP/s), attention "
+            f"{g['attention'] / total:.0%}, the rest {g['rest'] / total:.0%}. With every matmul and the whole "
+            f"attention at the roof and the rest as run: at most {p['cap_matmuls_and_attention']:.0%} of the roof; "
+            f"with the matmuls (attention's too) at the roof and the softmax as run: at most "
+            f"{p['cap_all_matmuls']:.0%}. 75% would "
+            f"need the rest (LayerNorm, adds, layout, casts) {p['rest_speedup_for_75']:.1f}x faster")
+
+
 def describe(c: dict, baseline_docs_per_s: float | None = None, baseline: str = "") -> str:
     line = (f"{c['dtype']} ceiling on this CPU: matmul {c['gflops']:.0f} GFLOP/s, {c['tokens']:,} tokens, "
             f"{c['flops_per_doc'] / 1e9:.2f} GFLOP/doc -> at most {c['docs_per_s']:.0f} docs/s")
@@ -188,6 +288,7 @@ def main() -> None:
         print(describe(c, st_rate, "ST fp32"))
         for batch_tokens in (2048, 8192):
             print("  " + matmul_only_line(c, model, texts, batch_tokens)[0])
+    print(op_profile_line(op_profile(model, profile_sample(texts))))
     if st_rate:
         fp32 = ceilings["float32"]
         used = st_rate * fp32["flops_per_doc"] / 1e9

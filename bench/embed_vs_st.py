@@ -132,7 +132,7 @@ def main() -> None:
     print(f"{len(texts)} docs from {args.corpus}; model {args.model}; {os.cpu_count()} cores; "
           f"cpu_has_bf16={cpu_has_bf16()}; load average {os.getloadavg()[0]:.1f}", flush=True)
     rows: dict[str, dict] = {}
-    from cpu_roof import ceiling, describe, matmul_only_line, model_gflops
+    from cpu_roof import ceiling, describe, matmul_only_line, model_gflops, op_profile, op_profile_line, profile_sample
 
     roof_dtype = "bfloat16" if cpu_has_bf16() else "float32"
     roof_before = model_gflops(args.model, roof_dtype)  # and again at the end: the best of the two counts
@@ -267,10 +267,12 @@ def main() -> None:
               f"just before and after each of its runs ({', '.join(f'{g:.0f}' for g in roofs)} GFLOP/s)")
     line, matmul_only = matmul_only_line(roof, args.model, texts)
     print(line)
+    profile = op_profile(args.model, profile_sample(texts))
+    print(op_profile_line(profile))
     if args.json:
         args.json.write_text(json.dumps({"n": len(texts), "model": args.model, "roof": roof, "rows": summary,
                                          "noop_s": noop, "fixed_64_docs_s": warm,
-                                         "matmul_only": matmul_only}, indent=2))
+                                         "matmul_only": matmul_only, "op_profile": profile}, indent=2))
 
 
 if __name__ == "__main__":

