@@ -132,7 +132,16 @@ def main() -> None:
     print(f"{len(texts)} docs from {args.corpus}; model {args.model}; {os.cpu_count()} cores; "
           f"cpu_has_bf16={cpu_has_bf16()}; load average {os.getloadavg()[0]:.1f}", flush=True)
     rows: dict[str, dict] = {}
-    from cpu_roof import ceiling, describe, matmul_only_line, model_gflops, op_profile, op_profile_line, profile_sample
+    from cpu_roof import (
+        around,
+        ceiling,
+        describe,
+        matmul_only_line,
+        model_gflops,
+        op_profile,
+        op_profile_line,
+        profile_sample,
+    )
 
     roof_dtype = "bfloat16" if cpu_has_bf16() else "float32"
     roof_before = model_gflops(args.model, roof_dtype)  # and again at the end: the best of the two counts
@@ -198,18 +207,16 @@ def main() -> None:
     # also set against the roof measured just before and just after it (the better of the two).
     adjacent_roofs: dict[str, list[float]] = {}
 
-    def roof_now() -> float:
-        return model_gflops(args.model, roof_dtype, seconds=0.4)
-
     def core(precision):
+        def timed():
+            t0 = time.perf_counter()
+            return cores[precision](texts), time.perf_counter() - t0
+
         def run():
             embedder = cores[precision]
-            before = roof_now()
-            t0 = time.perf_counter()
-            vectors = embedder(texts)
-            seconds = time.perf_counter() - t0
+            (vectors, seconds), roof_then = around(lambda: model_gflops(args.model, roof_dtype, seconds=0.4), timed)
             label = f"hfbatch core --precision {precision} (in-process)"
-            adjacent_roofs.setdefault(label, []).append(max(before, roof_now()))
+            adjacent_roofs.setdefault(label, []).append(roof_then)
             add(label, seconds, vectors, f"({embedder.settings['backend']}/{embedder.settings['precision']})")
         return run
 
