@@ -31,6 +31,7 @@ from measure import wall_and_cpu  # noqa: E402
 def publish_embeddings(path: str, ids: np.ndarray, vectors: np.ndarray) -> None:
     import datasets
 
+    from hfbatch.dataset import value_feature
     from hfbatch.embedding import embeddings_features, embeddings_table
     from hfbatch.runner import Job
 
@@ -40,7 +41,7 @@ def publish_embeddings(path: str, ids: np.ndarray, vectors: np.ndarray) -> None:
             stop = min(len(ids), start + 20_000)
             job.shards.write_shard(shard, embeddings_table(ids[start:stop].tolist(), vectors[start:stop],
                                                            vectors.shape[1]))
-        job.publish_dataset(-(-len(ids) // 20_000), embeddings_features(datasets.Value("int64"), vectors.shape[1]),
+        job.publish_dataset(-(-len(ids) // 20_000), embeddings_features(value_feature("int64"), vectors.shape[1]),
                             extra={"dim": vectors.shape[1]})
 
 

@@ -81,9 +81,12 @@ def chunk_id(doc_id, chunk: int) -> str:
     return f"{doc_id}#{chunk}"
 
 
-def chunk_features(doc_id_feature, dim):
+def chunk_features(doc_id_feature: dict, dim):
+    """datasets.Features (chunks_table casts to their Arrow schema); the documents' id feature in
+    `to_dict()` form, as hfbatch.dataset.SavedDataset gives it."""
     import datasets
 
+    doc_id_feature = datasets.Features.from_dict({"doc_id": doc_id_feature})["doc_id"]
     return datasets.Features({
         "id": datasets.Value("string"), "doc_id": doc_id_feature, "chunk": datasets.Value("int32"),
         "char_start": datasets.Value("int32"), "char_end": datasets.Value("int32"),

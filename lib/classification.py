@@ -46,9 +46,9 @@ def classify(dataset, output, *, model, text_column="text", text_pair_column=Non
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
         from .executor import run_job_shards
-        from .io import open_dataset, require_text_column
+        from .io import open_arrow_dataset, require_text_column
 
-        source, _ = open_dataset(dataset)
+        source, _ = open_arrow_dataset(dataset)
         require_text_column(source, text_column, dataset)
         if text_pair_column:
             require_text_column(source, text_pair_column, dataset, option="--text-pair-column")
@@ -83,12 +83,12 @@ class ClassifyShards:
     def __init__(self, plan: ClassifyPlan, device: str | None = None):
         from pathlib import Path
 
-        from .io import open_dataset
+        from .io import open_arrow_dataset
         from .tokenized import open_tokens
 
         self.plan = plan
         model_dir = Path(plan.model_dir)
-        source, source_manifest = open_dataset(plan.dataset)
+        source, source_manifest = open_arrow_dataset(plan.dataset)
         self.source, self.tokens = open_tokens("classify", plan.dataset, source_manifest, source, model_dir,
                                                plan.max_length, plan.text_column, plan.text_pair_column,
                                                plan.trust_remote_code)  # tokens: None for a text dataset
@@ -136,14 +136,15 @@ def probabilities(logits, multi_label: bool):
     return (x / x.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def labels_features(id_feature, k: int | None):
-    import datasets
+def labels_features(id_feature: dict, k: int | None):
+    """The output's features in `to_dict()` form (saved with pyarrow alone: see Publisher.assemble_dataset)."""
+    from .dataset import list_feature, value_feature
 
-    features = {"id": id_feature, "label": datasets.Value("string"), "score": datasets.Value("float32")}
+    features = {"id": id_feature, "label": value_feature("string"), "score": value_feature("float32")}
     if k:
-        features["top_labels"] = datasets.Sequence(datasets.Value("string"), length=k)
-        features["top_scores"] = datasets.Sequence(datasets.Value("float32"), length=k)
-    return datasets.Features(features)
+        features["top_labels"] = list_feature(value_feature("string"), k)
+        features["top_scores"] = list_feature(value_feature("float32"), k)
+    return features
 
 
 def labels_table(ids, scores, labels: list[str], k: int | None):

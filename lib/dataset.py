@@ -9,7 +9,12 @@
   - `read_rows`, `take_rows`: the walks over consecutive blocks (by row range, by row numbers) that every
     vector reader shares (hfbatch.vectors' Parquet reader too);
   - `save_around(directory, features, files, fingerprint)`: a saved dataset whose data files are existing Arrow
-    files (hard links), so a job publishes its shards without copying them.
+    files (hard links), so a job publishes its shards without copying them;
+  - `save_table(directory, table, fingerprint, max_shard_bytes)`: an Arrow table saved as `save_to_disk` saves
+    it, and `SavedDataset.open(path)`: one read back, both with pyarrow alone. embed and classify only read
+    columns and write Arrow tables, and `import datasets` (pandas, fsspec, huggingface_hub) is about a second
+    of every run, so they never import it; `datasets.load_from_disk` reads what they write (tests check that
+    the files are the ones `save_to_disk` writes).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 STATE_FILE = "state.json"
+INFO_FILE = "dataset_info.json"
+WRITER_BATCH_ROWS = 1000  # datasets' DEFAULT_MAX_BATCH_SIZE: the record batches save_to_disk writes
 
 
 def is_saved_dataset(path) -> bool:
@@ -45,20 +52,141 @@ def memory_mapped_tables(path) -> list[tuple[Path, object]]:
 
 
 def save_around(directory: Path, features, files: list[Path], fingerprint: str) -> None:
-    """Make `directory` a saved dataset of `features` whose data files are `files` (hard-linked, in order):
-    datasets' own metadata files around them. Raises OSError where hard links cannot be made."""
-    import datasets
-
+    """Make `directory` a saved dataset of `features` (datasets.Features or their `to_dict()` form) whose data
+    files are `files` (hard-linked, in order). Raises OSError where hard links cannot be made."""
     directory = Path(directory)
-    datasets.Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(str(directory))
-    state = json.loads((directory / STATE_FILE).read_text())
-    for old in state["_data_files"]:
-        (directory / old["filename"]).unlink()
-    names = [f"data-{i:05d}-of-{len(files):05d}.arrow" for i in range(len(files))]
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [data_file_name(i, len(files)) for i in range(len(files))]
     for file, name in zip(files, names):
         os.link(file, directory / name)
-    state.update(_data_files=[{"filename": n} for n in names], _fingerprint=fingerprint)
+    write_metadata(directory, features.to_dict() if hasattr(features, "to_dict") else features, names, fingerprint)
+
+
+def data_file_name(index: int, count: int) -> str:
+    return f"data-{index:05d}-of-{count:05d}.arrow"
+
+
+def write_metadata(directory: Path, features: dict, names: list[str], fingerprint: str) -> None:
+    """save_to_disk's state.json and dataset_info.json, key for key, for data files `names` of `features`."""
+    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": fingerprint,
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+             "_split": None}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    # (datasets sorts the first level only: nested features keep their order)
+    info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
+    (directory / INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+def value_feature(dtype: str) -> dict:
+    """`datasets.Value(dtype)` in its `to_dict()` form."""
+    return {"dtype": dtype, "_type": "Value"}
+
+
+def list_feature(feature: dict, length: int | None = None) -> dict:
+    """`datasets.List(feature, length)` (what `Sequence` is now) in its `to_dict()` form."""
+    return {"feature": feature, **({"length": length} if length is not None else {}), "_type": "List"}
+
+
+def _value_dtypes() -> dict:
+    import pyarrow as pa
+
+    kinds = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+             "float32", "float64", "string", "large_string", "binary", "large_binary", "null"]
+    return {getattr(pa, {"bool": "bool_"}.get(k, k))(): k for k in kinds}
+
+
+def features_of(schema) -> dict:
+    """The features of an Arrow schema in datasets' `to_dict()` form (what datasets.Features.from_arrow_schema
+    gives, checked by the tests): those in the schema's own datasets metadata, else those of its types.
+    TypeError for a type this does not map (timestamps, dictionaries): the caller saves with datasets."""
+    import pyarrow as pa
+
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if meta:
+        stored = json.loads(meta).get("info", {}).get("features") or {}
+        if set(stored) >= set(schema.names):
+            return {name: stored[name] for name in schema.names}
+    dtypes = _value_dtypes()
+
+    def feature(kind):
+        if kind in dtypes:
+            return value_feature(dtypes[kind])
+        if pa.types.is_fixed_size_list(kind):
+            return list_feature(feature(kind.value_type), kind.list_size)
+        if pa.types.is_list(kind):
+            return list_feature(feature(kind.value_type))
+        if pa.types.is_struct(kind):
+            return {kind.field(i).name: feature(kind.field(i).type) for i in range(kind.num_fields)}
+        raise TypeError(f"no datasets feature mapped here for Arrow type {kind}")
+    return {field.name: feature(field.type) for field in schema}
+
+
+def save_table(directory: Path, table, fingerprint: str, max_shard_bytes: int) -> None:
+    """`table` saved in `directory` as `datasets.Dataset.save_to_disk` saves it: contiguous data files of at
+    most about `max_shard_bytes` (one for no rows), each an Arrow stream whose schema carries the features,
+    then state.json and dataset_info.json. TypeError (before anything is written) for a column type that
+    `features_of` does not map."""
+    import pyarrow as pa
+
+    features = features_of(table.schema)
+    schema = table.schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    count = max(1, min(table.num_rows, table.nbytes // max_shard_bytes + 1))  # as save_to_disk counts them
+    names = [data_file_name(i, count) for i in range(count)]
+    for i, name in enumerate(names):
+        lo, hi = table.num_rows * i // count, table.num_rows * (i + 1) // count
+        with pa.OSFile(str(Path(directory) / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in table.slice(lo, hi - lo).to_batches(max_chunksize=WRITER_BATCH_ROWS):
+                writer.write_batch(batch)
+    write_metadata(Path(directory), features, names, fingerprint)
+
+
+class SavedDataset:
+    """A saved dataset read with pyarrow alone: the part of `datasets.Dataset` that embed and classify use.
+    `data` is the Arrow table over the memory-mapped data files (zero-copy), `features` its features in
+    `to_dict()` form, and `dataset[a:b]` rows a..b as {column: Python list}, as datasets formats them."""
+
+    def __init__(self, data, features: dict):
+        self.data, self.features = data, features
+
+    @classmethod
+    def open(cls, path) -> SavedDataset:
+        """FileNotFoundError without state.json or a data file; ValueError, KeyError, TypeError or an
+        ArrowException where one is damaged; IndexError for no data file (as datasets.load_from_disk)."""
+        import pyarrow as pa
+
+        tables = [table for _, table in memory_mapped_tables(path)]
+        info = json.loads((Path(path) / INFO_FILE).read_text())
+        if not tables:
+            raise IndexError("state.json lists no data file")
+        data = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        features = info["features"]
+        if not isinstance(features, dict) or set(features) != set(data.schema.names):
+            raise ValueError(f"{INFO_FILE} names columns {list(features or [])}, the data files hold "
+                             f"{data.schema.names}")
+        return cls(data, {name: features[name] for name in data.schema.names})
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.data.schema.names
+
+    def __len__(self) -> int:
+        return self.data.num_rows
+
+    def __getitem__(self, rows: slice) -> dict:
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise ValueError("SavedDataset takes contiguous rows only")
+        part = self.data.slice(start, max(0, stop - start))
+        return {name: part.column(name).to_pylist() for name in self.column_names}
+
+    def select(self, rows) -> SavedDataset:
+        """These rows (a range is a zero-copy slice)."""
+        if isinstance(rows, range) and rows.step == 1:
+            return SavedDataset(self.data.slice(rows.start, len(rows)), self.features)
+        return SavedDataset(self.data.take(list(rows)), self.features)
+
+    def select_columns(self, columns: list[str]) -> SavedDataset:
+        return SavedDataset(self.data.select(columns), {c: self.features[c] for c in columns})
 
 
 def read_rows(starts: np.ndarray, block: Callable[[int, int, int], np.ndarray], start: int, stop: int,

@@ -89,11 +89,11 @@ class ModelRun:
                             trust_remote_code=self.trust_remote_code)
 
 
-def embeddings_features(id_feature, dim):
-    import datasets
+def embeddings_features(id_feature: dict, dim):
+    """The output's features in `to_dict()` form (saved with pyarrow alone: see Publisher.assemble_dataset)."""
+    from .dataset import list_feature, value_feature
 
-    return datasets.Features({"id": id_feature,
-                              "embedding": datasets.Sequence(datasets.Value("float32"), length=dim)})
+    return {"id": id_feature, "embedding": list_feature(value_feature("float32"), dim)}
 
 
 def embeddings_table(ids, vectors, dim, text_hashes=None):
@@ -140,7 +140,7 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
     the Ray executor's options) and returns the summary that --json prints."""
     from .devices import check_devices, devices_kind
     from .executor import run_job_shards
-    from .io import open_dataset, require_text_column
+    from .io import open_arrow_dataset, require_text_column
     from .models import model_fingerprint, resolve_model_dir
     from .ray_executor import executor_for
 
@@ -166,7 +166,7 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
     with Job("embed", output, config=config, datasets=[dataset], force=force, incremental=incremental) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
-        source, _ = open_dataset(dataset)
+        source, _ = open_arrow_dataset(dataset)
         require_text_column(source, text_column, dataset)
         start, stop = slice_bounds(len(source), num_shards, shard_index)
         plan = EmbedPlan(dataset=str(dataset), text_column=text_column, model_dir=str(model_dir), device=device,
@@ -215,12 +215,12 @@ class EmbedShards:
     def __init__(self, plan: EmbedPlan, device: str | None = None):
         from pathlib import Path
 
-        from .io import open_dataset
+        from .io import open_arrow_dataset
         from .tokenized import open_tokens
 
         self.plan = plan
         model_dir = Path(plan.model_dir)
-        source, source_manifest = open_dataset(plan.dataset)  # its text column was checked by the command
+        source, source_manifest = open_arrow_dataset(plan.dataset)  # its text column was checked by the command
         source, self.tokens = open_tokens("embed", plan.dataset, source_manifest, source, model_dir, plan.max_length,
                                           plan.text_column, trust_remote_code=plan.trust_remote_code)  # None: text
         total_rows = len(source)
@@ -332,7 +332,7 @@ def _write_hashes(assembly, scheme) -> None:
     side file for the next --incremental run."""
     import numpy as np
 
-    table = assembly.joined.data.table  # (no rows: joined from no shard, without the shards' text_hash)
+    table = assembly.joined  # (no rows: joined from no shard, without the shards' text_hash)
     hashes = table.column("text_hash").to_numpy() if "text_hash" in table.column_names else np.zeros(0, np.int64)
     write_hash_file(assembly.dir, table.column("id"), hashes, scheme=scheme)
 
@@ -347,7 +347,7 @@ class PreviousVectors:
         import pandas as pd
 
         from .dataset import ArrowVectors
-        from .io import load_saved_dataset
+        from .io import read_saved_dataset
 
         stored = read_hash_file(path)
         if stored is None:
@@ -357,7 +357,7 @@ class PreviousVectors:
         self.hashes = np.asarray(stored.hashes, dtype=np.int64)
         rows = pd.Series(np.arange(len(self.hashes)), index=stored.ids.to_pandas())
         self.rows = rows[~rows.index.duplicated(keep="last")]  # a repeated id: its last row, as a dict would
-        load_saved_dataset(path, "the output --incremental updates", "embed")  # refused, in one line, if damaged
+        read_saved_dataset(path, "the output --incremental updates", "embed")  # refused, in one line, if damaged
         # read by row from zero-copy views of the memory-mapped chunks (pyarrow's ChunkedArray.take would
         # first concatenate them: a copy of every old vector per call)
         self.reader = ArrowVectors(path)

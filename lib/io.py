@@ -676,12 +676,35 @@ def open_dataset(path, what: str = "dataset"):
     return load_saved_dataset(path, what, manifest["job"]), manifest
 
 
+def open_arrow_dataset(path, what: str = "dataset"):
+    """`open_dataset` read with pyarrow alone (a hfbatch.dataset.SavedDataset), for jobs that only read its
+    columns (embed, classify): they never import datasets, about a second of every run."""
+    manifest = require_complete(Path(path), what)
+    return read_saved_dataset(path, what, manifest["job"]), manifest
+
+
 def load_saved_dataset(path, what: str = "dataset", job: str | None = None):
     """`datasets.load_from_disk`, memory-mapped; a damaged one is refused with what to re-run."""
     import datasets
 
+    dataset = _refusing_damage(lambda: datasets.load_from_disk(str(path)), path, what, job)
+    if not isinstance(dataset, datasets.Dataset):
+        raise InputError(f"{what} {path} holds several splits; give one split's directory")
+    return dataset
+
+
+def read_saved_dataset(path, what: str = "dataset", job: str | None = None):
+    """`load_saved_dataset` with pyarrow alone: a hfbatch.dataset.SavedDataset over the memory-mapped files."""
+    from .dataset import SavedDataset
+
+    if (Path(path) / "dataset_dict.json").is_file():
+        raise InputError(f"{what} {path} holds several splits; give one split's directory")
+    return _refusing_damage(lambda: SavedDataset.open(path), path, what, job)
+
+
+def _refusing_damage(load: Callable, path, what: str, job: str | None):
     try:
-        dataset = datasets.load_from_disk(str(path))
+        return load()
     except FileNotFoundError as exc:
         raise InputError(f"{what} {path} is not a saved dataset ({exc})")
     except (ValueError, KeyError, IndexError, TypeError, OSError, pa.ArrowException) as exc:
@@ -689,9 +712,6 @@ def load_saved_dataset(path, what: str = "dataset", job: str | None = None):
         # IndexError: no data file (how datasets saved no rows, before hfbatch saved those as one empty file)
         raise InputError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                          f"re-run the {f'`hfbatch {job}`' if job else 'job'} that made it, with --force")
-    if not isinstance(dataset, datasets.Dataset):
-        raise InputError(f"{what} {path} holds several splits; give one split's directory")
-    return dataset
 
 
 def require_column(dataset, column: str, path, option: str = "--text-column") -> None:

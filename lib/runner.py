@@ -816,52 +816,86 @@ class Publisher:
         """Join the finished shards (memory-mapped, in order) into one `save_to_disk` dataset of the
         `features` columns; `rows` (indices, in order) keeps only those rows (a sample). With `reuse_shards`
         (for shards that are the output's rows, in order, in the schema of `features`), the shards become the
-        output's data files without being copied again, when they are no larger than `max_shard_size`."""
-        import datasets
+        output's data files without being copied again, when they are no larger than `max_shard_size`.
+
+        `features` given in `to_dict()` form (embed, classify) are saved with pyarrow alone
+        (hfbatch.dataset.save_table), so those jobs never import datasets; `datasets.Features` with datasets."""
+        from .sizes import parse_size
 
         records = self.shard_records(n_shards)
         counts = sum_counts(records, skip=("shard", "rows"))
-        extra = {"features": features.to_dict()}
+        plain = isinstance(features, dict) and not hasattr(features, "to_dict")
+        extra = {"features": features if plain else features.to_dict()}
+        limit = int(parse_size(max_shard_size, option="max_shard_size"))
         if reuse_shards and rows is None:
             tmp = self._tmp_output()
-            linked = self._link_shards(records, features, tmp, max_shard_size)
+            linked = self._link_shards(records, features, tmp, limit)
             if linked is not None:
                 counts["rejects"] = self._gather_rejects(n_shards, tmp)
                 return Assembly(tmp, linked, counts, extra)
-        parts = [datasets.Dataset.from_file(str(self.shards.shard_file(i))) for i in range(n_shards)
-                 if records[i]["rows"] > 0]
+        if plain and any(r["rows"] for r in records):
+            assembly = self._save_with_pyarrow(records, list(features), rows, limit)
+        else:
+            assembly = self._save_with_datasets(records, features, rows, max_shard_size)
+        assembly.counts = {**counts, "rejects": self._gather_rejects(n_shards, assembly.dir)}
+        assembly.extra = extra
+        return assembly
+
+    def _save_with_pyarrow(self, records: list[dict], columns: list[str], rows, limit: int) -> Assembly:
+        import pyarrow as pa
+
+        from .dataset import save_table
+
+        tables = [pa.ipc.open_stream(pa.memory_map(str(self.shards.shard_file(r["shard"])))).read_all()
+                  for r in records if r["rows"] > 0]
+        joined = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        table = joined.take(rows) if rows is not None else joined
+        table = table.select(columns) if table.schema.names != columns else table
+        tmp = self._tmp_output()
+        try:
+            save_table(tmp, table, self.fingerprint, limit)
+        except TypeError as exc:  # a column type hfbatch.dataset does not map: datasets saves it
+            log.event(self.name, "saving_with_datasets", reason=str(exc))
+            remove_made_dir(tmp)
+            return self._save_with_datasets(records, None, rows, limit, columns)
+        return Assembly(tmp, table.num_rows, {}, {}, joined)
+
+    def _save_with_datasets(self, records: list[dict], features, rows, max_shard_size,
+                            columns: list[str] | None = None) -> Assembly:
+        import datasets
+
+        if features is not None and not hasattr(features, "to_dict"):
+            features = datasets.Features.from_dict(features)
+        parts = [datasets.Dataset.from_file(str(self.shards.shard_file(r["shard"]))) for r in records
+                 if r["rows"] > 0]
         if parts:
             joined = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         else:
             joined = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
         dataset = joined.select(rows) if rows is not None else joined
         tmp = self._tmp_output()
-        if set(dataset.column_names) != set(features):
-            dataset = dataset.select_columns(list(features))
+        columns = columns or list(features)
+        if set(dataset.column_names) != set(columns):
+            dataset = dataset.select_columns(columns)
         # (datasets saves no data file at all for no rows, and then cannot load what it saved)
         dataset.save_to_disk(str(tmp), **({"max_shard_size": max_shard_size} if len(dataset) else {"num_shards": 1}))
-        counts["rejects"] = self._gather_rejects(n_shards, tmp)
-        return Assembly(tmp, len(dataset), counts, extra, joined)
+        return Assembly(tmp, len(dataset), {}, {}, joined.data.table)
 
-    def _link_shards(self, records: list[dict], features, tmp: Path, max_shard_size) -> int | None:
+    def _link_shards(self, records: list[dict], features, tmp: Path, limit: int) -> int | None:
         """save_to_disk's layout around the shards themselves (hard links: the .partial goes away after); the
-        result is opened with load_from_disk and its row count checked before it is used. None (nothing kept)
-        where that cannot be done: the caller copies."""
-        import datasets
+        result is opened and its row count checked before it is used. None (nothing kept) where that cannot
+        be done: the caller copies."""
+        from .dataset import SavedDataset, save_around
 
-        from .dataset import save_around
-        from .sizes import parse_size
-
-        limit = int(parse_size(max_shard_size, option="max_shard_size"))
         shards = [self.shards.shard_file(r["shard"]) for r in records if r["rows"] > 0]
         if not shards or any(p.stat().st_size > 2 * limit for p in shards):
             return None
         try:
             save_around(tmp, features, shards, self.fingerprint)
-            rows = len(datasets.load_from_disk(str(tmp)))
+            rows = len(SavedDataset.open(tmp))
             if rows == sum(r["rows"] for r in records):
                 return rows
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # e.g. no hard links on this filesystem
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:  # e.g. no hard links here
             log.event(self.name, "copying_shards", reason=f"{type(exc).__name__}: {exc}")
         remove_made_dir(tmp)
         return None

@@ -252,14 +252,14 @@ def test_each_bad_input_is_one_error_line_exit_2_and_nothing_written(tmp_path, r
 
 
 def test_foreign_options_are_refused_for_an_embed_output(tmp_path, runner):
-    import datasets
 
+    from hfbatch.dataset import value_feature
     from hfbatch.embedding import embeddings_features, embeddings_table
     from hfbatch.runner import Job
 
     with Job("embed", tmp_path / "emb", config={"synthetic": True}) as job:
         job.shards.write_shard(0, embeddings_table([1, 2], np.eye(2, 4, dtype=np.float32), 4))
-        job.publish_dataset(1, embeddings_features(datasets.Value("int64"), 4), extra={"dim": 4})
+        job.publish_dataset(1, embeddings_features(value_feature("int64"), 4), extra={"dim": 4})
     result = invoke(runner, ["index", tmp_path / "emb", "-o", tmp_path / "idx", "--metric", "dot"], expect=2)
     assert "--metric" in result.output and "vectors made elsewhere" in result.output
     assert not (tmp_path / "idx").exists()

@@ -22,14 +22,14 @@ def clustered(n, seed):
 
 def publish_embeddings(path, ids, vectors):
     """An `hfbatch embed`-like output at path (replaced if there), through the real runner."""
-    import datasets
 
+    from hfbatch.dataset import value_feature
     from hfbatch.embedding import embeddings_features, embeddings_table
     from hfbatch.runner import Job
 
     with Job("embed", path, config={"synthetic": True}, force=True) as job:
         job.shards.write_shard(0, embeddings_table(list(ids), vectors, DIM))
-        job.publish_dataset(1, embeddings_features(datasets.Value("int64"), DIM), extra={"dim": DIM})
+        job.publish_dataset(1, embeddings_features(value_feature("int64"), DIM), extra={"dim": DIM})
 
 
 def edited(ids, vectors, seed=1):

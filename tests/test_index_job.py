@@ -10,8 +10,8 @@ from conftest import invoke
 @pytest.fixture(scope="module")
 def embeddings(tmp_path_factory):
     """3,000 clustered 32-d unit vectors saved as an hfbatch embed output (via the real runner)."""
-    import datasets
 
+    from hfbatch.dataset import value_feature
     from hfbatch.embedding import embeddings_features, embeddings_table
     from hfbatch.runner import Job
 
@@ -22,7 +22,7 @@ def embeddings(tmp_path_factory):
     out = tmp_path_factory.mktemp("vec") / "emb"
     with Job("embed", out, config={"synthetic": True}) as job:
         job.shards.write_shard(0, embeddings_table(list(range(3000)), vectors, 32))
-        job.publish_dataset(1, embeddings_features(datasets.Value("int64"), 32), extra={"dim": 32})
+        job.publish_dataset(1, embeddings_features(value_feature("int64"), 32), extra={"dim": 32})
     return out, vectors
 
 

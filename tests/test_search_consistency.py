@@ -194,8 +194,8 @@ def test_the_index_answers_as_brute_force_under_the_models_similarity(tmp_path, 
 # ---- --kind ivfpq on any dimension -----------------------------------------------------------------------
 
 def synthetic_embeddings(path, n, dim, seed=0):
-    import datasets
 
+    from hfbatch.dataset import value_feature
     from hfbatch.embedding import embeddings_features, embeddings_table
     from hfbatch.runner import Job
 
@@ -205,7 +205,7 @@ def synthetic_embeddings(path, n, dim, seed=0):
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     with Job("embed", path, config={"synthetic": True}, force=True) as job:
         job.shards.write_shard(0, embeddings_table(list(range(n)), vectors, dim))
-        job.publish_dataset(1, embeddings_features(datasets.Value("int64"), dim), extra={"dim": dim})
+        job.publish_dataset(1, embeddings_features(value_feature("int64"), dim), extra={"dim": dim})
     return vectors
 
 

@@ -1,0 +1,186 @@
+"""hfbatch.dataset's pyarrow-only side of datasets' on-disk layout: `features_of` gives the features datasets
+would, `save_table` writes the files `save_to_disk` writes, `SavedDataset` reads them back as datasets does,
+and embed / classify, which use them, never import datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hfbatch.dataset import SavedDataset, features_of, save_table
+from hfbatch.errors import InputError
+from hfbatch.io import read_saved_dataset
+
+
+def _table(n: int = 2500) -> pa.Table:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, 8)).astype(np.float32)
+    return pa.table({
+        "id": pa.array([f"doc-{i}" for i in range(n)]),
+        "n": pa.array(np.arange(n, dtype=np.int64)),
+        "small": pa.array(np.arange(n, dtype=np.int32) % 7, pa.int8()),
+        "ok": pa.array([i % 3 == 0 for i in range(n)]),
+        "score": pa.array(rng.random(n), pa.float64()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 8),
+        "tokens": pa.array([list(range(i % 5)) for i in range(n)], pa.list_(pa.int32())),
+        "top": pa.FixedSizeListArray.from_arrays(pa.array([f"l{i % 4}" for i in range(2 * n)]), 2),
+        "span": pa.array([{"start": i, "label": "x"} for i in range(n)]),
+        "big_text": pa.array(["é" * (i % 3) for i in range(n)], pa.large_string()),
+    })
+
+
+SCHEMAS = [
+    _table(3).schema,
+    pa.schema([("a", pa.list_(pa.list_(pa.float32(), 2))), ("b", pa.float16()), ("c", pa.uint16()),
+               ("d", pa.binary()), ("e", pa.null()), ("f", pa.struct([("g", pa.list_(pa.string()))]))]),
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_features_of_is_what_datasets_infers(schema):
+    assert features_of(schema) == datasets.Features.from_arrow_schema(schema).to_dict()
+    # a schema carrying datasets' own metadata: that is read, as datasets reads it
+    features = datasets.Features({"a": datasets.ClassLabel(names=["x", "y"]), "b": datasets.Value("string")})
+    assert features_of(features.arrow_schema) == features.to_dict()
+
+
+def test_features_of_refuses_what_it_does_not_map():
+    for kind in (pa.timestamp("s"), pa.dictionary(pa.int32(), pa.string()), pa.large_list(pa.int8())):
+        with pytest.raises(TypeError, match="no datasets feature"):
+            features_of(pa.schema([("x", kind)]))
+
+
+def test_save_table_writes_what_save_to_disk_writes(tmp_path):
+    table = _table()
+    limit = table.nbytes // 3  # several data files
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    save_table(ours, table, "f00d", limit)
+    datasets.Dataset(table).save_to_disk(str(theirs), max_shard_size=limit)
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    assert len(list(ours.glob("*.arrow"))) == 4
+    assert (ours / "dataset_info.json").read_text() == (theirs / "dataset_info.json").read_text()
+    state_ours, state_theirs = (json.loads((d / "state.json").read_text()) for d in (ours, theirs))
+    assert state_ours.pop("_fingerprint") == "f00d"
+    state_theirs.pop("_fingerprint")
+    assert state_ours == state_theirs
+    for a, b in zip(sorted(ours.glob("*.arrow")), sorted(theirs.glob("*.arrow"))):
+        read = [pa.ipc.open_stream(pa.memory_map(str(p))).read_all() for p in (a, b)]
+        assert read[0].schema.metadata == read[1].schema.metadata
+        assert read[0].equals(read[1])
+    loaded = datasets.load_from_disk(str(ours))
+    assert loaded.features == datasets.load_from_disk(str(theirs)).features
+    assert loaded.data.table.equals(table)
+    assert loaded[1234] == datasets.Dataset(table)[1234]
+
+
+def test_save_table_with_no_rows_is_one_loadable_file(tmp_path):
+    save_table(tmp_path, _table(5).slice(0, 0), "f", 1 << 20)
+    assert [p.name for p in tmp_path.glob("*.arrow")] == ["data-00000-of-00001.arrow"]
+    loaded = datasets.load_from_disk(str(tmp_path))
+    assert len(loaded) == 0 and loaded.column_names == _table(1).column_names
+
+
+def test_saved_dataset_reads_as_datasets_does(tmp_path):
+    table = _table()
+    datasets.Dataset(table).save_to_disk(str(tmp_path), max_shard_size=table.nbytes // 2)
+    ours, theirs = SavedDataset.open(tmp_path), datasets.load_from_disk(str(tmp_path))
+    assert len(ours) == len(theirs) == 2500 and ours.column_names == theirs.column_names
+    assert ours.features == theirs.features.to_dict()
+    for rows in (slice(0, 3), slice(1200, 1400), slice(2490, 3000), slice(7, 7)):
+        assert ours[rows] == theirs[rows]
+    assert ours.select(range(100, 200))[0:5] == theirs.select(range(100, 200))[0:5]
+    assert ours.select([5, 2, 2400])[0:3] == theirs.select([5, 2, 2400])[0:3]
+    narrowed = ours.select_columns(["id", "tokens"])
+    assert narrowed.column_names == ["id", "tokens"] and list(narrowed.features) == ["id", "tokens"]
+    assert narrowed[10:12] == theirs.select_columns(["id", "tokens"])[10:12]
+
+
+def test_damaged_saved_dataset_is_refused_in_one_line(tmp_path):
+    datasets.Dataset(_table(50)).save_to_disk(str(tmp_path / "ds"))
+    path = tmp_path / "ds"
+    (path / "dataset_info.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"is damaged \(JSONDecodeError.*re-run the `hfbatch ingest`"):
+        read_saved_dataset(path, "dataset", "ingest")
+    (path / "dataset_info.json").write_text(json.dumps({"features": {"id": {"dtype": "string", "_type": "Value"}}}))
+    with pytest.raises(InputError, match="damaged .*dataset_info.json names columns"):
+        read_saved_dataset(path)
+    data = next(path.glob("*.arrow"))
+    data.write_bytes(data.read_bytes()[:200])
+    with pytest.raises(InputError, match="is damaged"):
+        read_saved_dataset(path)
+    data.unlink()
+    with pytest.raises(InputError, match="is not a saved dataset"):
+        read_saved_dataset(path)
+    datasets.DatasetDict({"train": datasets.Dataset(_table(3))}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(InputError, match="holds several splits"):
+        read_saved_dataset(tmp_path / "dd")
+
+
+def test_unmapped_column_type_is_saved_with_datasets(tmp_path):
+    """A dict of features whose table holds a type features_of does not map still publishes (datasets
+    saves it), with the same rows."""
+    from hfbatch.runner import Job
+
+    stamps = pa.array(np.arange(0, 5, dtype="datetime64[s]"))
+    table = pa.table({"id": pa.array(["a", "b", "c", "d", "e"]), "when": stamps})
+    with Job("test-publish", tmp_path / "out", config={}) as job:
+        job.shards.write_shard(0, table)
+        job.publish_dataset(1, {"id": {"dtype": "string", "_type": "Value"},
+                                "when": {"dtype": "timestamp[s]", "_type": "Value"}})
+    loaded = datasets.load_from_disk(str(tmp_path / "out"))
+    assert loaded.data.table.select(["id", "when"]).equals(table)
+    assert loaded.features["when"] == datasets.Value("timestamp[s]")
+
+
+def _job_in_child(code: str, cache) -> dict:
+    code = (f"import sys, json; import hfbatch; {code}; "
+            "print(json.dumps({m: m in sys.modules for m in ('datasets', 'torch', 'transformers')}))")
+    env = {**os.environ, "HFBATCH_CACHE_DIR": str(cache), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_embed_and_classify_never_import_datasets(tiny_model, tiny_model_factory, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from conftest import sample_rows, write_jsonl
+
+    import hfbatch.dataset
+    from hfbatch.classification import classify
+    from hfbatch.embedding import embed
+    from hfbatch.ingestion import ingest
+
+    ingest([write_jsonl(tmp_path / "rows.jsonl", sample_rows(40))], tmp_path / "ds")
+    classifier = tiny_model_factory("tiny-cls-3", pooling=None, num_labels=3)
+    ds, cache = str(tmp_path / "ds"), tmp_path / "cache"
+    for name, run in (("embed", f"hfbatch.embed({ds!r}, {str(tmp_path / 'e')!r}, model={str(tiny_model)!r})"),
+                      ("classify", f"hfbatch.classify({ds!r}, {str(tmp_path / 'c')!r}, "
+                                   f"model={str(classifier)!r}, top_k=2)")):
+        assert _job_in_child(run, cache)["datasets"] is False, name
+
+    # the same jobs saving through datasets (what they did before): the same features and rows
+    def refuse(*args):
+        raise TypeError("no datasets feature mapped here (test)")
+    monkeypatch.setattr(hfbatch.dataset, "save_table", refuse)
+    monkeypatch.setenv("HFBATCH_CACHE_DIR", str(cache))
+    embed(tmp_path / "ds", tmp_path / "e2", model=tiny_model)
+    classify(tmp_path / "ds", tmp_path / "c2", model=classifier, top_k=2)
+    for ours, theirs in (("e", "e2"), ("c", "c2")):
+        a, b = (datasets.load_from_disk(str(tmp_path / x)) for x in (ours, theirs))
+        assert a.features == b.features and len(a) == len(b) == 40
+        assert a.data.table.equals(b.data.table)
+        assert json.loads((tmp_path / ours / "manifest.json").read_text())["features"] == a.features.to_dict()
+    assert datasets.load_from_disk(str(tmp_path / "e")).features["embedding"] == \
+        datasets.Sequence(datasets.Value("float32"), length=32)
+    top = datasets.load_from_disk(str(tmp_path / "c")).features
+    assert top["top_labels"] == datasets.Sequence(datasets.Value("string"), length=2)
+    assert top["id"] == datasets.load_from_disk(ds).features["id"]
