@@ -14,6 +14,7 @@ embed_vs_st.py and classify_vs_pipeline.py print the same ceiling beside their m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Callable
@@ -63,21 +64,34 @@ def around(roof: Callable[[], float], work: Callable[[], T]) -> tuple[T, float]:
     return result, max(before, roof())
 
 
-def encoder_flops(config, lengths: np.ndarray) -> float:
+def encoder_flops(config, lengths: np.ndarray, first_token_last_layer: bool = False) -> float:
     """Multiply-add FLOPs of a BERT-style encoder over sequences of these lengths (no padding): the
-    projections' and the attention's."""
-    return projection_flops(config, lengths) + attention_flops(config, lengths)
+    projections' and the attention's; with `first_token_last_layer` those of a graph whose last layer
+    computes the first token only (hfbatch.openvino_backend.first_token_last_layer)."""
+    return projection_flops(config, lengths, first_token_last_layer) + \
+        attention_flops(config, lengths, first_token_last_layer)
 
 
-def projection_flops(config, lengths: np.ndarray) -> float:
-    """Per layer and token the Q/K/V/output projections (4·h²) and the FFN (2·h·i), multiply and add apart."""
+def projection_flops(config, lengths: np.ndarray, first_token_last_layer: bool = False) -> float:
+    """Per layer and token the Q/K/V/output projections (4·h²) and the FFN (2·h·i), multiply and add apart.
+    A last layer narrowed to the first token still projects Q, K and V for every token, the output and the
+    FFN for one token a sequence."""
     h, i = config.hidden_size, config.intermediate_size
-    return float(config.num_hidden_layers * 2 * lengths.astype(np.float64).sum() * (4 * h * h + 2 * h * i))
+    tokens = lengths.astype(np.float64).sum()
+    layer = 2 * tokens * (4 * h * h + 2 * h * i)
+    if not first_token_last_layer:
+        return float(config.num_hidden_layers * layer)
+    last = 2 * tokens * 3 * h * h + 2 * len(lengths) * (h * h + 2 * h * i)
+    return float((config.num_hidden_layers - 1) * layer + last)
 
 
-def attention_flops(config, lengths: np.ndarray) -> float:
-    """Per layer attention's scores and mixing: 2·L·h per token each, multiply and add apart."""
-    return float(config.num_hidden_layers * 2 * 2 * (lengths.astype(np.float64) ** 2).sum() * config.hidden_size)
+def attention_flops(config, lengths: np.ndarray, first_token_last_layer: bool = False) -> float:
+    """Per layer attention's scores and mixing: 2·L·h per token each, multiply and add apart (for the first
+    query alone in a narrowed last layer)."""
+    layer = 2 * 2 * (lengths.astype(np.float64) ** 2).sum() * config.hidden_size
+    if not first_token_last_layer:
+        return float(config.num_hidden_layers * layer)
+    return float((config.num_hidden_layers - 1) * layer + 2 * 2 * lengths.astype(np.float64).sum() * config.hidden_size)
 
 
 def token_lengths(model_dir, texts: list[str], max_length: int | None = None) -> np.ndarray:
@@ -218,7 +232,9 @@ def op_profile(model_dir, texts: list[str], task: str = "embed", batch_tokens: i
     lengths = np.fromiter((len(s) for s in tokenized.input_ids), dtype=np.int64, count=len(tokenized))
     padded = (pad(tokenized, rows, run.tokenizer.pad_token_id or 0) for rows in budget_batches(lengths, batch_tokens))
     feeds = [engine._inputs(*engine_arrays(b)) for b in padded]
-    flops = encoder_flops(config, lengths)
+    # the FLOPs this graph computes: fewer where its last layer runs on the first token only
+    narrowed = json.loads((Path(engine.ir_path).parent / "meta.json").read_text()).get("last_layer") == "first token"
+    flops = encoder_flops(config, lengths, narrowed)
     dtype = "bfloat16" if engine.precision == "bf16" else "float32"
 
     def one_pass(snippets: str) -> dict:
@@ -249,9 +265,11 @@ def op_profile(model_dir, texts: list[str], task: str = "embed", batch_tokens: i
     groups["rest"] = sum(fused["by_type"].values()) - groups["matmuls"] - groups["attention"]
     softmax = unfused["by_type"].get("Softmax", 0.0)
     return {"dtype": dtype, "docs": len(texts), "batches": len(feeds), "roof_1thread_gflops": roof,
+            "first_token_last_layer": narrowed, "flops_of_full_forward": flops / encoder_flops(config, lengths),
             "of_roof": flops / fused["wall_s"] / 1e9 / roof, "groups_s": groups,
             "by_type_s": fused["by_type"], "unfused_by_type_s": unfused["by_type"],
-            "matmul_gflops": projection_flops(config, lengths) / groups["matmuls"] / 1e9 if groups["matmuls"] else 0.0,
+            "matmul_gflops": projection_flops(config, lengths, narrowed) / groups["matmuls"] / 1e9
+            if groups["matmuls"] else 0.0,
             "cap_matmuls_and_attention": cap(groups["rest"]), "softmax_s": softmax,
             "cap_all_matmuls": cap(groups["rest"] + softmax),
             "rest_speedup_for_75": groups["rest"] / (at_roof / 3)}
@@ -264,7 +282,10 @@ def profile_sample(texts: list[str], n: int = 600) -> list[str]:
 
 def op_profile_line(p: dict) -> str:
     g, total = p["groups_s"], sum(p["groups_s"].values())
-    return (f"OpenVINO's own per-op counters, 1 thread, {p['docs']} docs in {p['batches']} batches: "
+    narrowed = "" if not p.get("first_token_last_layer") else (
+        f" (its last layer on the first token only: {p['flops_of_full_forward']:.0%} of a full forward's FLOPs, "
+        f"the figures here count those it computes)")
+    return (f"OpenVINO's own per-op counters, 1 thread, {p['docs']} docs in {p['batches']} batches{narrowed}: "
             f"{p['of_roof']:.0%} of the 1-thread {p['dtype']} roof ({p['roof_1thread_gflops']:.0f} GFLOP/s); time in "
             f"matmuls {g['matmuls'] / total:.0%} (at {p['matmul_gflops']:.0f} GFLOP/s), attention "
             f"{g['attention'] / total:.0%}, the rest {g['rest'] / total:.0%}. With every matmul and the whole "

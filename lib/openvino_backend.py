@@ -13,6 +13,9 @@
   (``last_hidden_state`` ``[B, T, H]`` or ``logits`` ``[B, labels]``).
 * A classifier under bf16 is compiled as two models (``split_head``): the encoder in bf16 up to its last
   LayerNorm, and the head (LayerNorm's scale, pooler, classifier) in f32, so only near-ties flip its labels.
+* Where the output reads the first token alone (a classifier's head, CLS pooling), the cached graph's last
+  layer computes that token only (``first_token_last_layer``), kept only where it gives the whole graph's
+  output on a probe batch (``same_function``); the entry's meta.json says which (``last_layer``).
 * OpenVINO's compiled-model cache (``CACHE_DIR``) lives in ``compiled/`` inside the IR's entry, and the
   weight files' sha256 are remembered by stat in ``file-digests.json``: a warm start hashes and compiles
   nothing.
@@ -196,7 +199,7 @@ def _graph_options(task: str, pooling: str | None, normalize: bool) -> dict[str,
         tf_version = version("transformers")
     except Exception:  # pragma: no cover
         tf_version = "?"
-    return {
+    options = {
         "graph_format": GRAPH_FORMAT,
         "task": task,
         "pooling": pooling,
@@ -205,6 +208,15 @@ def _graph_options(task: str, pooling: str | None, normalize: bool) -> dict[str,
         "openvino": ov.get_version(),
         "transformers": tf_version,
     }
+    if narrows_last_layer(task, pooling):  # (an option of its own: the other entries keep their keys)
+        options["narrow_last_layer"] = True
+    return options
+
+
+def narrows_last_layer(task: str, pooling: str | None) -> bool:
+    """Whether the graph's output may read the first token alone (a classifier's head, CLS pooling), so
+    conversion tries `first_token_last_layer`."""
+    return task == "classify" or pooling == "cls"
 
 
 def cache_key(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | None = None,
@@ -369,6 +381,77 @@ def convert(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str |
     return ov_model
 
 
+def _first_token(output, axis: int):
+    import openvino.opset13 as ops
+
+    def i64(v):
+        return ops.constant(np.array([v], dtype=np.int64))
+    return ops.slice(output, i64(0), i64(1), i64(1), i64(axis)).output(0)
+
+
+def _downstream(node) -> set[str]:
+    """The names of `node` and of every node computed from it."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.get_name() in seen:
+            continue
+        seen.add(n.get_name())
+        stack.extend(t.get_node() for out in n.outputs() for t in out.get_target_inputs())
+    return seen
+
+
+def first_token_last_layer(ov_model):
+    """A clone of a classifier's graph whose last layer computes the first token only, or None where its
+    shape is not the one this knows.
+
+    BERT's pooler and the RoBERTa / DistilBERT / ELECTRA heads read the first token's final hidden state, and
+    everything after the last attention is per token (output projection, residual, LayerNorm, feed-forward).
+    So the last attention takes the first query only (keys and values stay whole) and the residual the first
+    token only: the last layer's projections and feed-forward run on one token instead of T (in a 6-layer
+    model a sixth of the encoder's work, less a twelfth of that for the keys and values). The caller checks
+    that the clone gives the same logits (`same_function`): a head that reads other tokens does not."""
+    model = ov_model.clone()
+    attentions = [n for n in model.get_ordered_ops() if n.get_type_name() == "ScaledDotProductAttention"]
+    if not attentions:
+        return None
+    attention = attentions[-1]
+    below = _downstream(attention)
+    # what the nodes after the attention take from before it, constants aside: the residual, alone
+    mixed = [i for n in model.get_ordered_ops() if n.get_name() in below and n.get_name() != attention.get_name()
+             for i in n.inputs() if i.get_source_output().get_node().get_name() not in below
+             and i.get_source_output().get_node().get_type_name() != "Constant"]
+    if len(mixed) != 1 or mixed[0].get_source_output().get_partial_shape().rank.get_length() != 3:
+        return None
+    residual = mixed[0]
+    query = attention.input(0)
+    if query.get_partial_shape().rank.get_length() != 4:
+        return None
+    query.replace_source_output(_first_token(query.get_source_output(), 2))  # [B, heads, 1, d]
+    if attention.get_input_size() > 3:  # the mask, [B, 1, T, T] or broadcastable: its first query row
+        mask = attention.input(3)
+        rank = mask.get_partial_shape().rank.get_length()
+        if rank >= 2 and not (mask.get_partial_shape()[rank - 2].is_static
+                              and mask.get_partial_shape()[rank - 2].get_length() == 1):
+            mask.replace_source_output(_first_token(mask.get_source_output(), rank - 2))
+    residual.replace_source_output(_first_token(residual.get_source_output(), 1))  # [B, 1, H]
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def same_function(a, b, inputs: list[str], rtol: float = 1e-4) -> bool:
+    """Whether two graphs give the same output (f32, to `rtol` of its scale) on a padded batch of plain token
+    ids, 3 rows of different lengths."""
+    core = get_core()
+    ids = np.array([[2] + list(range(5, 5 + n)) + [3] + [0] * (9 - n) for n in (9, 4, 1)], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
+    feed = {n: feed[n] for n in inputs}
+    outs = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request().infer(feed)[0]
+            for m in (a, b)]
+    return outs[0].shape == outs[1].shape and bool(
+        np.allclose(outs[0], outs[1], rtol=rtol, atol=rtol * float(np.abs(outs[0]).max() + 1e-6)))
+
+
 # ------------------------------------------------------------------------------------------------ cache
 
 
@@ -474,7 +557,15 @@ def get_ir(model_dir: str | os.PathLike, *, task: str = "embed", pooling: str | 
             os.rename(entry, broken / "entry")
             shutil.rmtree(broken, ignore_errors=True)
         ov_model = convert(model_dir, task=task, pooling=pooling, normalize=normalize)
+        last_layer = "all tokens"
+        if narrows_last_layer(task, pooling):
+            inputs = [p.get_friendly_name() for p in ov_model.get_parameters()]
+            narrowed = first_token_last_layer(ov_model)
+            if narrowed is not None and same_function(ov_model, narrowed, inputs):
+                ov_model, last_layer = narrowed, "first token"
+            log.info("%s: the last layer computes the %s", model_dir, last_layer)
         meta = {
+            "last_layer": last_layer,
             "key": key,
             "model_dir": str(model_dir),
             "inputs": [p.get_friendly_name() for p in ov_model.get_parameters()],

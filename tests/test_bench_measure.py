@@ -73,3 +73,21 @@ def test_the_op_profile_splits_openvinos_own_time_and_caps_follow_from_it():
     assert abs(at_roof / (at_roof + groups["rest"] + p["softmax_s"]) - p["cap_all_matmuls"]) < 1e-9
     assert abs(at_roof / (at_roof + groups["rest"] / p["rest_speedup_for_75"]) - 0.75) < 1e-9
     assert 0 < p["cap_all_matmuls"] < p["cap_matmuls_and_attention"] < 1 and p["roof_1thread_gflops"] > 0
+
+
+def test_a_first_token_last_layer_counts_only_what_it_computes():
+    """bench/cpu_roof's FLOPs of a graph whose last layer runs on the first token: one-token sequences cost
+    the same as a full forward; longer ones lose the last layer's output projection and FFN for every token
+    but the first, and its attention for every query but the first."""
+    from types import SimpleNamespace
+
+    from cpu_roof import attention_flops, encoder_flops, projection_flops
+
+    config = SimpleNamespace(hidden_size=8, intermediate_size=32, num_hidden_layers=3)
+    ones = np.ones(5, dtype=np.int64)
+    assert encoder_flops(config, ones, True) == encoder_flops(config, ones)
+    lengths = np.array([4, 9, 1])
+    h, i, tokens, squares = 8, 32, lengths.sum(), (lengths ** 2).sum()
+    assert projection_flops(config, lengths) - projection_flops(config, lengths, True) == \
+        2 * (tokens - len(lengths)) * (h * h + 2 * h * i)
+    assert attention_flops(config, lengths) - attention_flops(config, lengths, True) == 4 * h * (squares - tokens)

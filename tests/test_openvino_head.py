@@ -31,7 +31,7 @@ def test_split_is_the_same_function(classifier, tmp_path):
     feed = {k: v for k, v in feed.items() if k in [i.get_any_name() for i in whole.inputs]}
     expected = whole.create_infer_request().infer(feed)[0]
     hidden = core.compile_model(body, "CPU", f32).create_infer_request().infer(feed)[0]
-    assert hidden.shape[:2] == IDS.shape  # [B, T, H]: the normalised hidden states
+    assert hidden.shape[:2] == (3, 1)  # [B, 1, H]: the first token's normalised hidden state
     logits = core.compile_model(head, "CPU", f32).create_infer_request().infer(
         {ob.HEAD_INPUT: hidden, **{n: feed[n] for n in head_inputs}})[0]
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
@@ -51,3 +51,43 @@ def test_bf16_classifier_runs_its_head_in_f32(classifier, tmp_path):
     exact = ob.OpenVINOEncoder(classifier, task="classify", precision="fp32", cache_dir=tmp_path)
     assert enc.run(IDS, MASK).shape == exact.run(IDS, MASK).shape == (3, 5)
     assert enc.dim == 5
+
+
+def test_classifier_last_layer_computes_the_first_token_only(classifier, tmp_path):
+    """The cached graph's last layer runs on the first token, and gives the whole graph's logits."""
+    import json
+
+    xml, _ = ob.get_ir(classifier, task="classify", cache_dir=tmp_path)
+    assert json.loads((xml.parent / "meta.json").read_text())["last_layer"] == "first token"
+    whole = ob.convert(classifier, task="classify")  # every token through every layer
+    core, f32 = ob.get_core(), {"INFERENCE_PRECISION_HINT": "f32"}
+    feed = {"input_ids": IDS, "attention_mask": MASK, "token_type_ids": np.zeros_like(IDS)}
+    expected = core.compile_model(whole, "CPU", f32).create_infer_request().infer(feed)[0]
+    narrowed = core.compile_model(str(xml), "CPU", f32).create_infer_request().infer(feed)[0]
+    np.testing.assert_allclose(narrowed, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_only_a_head_reading_the_first_token_narrows_the_last_layer(tiny_model):
+    """CLS pooling reads the first token only: the narrowed graph is the same function. The same graph
+    pooling the second token instead has the same structure, but the narrowed one is another function, and
+    same_function says so. Mean pooling also reads the mask after the last attention: not narrowed at all."""
+    import openvino.opset13 as ops
+
+    cls = ob.convert(tiny_model, task="embed", pooling="cls", normalize=True)
+    inputs = [p.get_friendly_name() for p in cls.get_parameters()]
+    assert ob.same_function(cls, ob.first_token_last_layer(cls), inputs)
+    second = cls.clone()
+    gather = next(n for n in reversed(second.get_ordered_ops()) if n.get_type_name() == "Gather")
+    gather.input(1).replace_source_output(ops.constant(np.array(1, dtype=np.int64)).output(0))
+    candidate = ob.first_token_last_layer(second)
+    assert candidate is not None and ob.same_function(second, second.clone(), inputs)
+    assert not ob.same_function(second, candidate, inputs)
+    assert ob.first_token_last_layer(ob.convert(tiny_model, task="embed", pooling="mean")) is None
+
+
+def test_a_graph_without_attention_is_not_narrowed():
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter(ov.PartialShape([-1, -1, 4]), ov.Type.f32, name="x")
+    assert ob.first_token_last_layer(ov.Model([ops.result(ops.relu(x))], [x], "plain")) is None
