@@ -189,13 +189,23 @@ def ingested_sample(directory: Path, rows: int) -> Path:
     return directory / "ds"
 
 
-def python_succeeds(code: str) -> str:
-    """Run `code` in a fresh interpreter (so sys.modules starts empty); its stdout, or fail with its stderr."""
+def python_succeeds(code: str, env: dict | None = None, timeout: float = 120) -> str:
+    """Run `code` in a fresh interpreter (so sys.modules starts empty), with `env` added to the environment;
+    its stdout, or fail with its stderr."""
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def modules_imported(code: str, modules: tuple[str, ...], cache: Path) -> dict[str, bool]:
+    """Which of `modules` a fresh interpreter has imported after running `code` (CPU only, hfbatch's
+    cache in `cache`)."""
+    report = f"; import sys, json; print(json.dumps({{m: m in sys.modules for m in {modules!r}}}))"
+    out = python_succeeds(code + report, {"HFBATCH_CACHE_DIR": str(cache), "CUDA_VISIBLE_DEVICES": ""}, 600)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -87,13 +85,11 @@ def tiny_dataset(tmp_path):
 
 
 def _embed_in_child(dataset, out, model, cache):
-    code = ("import sys, json; from hfbatch.embedding import embed; "
-            f"embed({str(dataset)!r}, {str(out)!r}, model={str(model)!r}, device='auto', force=True); "
-            "print(json.dumps({m: m in sys.modules for m in ('torch', 'transformers')}))")
-    env = {**os.environ, "HFBATCH_CACHE_DIR": str(cache), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from conftest import modules_imported
+
+    code = (f"from hfbatch.embedding import embed; "
+            f"embed({str(dataset)!r}, {str(out)!r}, model={str(model)!r}, device='auto', force=True)")
+    return modules_imported(code, ("torch", "transformers"), cache)
 
 
 @pytest.mark.slow

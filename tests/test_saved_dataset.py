@@ -5,9 +5,6 @@ and embed / classify, which use them, never import datasets."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import datasets
 import numpy as np
@@ -140,19 +137,10 @@ def test_unmapped_column_type_is_saved_with_datasets(tmp_path):
     assert loaded.features["when"] == datasets.Value("timestamp[s]")
 
 
-def _job_in_child(code: str, cache) -> dict:
-    code = (f"import sys, json; import hfbatch; {code}; "
-            "print(json.dumps({m: m in sys.modules for m in ('datasets', 'torch', 'transformers')}))")
-    env = {**os.environ, "HFBATCH_CACHE_DIR": str(cache), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_embed_and_classify_never_import_datasets(tiny_model, tiny_model_factory, tmp_path, monkeypatch):
     pytest.importorskip("openvino")
-    from conftest import sample_rows, write_jsonl
+    from conftest import modules_imported, sample_rows, write_jsonl
 
     import hfbatch.dataset
     from hfbatch.classification import classify
@@ -165,7 +153,7 @@ def test_embed_and_classify_never_import_datasets(tiny_model, tiny_model_factory
     for name, run in (("embed", f"hfbatch.embed({ds!r}, {str(tmp_path / 'e')!r}, model={str(tiny_model)!r})"),
                       ("classify", f"hfbatch.classify({ds!r}, {str(tmp_path / 'c')!r}, "
                                    f"model={str(classifier)!r}, top_k=2)")):
-        assert _job_in_child(run, cache)["datasets"] is False, name
+        assert modules_imported(f"import hfbatch; {run}", ("datasets",), cache) == {"datasets": False}, name
 
     # the same jobs saving through datasets (what they did before): the same features and rows
     def refuse(*args):
