@@ -91,3 +91,53 @@ def test_a_graph_without_attention_is_not_narrowed():
 
     x = ops.parameter(ov.PartialShape([-1, -1, 4]), ov.Type.f32, name="x")
     assert ob.first_token_last_layer(ov.Model([ops.result(ops.relu(x))], [x], "plain")) is None
+
+
+def test_an_error_while_narrowing_keeps_the_whole_graph(classifier, tmp_path, monkeypatch):
+    """Narrowing is only a speed-up: an OpenVINO error in it converts the model all the same, unnarrowed."""
+    import json
+
+    def broken(model):
+        raise RuntimeError("shape inference failed (test)")
+    monkeypatch.setattr(ob, "first_token_last_layer", broken)
+    xml, hit = ob.get_ir(classifier, task="classify", cache_dir=tmp_path)
+    assert not hit and json.loads((xml.parent / "meta.json").read_text())["last_layer"] == "all tokens"
+    logits = ob.OpenVINOEncoder(classifier, task="classify", precision="fp32", cache_dir=tmp_path).run(IDS, MASK)
+    assert logits.shape == (3, 5) and np.isfinite(logits).all()
+
+
+def _tiny_classifier(kind: str, directory):
+    import torch
+    import transformers
+
+    sizes = dict(vocab_size=120, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=64, num_labels=3, num_hidden_layers=2)
+    configs = {
+        "roberta": lambda: transformers.RobertaConfig(pad_token_id=1, **sizes),
+        "distilbert": lambda: transformers.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4,
+                                                            hidden_dim=64, max_position_embeddings=64, num_labels=3),
+        "deberta-v2": lambda: transformers.DebertaV2Config(**sizes),
+    }
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(configs[kind]()).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("kind, last_layer", [("roberta", "first token"), ("distilbert", "first token"),
+                                              ("deberta-v2", "all tokens")])
+def test_other_architectures_narrow_where_their_head_reads_the_first_token(kind, last_layer, tmp_path):
+    """RoBERTa's and DistilBERT's heads read the first token: narrowed. DeBERTa-v2 has no fused attention
+    op to narrow: whole. Either way the logits are torch's."""
+    import json
+
+    import torch
+
+    model = _tiny_classifier(kind, tmp_path / kind)
+    xml, _ = ob.get_ir(tmp_path / kind, task="classify", cache_dir=tmp_path / "cache")
+    assert json.loads((xml.parent / "meta.json").read_text())["last_layer"] == last_layer
+    got = ob.OpenVINOEncoder(tmp_path / kind, task="classify", precision="fp32", cache_dir=tmp_path / "cache").run(
+        IDS, MASK)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
