@@ -43,23 +43,28 @@ def data_files(path) -> list[Path]:
     return [path / entry["filename"] for entry in state["_data_files"]]
 
 
-def memory_mapped_tables(path) -> list[tuple[Path, object]]:
-    """Each data file of a `save_to_disk` dataset, in row order, with its rows as an Arrow table over the
-    memory-mapped file: zero-copy, nothing is read until it is used."""
+def memory_mapped_table(file):
+    """The rows of one Arrow stream file (a data file, a job's shard) as a table over the memory-mapped file:
+    zero-copy, nothing is read until it is used."""
     import pyarrow as pa
 
-    return [(file, pa.ipc.open_stream(pa.memory_map(str(file))).read_all()) for file in data_files(path)]
+    return pa.ipc.open_stream(pa.memory_map(str(file))).read_all()
 
 
-def save_around(directory: Path, features, files: list[Path], fingerprint: str) -> None:
-    """Make `directory` a saved dataset of `features` (datasets.Features or their `to_dict()` form) whose data
-    files are `files` (hard-linked, in order). Raises OSError where hard links cannot be made."""
+def memory_mapped_tables(path) -> list[tuple[Path, object]]:
+    """Each data file of a `save_to_disk` dataset, in row order, with its rows (`memory_mapped_table`)."""
+    return [(file, memory_mapped_table(file)) for file in data_files(path)]
+
+
+def save_around(directory: Path, features: dict, files: list[Path], fingerprint: str) -> None:
+    """Make `directory` a saved dataset of `features` (in `to_dict()` form) whose data files are `files`
+    (hard-linked, in order). Raises OSError where hard links cannot be made."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     names = [data_file_name(i, len(files)) for i in range(len(files))]
     for file, name in zip(files, names):
         os.link(file, directory / name)
-    write_metadata(directory, features.to_dict() if hasattr(features, "to_dict") else features, names, fingerprint)
+    write_metadata(directory, features, names, fingerprint)
 
 
 def data_file_name(index: int, count: int) -> str:

@@ -401,11 +401,12 @@ def _write_content_hashes(job: Job, directory: Path, n_units: int, plan: Plan, k
     """DIRECTORY/content_hashes.parquet: id and text hash of each row (of the rows `keep` when sampled)."""
     import pyarrow as pa
 
+    from hfbatch.dataset import memory_mapped_table
     from hfbatch.hashing import write_hash_file
 
-    ids = pa.chunked_array([chunk for i in range(n_units) for chunk in
-                            pa.ipc.open_stream(pa.memory_map(str(job.shards.shard_file(i)))).read_all()
-                            .column("id").chunks], plan.schema.field("id").type)
+    ids = pa.chunked_array([chunk for i in range(n_units)
+                            for chunk in memory_mapped_table(job.shards.shard_file(i)).column("id").chunks],
+                           plan.schema.field("id").type)
     hashes = np.concatenate([np.load(job.shards.shard_file(i, ".hashes.npy")) for i in range(n_units)])
     if keep is not None:
         ids, hashes = ids.take(pa.array(keep)), hashes[keep]

@@ -687,22 +687,25 @@ def load_saved_dataset(path, what: str = "dataset", job: str | None = None):
     """`datasets.load_from_disk`, memory-mapped; a damaged one is refused with what to re-run."""
     import datasets
 
-    dataset = _refusing_damage(lambda: datasets.load_from_disk(str(path)), path, what, job)
-    if not isinstance(dataset, datasets.Dataset):
-        raise InputError(f"{what} {path} holds several splits; give one split's directory")
-    return dataset
+    return _load_refusing(lambda: datasets.load_from_disk(str(path)), path, what, job)
 
 
 def read_saved_dataset(path, what: str = "dataset", job: str | None = None):
     """`load_saved_dataset` with pyarrow alone: a hfbatch.dataset.SavedDataset over the memory-mapped files."""
     from .dataset import SavedDataset
 
-    if (Path(path) / "dataset_dict.json").is_file():
+    return _load_refusing(lambda: SavedDataset.open(path), path, what, job)
+
+
+def _load_refusing(load: Callable, path, what: str, job: str | None):
+    """`load()` of the saved dataset at `path`, or one line saying why it cannot be: several splits (a
+    DatasetDict, which datasets.load_from_disk knows as it does: its dataset_dict.json, where there is no
+    dataset's state.json and dataset_info.json), missing or damaged files."""
+    from .dataset import INFO_FILE, STATE_FILE
+
+    folder = Path(path)
+    if (folder / "dataset_dict.json").is_file() and not all((folder / f).is_file() for f in (STATE_FILE, INFO_FILE)):
         raise InputError(f"{what} {path} holds several splits; give one split's directory")
-    return _refusing_damage(lambda: SavedDataset.open(path), path, what, job)
-
-
-def _refusing_damage(load: Callable, path, what: str, job: str | None):
     try:
         return load()
     except FileNotFoundError as exc:

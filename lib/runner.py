@@ -824,32 +824,32 @@ class Publisher:
 
         records = self.shard_records(n_shards)
         counts = sum_counts(records, skip=("shard", "rows"))
-        plain = isinstance(features, dict) and not hasattr(features, "to_dict")
+        plain = not hasattr(features, "to_dict")  # (datasets.Features is a dict too)
         extra = {"features": features if plain else features.to_dict()}
         limit = int(parse_size(max_shard_size, option="max_shard_size"))
         if reuse_shards and rows is None:
             tmp = self._tmp_output()
-            linked = self._link_shards(records, features, tmp, limit)
+            linked = self._link_shards(records, extra["features"], tmp, limit)
             if linked is not None:
                 counts["rejects"] = self._gather_rejects(n_shards, tmp)
                 return Assembly(tmp, linked, counts, extra)
         if plain and any(r["rows"] for r in records):
-            assembly = self._save_with_pyarrow(records, list(features), rows, limit)
+            assembly = self._save_with_pyarrow(records, features, rows, limit)
         else:
             assembly = self._save_with_datasets(records, features, rows, max_shard_size)
         assembly.counts = {**counts, "rejects": self._gather_rejects(n_shards, assembly.dir)}
         assembly.extra = extra
         return assembly
 
-    def _save_with_pyarrow(self, records: list[dict], columns: list[str], rows, limit: int) -> Assembly:
+    def _save_with_pyarrow(self, records: list[dict], features: dict, rows, limit: int) -> Assembly:
         import pyarrow as pa
 
-        from .dataset import save_table
+        from .dataset import memory_mapped_table, save_table
 
-        tables = [pa.ipc.open_stream(pa.memory_map(str(self.shards.shard_file(r["shard"])))).read_all()
-                  for r in records if r["rows"] > 0]
+        tables = [memory_mapped_table(self.shards.shard_file(r["shard"])) for r in records if r["rows"] > 0]
         joined = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         table = joined.take(rows) if rows is not None else joined
+        columns = list(features)
         table = table.select(columns) if table.schema.names != columns else table
         tmp = self._tmp_output()
         try:
@@ -857,31 +857,29 @@ class Publisher:
         except TypeError as exc:  # a column type hfbatch.dataset does not map: datasets saves it
             log.event(self.name, "saving_with_datasets", reason=str(exc))
             remove_made_dir(tmp)
-            return self._save_with_datasets(records, None, rows, limit, columns)
+            return self._save_with_datasets(records, features, rows, limit)
         return Assembly(tmp, table.num_rows, {}, {}, joined)
 
-    def _save_with_datasets(self, records: list[dict], features, rows, max_shard_size,
-                            columns: list[str] | None = None) -> Assembly:
+    def _save_with_datasets(self, records: list[dict], features, rows, max_shard_size) -> Assembly:
         import datasets
 
-        if features is not None and not hasattr(features, "to_dict"):
-            features = datasets.Features.from_dict(features)
         parts = [datasets.Dataset.from_file(str(self.shards.shard_file(r["shard"]))) for r in records
                  if r["rows"] > 0]
         if parts:
             joined = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         else:
+            if not hasattr(features, "to_dict"):  # features in to_dict() form
+                features = datasets.Features.from_dict(features)
             joined = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
         dataset = joined.select(rows) if rows is not None else joined
         tmp = self._tmp_output()
-        columns = columns or list(features)
-        if set(dataset.column_names) != set(columns):
-            dataset = dataset.select_columns(columns)
+        if set(dataset.column_names) != set(features):
+            dataset = dataset.select_columns(list(features))
         # (datasets saves no data file at all for no rows, and then cannot load what it saved)
         dataset.save_to_disk(str(tmp), **({"max_shard_size": max_shard_size} if len(dataset) else {"num_shards": 1}))
         return Assembly(tmp, len(dataset), {}, {}, joined.data.table)
 
-    def _link_shards(self, records: list[dict], features, tmp: Path, limit: int) -> int | None:
+    def _link_shards(self, records: list[dict], features: dict, tmp: Path, limit: int) -> int | None:
         """save_to_disk's layout around the shards themselves (hard links: the .partial goes away after); the
         result is opened and its row count checked before it is used. None (nothing kept) where that cannot
         be done: the caller copies."""
