@@ -14,7 +14,6 @@ embed_vs_st.py and classify_vs_pipeline.py print the same ceiling beside their m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -79,19 +78,17 @@ def projection_flops(config, lengths: np.ndarray, first_token_last_layer: bool =
     h, i = config.hidden_size, config.intermediate_size
     tokens = lengths.astype(np.float64).sum()
     layer = 2 * tokens * (4 * h * h + 2 * h * i)
-    if not first_token_last_layer:
-        return float(config.num_hidden_layers * layer)
-    last = 2 * tokens * 3 * h * h + 2 * len(lengths) * (h * h + 2 * h * i)
+    last = 2 * tokens * 3 * h * h + 2 * len(lengths) * (h * h + 2 * h * i) if first_token_last_layer else layer
     return float((config.num_hidden_layers - 1) * layer + last)
 
 
 def attention_flops(config, lengths: np.ndarray, first_token_last_layer: bool = False) -> float:
     """Per layer attention's scores and mixing: 2·L·h per token each, multiply and add apart (for the first
     query alone in a narrowed last layer)."""
-    layer = 2 * 2 * (lengths.astype(np.float64) ** 2).sum() * config.hidden_size
-    if not first_token_last_layer:
-        return float(config.num_hidden_layers * layer)
-    return float((config.num_hidden_layers - 1) * layer + 2 * 2 * lengths.astype(np.float64).sum() * config.hidden_size)
+    lengths = lengths.astype(np.float64)
+    layer = 2 * 2 * (lengths ** 2).sum() * config.hidden_size
+    last = 2 * 2 * lengths.sum() * config.hidden_size if first_token_last_layer else layer
+    return float((config.num_hidden_layers - 1) * layer + last)
 
 
 def token_lengths(model_dir, texts: list[str], max_length: int | None = None) -> np.ndarray:
@@ -223,7 +220,7 @@ def op_profile(model_dir, texts: list[str], task: str = "embed", batch_tokens: i
     from hfbatch.batching import budget_batches, pad
     from hfbatch.embedding import EncoderRun
     from hfbatch.models import engine_arrays
-    from hfbatch.openvino_backend import get_core
+    from hfbatch.openvino_backend import get_core, read_meta
 
     config = AutoConfig.from_pretrained(str(model_dir))
     run = EncoderRun(Path(model_dir), task=task, batch_tokens=batch_tokens)  # hfbatch's default settings
@@ -233,7 +230,7 @@ def op_profile(model_dir, texts: list[str], task: str = "embed", batch_tokens: i
     padded = (pad(tokenized, rows, run.tokenizer.pad_token_id or 0) for rows in budget_batches(lengths, batch_tokens))
     feeds = [engine._inputs(*engine_arrays(b)) for b in padded]
     # the FLOPs this graph computes: fewer where its last layer runs on the first token only
-    narrowed = json.loads((Path(engine.ir_path).parent / "meta.json").read_text()).get("last_layer") == "first token"
+    narrowed = read_meta(engine.ir_path).get("last_layer") == "first token"
     flops = encoder_flops(config, lengths, narrowed)
     dtype = "bfloat16" if engine.precision == "bf16" else "float32"
 

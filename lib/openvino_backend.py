@@ -412,13 +412,14 @@ def first_token_last_layer(ov_model):
     model a sixth of the encoder's work, less a twelfth of that for the keys and values). The caller checks
     that the clone gives the same logits (`same_function`): a head that reads other tokens does not."""
     model = ov_model.clone()
-    attentions = [n for n in model.get_ordered_ops() if n.get_type_name() == "ScaledDotProductAttention"]
+    ordered = model.get_ordered_ops()
+    attentions = [n for n in ordered if n.get_type_name() == "ScaledDotProductAttention"]
     if not attentions:
         return None
     attention = attentions[-1]
     below = _downstream(attention)
     # what the nodes after the attention take from before it, constants aside: the residual, alone
-    mixed = [i for n in model.get_ordered_ops() if n.get_name() in below and n.get_name() != attention.get_name()
+    mixed = [i for n in ordered if n.get_name() in below and n.get_name() != attention.get_name()
              for i in n.inputs() if i.get_source_output().get_node().get_name() not in below
              and i.get_source_output().get_node().get_type_name() != "Constant"]
     if len(mixed) != 1 or mixed[0].get_source_output().get_partial_shape().rank.get_length() != 3:
@@ -430,9 +431,9 @@ def first_token_last_layer(ov_model):
     query.replace_source_output(_first_token(query.get_source_output(), 2))  # [B, heads, 1, d]
     if attention.get_input_size() > 3:  # the mask, [B, 1, T, T] or broadcastable: its first query row
         mask = attention.input(3)
-        rank = mask.get_partial_shape().rank.get_length()
-        if rank >= 2 and not (mask.get_partial_shape()[rank - 2].is_static
-                              and mask.get_partial_shape()[rank - 2].get_length() == 1):
+        shape = mask.get_partial_shape()
+        rank = shape.rank.get_length()
+        if rank >= 2 and not (shape[rank - 2].is_static and shape[rank - 2].get_length() == 1):
             mask.replace_source_output(_first_token(mask.get_source_output(), rank - 2))
     residual.replace_source_output(_first_token(residual.get_source_output(), 1))  # [B, 1, H]
     model.validate_nodes_and_infer_types()
@@ -442,14 +443,18 @@ def first_token_last_layer(ov_model):
 def same_function(a, b, inputs: list[str], rtol: float = 1e-4) -> bool:
     """Whether two graphs give the same output (f32, to `rtol` of its scale) on a padded batch of plain token
     ids, 3 rows of different lengths."""
-    core = get_core()
     ids = np.array([[2] + list(range(5, 5 + n)) + [3] + [0] * (9 - n) for n in (9, 4, 1)], dtype=np.int64)
     feed = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
     feed = {n: feed[n] for n in inputs}
-    outs = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request().infer(feed)[0]
-            for m in (a, b)]
+    outs = [infer_f32(m, feed) for m in (a, b)]
     return outs[0].shape == outs[1].shape and bool(
         np.allclose(outs[0], outs[1], rtol=rtol, atol=rtol * float(np.abs(outs[0]).max() + 1e-6)))
+
+
+def infer_f32(model, feed: dict) -> np.ndarray:
+    """The first output of `model` (an ov.Model or an IR path) compiled in f32 and run once on `feed`."""
+    request = get_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    return request.infer(feed)[0]
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -587,6 +592,11 @@ def _narrowed_where_same(ov_model, task: str, pooling: str | None, model_dir: Pa
     except Exception as exc:  # (OpenVINO raises RuntimeError and its own types from shape inference)
         log.info("%s: the last layer stays whole (%s: %s)", model_dir, type(exc).__name__, exc)
     return ov_model, "all tokens"
+
+
+def read_meta(ir_path: Path) -> dict:
+    """The meta.json of the cache entry holding this IR (its options, inputs, `last_layer`)."""
+    return json.loads((Path(ir_path).parent / META).read_text(encoding="utf-8"))
 
 
 def compiled_cache_dir(ir_path: Path) -> Path | None:

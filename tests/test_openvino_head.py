@@ -24,16 +24,12 @@ def test_split_is_the_same_function(classifier, tmp_path):
     split = ob.split_head(xml)
     assert split is not None
     body, head, head_inputs = split
-    core = ob.get_core()
-    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
-    whole = core.compile_model(str(xml), "CPU", f32)
     feed = {"input_ids": IDS, "attention_mask": MASK, "token_type_ids": np.zeros_like(IDS)}
-    feed = {k: v for k, v in feed.items() if k in [i.get_any_name() for i in whole.inputs]}
-    expected = whole.create_infer_request().infer(feed)[0]
-    hidden = core.compile_model(body, "CPU", f32).create_infer_request().infer(feed)[0]
+    feed = {k: v for k, v in feed.items() if k in ob.read_meta(xml)["inputs"]}
+    expected = ob.infer_f32(str(xml), feed)
+    hidden = ob.infer_f32(body, feed)
     assert hidden.shape[:2] == (3, 1)  # [B, 1, H]: the first token's normalised hidden state
-    logits = core.compile_model(head, "CPU", f32).create_infer_request().infer(
-        {ob.HEAD_INPUT: hidden, **{n: feed[n] for n in head_inputs}})[0]
+    logits = ob.infer_f32(head, {ob.HEAD_INPUT: hidden, **{n: feed[n] for n in head_inputs}})
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -55,15 +51,12 @@ def test_bf16_classifier_runs_its_head_in_f32(classifier, tmp_path):
 
 def test_classifier_last_layer_computes_the_first_token_only(classifier, tmp_path):
     """The cached graph's last layer runs on the first token, and gives the whole graph's logits."""
-    import json
-
     xml, _ = ob.get_ir(classifier, task="classify", cache_dir=tmp_path)
-    assert json.loads((xml.parent / "meta.json").read_text())["last_layer"] == "first token"
+    assert ob.read_meta(xml)["last_layer"] == "first token"
     whole = ob.convert(classifier, task="classify")  # every token through every layer
-    core, f32 = ob.get_core(), {"INFERENCE_PRECISION_HINT": "f32"}
     feed = {"input_ids": IDS, "attention_mask": MASK, "token_type_ids": np.zeros_like(IDS)}
-    expected = core.compile_model(whole, "CPU", f32).create_infer_request().infer(feed)[0]
-    narrowed = core.compile_model(str(xml), "CPU", f32).create_infer_request().infer(feed)[0]
+    expected = ob.infer_f32(whole, feed)
+    narrowed = ob.infer_f32(str(xml), feed)
     np.testing.assert_allclose(narrowed, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -95,13 +88,11 @@ def test_a_graph_without_attention_is_not_narrowed():
 
 def test_an_error_while_narrowing_keeps_the_whole_graph(classifier, tmp_path, monkeypatch):
     """Narrowing is only a speed-up: an OpenVINO error in it converts the model all the same, unnarrowed."""
-    import json
-
     def broken(model):
         raise RuntimeError("shape inference failed (test)")
     monkeypatch.setattr(ob, "first_token_last_layer", broken)
     xml, hit = ob.get_ir(classifier, task="classify", cache_dir=tmp_path)
-    assert not hit and json.loads((xml.parent / "meta.json").read_text())["last_layer"] == "all tokens"
+    assert not hit and ob.read_meta(xml)["last_layer"] == "all tokens"
     logits = ob.OpenVINOEncoder(classifier, task="classify", precision="fp32", cache_dir=tmp_path).run(IDS, MASK)
     assert logits.shape == (3, 5) and np.isfinite(logits).all()
 
@@ -129,13 +120,11 @@ def _tiny_classifier(kind: str, directory):
 def test_other_architectures_narrow_where_their_head_reads_the_first_token(kind, last_layer, tmp_path):
     """RoBERTa's and DistilBERT's heads read the first token: narrowed. DeBERTa-v2 has no fused attention
     op to narrow: whole. Either way the logits are torch's."""
-    import json
-
     import torch
 
     model = _tiny_classifier(kind, tmp_path / kind)
     xml, _ = ob.get_ir(tmp_path / kind, task="classify", cache_dir=tmp_path / "cache")
-    assert json.loads((xml.parent / "meta.json").read_text())["last_layer"] == last_layer
+    assert ob.read_meta(xml)["last_layer"] == last_layer
     got = ob.OpenVINOEncoder(tmp_path / kind, task="classify", precision="fp32", cache_dir=tmp_path / "cache").run(
         IDS, MASK)
     with torch.no_grad():
