@@ -100,9 +100,10 @@ class ClassifyShards:
     def prepare(self, i):
         plan = self.plan
         rows = self.source[i * plan.shard_rows:(i + 1) * plan.shard_rows]
+        ids = self.source.data.column("id").slice(i * plan.shard_rows, len(rows["id"]))  # (Arrow, as stored)
         if self.tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
-            return rows["id"], self.tokens.take(rows)
-        return rows["id"], self.classifier.tokenize(rows[plan.text_column], rows[plan.text_pair_column]
+            return ids, self.tokens.take(rows)
+        return ids, self.classifier.tokenize(rows[plan.text_column], rows[plan.text_pair_column]
                                                     if plan.text_pair_column else None)
 
     def compute(self, i, prepared, on_rows, parts=None):
@@ -148,18 +149,21 @@ def labels_features(id_feature: dict, k: int | None):
 
 
 def labels_table(ids, scores, labels: list[str], k: int | None):
+    """`ids`: an Arrow column (the source's, as the jobs pass it) or a list."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .dataset import arrow_array, arrow_column, arrow_strings
 
     # A stable sort on the negated scores keeps the lower label id first on ties, as argmax does.
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k or 1]
-    names = np.asarray(labels, dtype=object)
+    names = arrow_strings(labels)
     best = order[:, 0]
-    columns = {"id": pa.array(ids), "label": pa.array(names[best].tolist(), pa.string()),
-               "score": pa.array(scores[np.arange(len(best)), best], pa.float32())}
+    columns = {"id": arrow_column(ids), "label": pc.take(names, arrow_array(best)),
+               "score": arrow_array(scores[np.arange(len(best)), best].astype(np.float32))}
     if k:
-        top = np.take_along_axis(scores, order, axis=1)
-        columns["top_labels"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(names[order].reshape(-1).tolist(), pa.string()), k)
-        columns["top_scores"] = pa.FixedSizeListArray.from_arrays(pa.array(top.reshape(-1), pa.float32()), k)
+        top = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+        columns["top_labels"] = pa.FixedSizeListArray.from_arrays(pc.take(names, arrow_array(order)), k)
+        columns["top_scores"] = pa.FixedSizeListArray.from_arrays(arrow_array(top), k)
     return pa.table(columns)

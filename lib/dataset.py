@@ -14,7 +14,9 @@
     it, and `SavedDataset.open(path)`: one read back, both with pyarrow alone. embed and classify only read
     columns and write Arrow tables, and `import datasets` (pandas, fsspec, huggingface_hub) is about a second
     of every run, so they never import it; `datasets.load_from_disk` reads what they write (tests check that
-    the files are the ones `save_to_disk` writes).
+    the files are the ones `save_to_disk` writes);
+  - `arrow_array`, `arrow_strings`, `numpy_array`: numbers and strings between numpy and Arrow without
+    `pa.array` or `to_numpy`, which import pandas on their first call (0.25-0.35 s of a run).
 """
 
 from __future__ import annotations
@@ -23,11 +25,76 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 STATE_FILE = "state.json"
 INFO_FILE = "dataset_info.json"
+
+
+# pyarrow's pa.array and Array.to_numpy ask pandas whether their argument is one of its types, which imports
+# pandas on the first call: 0.26 s of a 6 s classify run, measured, with the model's streams idle meanwhile.
+# embed and classify need pandas for nothing else, so they move their columns with these three instead.
+
+def arrow_array(values) -> pa.Array:
+    """A numpy array of a fixed-width number type, flattened, as an Arrow array over the same memory."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values).reshape(-1)
+    if values.dtype.kind not in "iuf":
+        raise TypeError(f"arrow_array takes numbers, not {values.dtype}")
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def arrow_strings(strings: list[str]) -> pa.Array:
+    """Python strings as an Arrow string array."""
+    import pyarrow as pa
+
+    data = [s.encode("utf-8") for s in strings]
+    offsets = np.zeros(len(data) + 1, dtype=np.int64)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    return pa.Array.from_buffers(pa.large_string(), len(data), [None, pa.py_buffer(offsets),
+                                                                pa.py_buffer(b"".join(data))]).cast(pa.string())
+
+
+def numpy_array(array) -> np.ndarray:
+    """A null-free Arrow array or chunked array of a fixed-width number type, or of fixed-size lists of one
+    (flattened), as numpy: a read-only view of its memory where it is one chunk, else one copy."""
+    import pyarrow as pa
+
+    chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
+    value_type = array.type.value_type if pa.types.is_fixed_size_list(array.type) else array.type
+    if not (pa.types.is_integer(value_type) or pa.types.is_floating(value_type)):
+        raise TypeError(f"numpy_array takes numbers, not {array.type}")
+    dtype = np.dtype(value_type.to_pandas_dtype())  # (a numpy dtype: pandas is not imported)
+    parts = []
+    for chunk in chunks:
+        values = chunk.flatten() if chunk.type != value_type else chunk  # (flatten respects the offset)
+        if chunk.null_count or values.null_count:
+            raise ValueError(f"numpy_array takes no nulls ({array.type})")
+        parts.append(np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values),
+                                   offset=values.offset * dtype.itemsize))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def arrow_column(values):
+    """A column for pa.table: an Arrow array as it is, numpy numbers through `arrow_array`, anything else
+    (a Python list) through pa.array."""
+    import pyarrow as pa
+
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iuf":
+        return arrow_array(values)
+    return pa.array(values)
+
+
 WRITER_BATCH_ROWS = 1000  # datasets' DEFAULT_MAX_BATCH_SIZE: the record batches save_to_disk writes
 
 
@@ -292,8 +359,7 @@ class ArrowVectors:
         return take_rows(self._starts, self._block, rows, self.dim, self._release)
 
     def _block(self, j: int, lo: int, hi: int) -> np.ndarray:
-        values = self._chunks[j][0].slice(lo, hi - lo).flatten()  # respects the slice offset; no copy
-        return values.to_numpy(zero_copy_only=True).reshape(-1, self.dim)
+        return numpy_array(self._chunks[j][0].slice(lo, hi - lo)).reshape(-1, self.dim)  # (no copy)
 
     def _release(self, j: int, src: np.ndarray) -> None:
         if self._dontneed is None or not src.size:

@@ -97,12 +97,16 @@ def embeddings_features(id_feature: dict, dim):
 
 
 def embeddings_table(ids, vectors, dim, text_hashes=None):
+    """`ids`: an Arrow column (the source's, as the jobs pass it) or a list."""
+    import numpy as np
     import pyarrow as pa
 
-    flat = pa.array(vectors.reshape(-1).astype("float32", copy=False), pa.float32())
-    columns = {"id": pa.array(ids), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}
+    from .dataset import arrow_array, arrow_column
+
+    flat = arrow_array(vectors.astype("float32", copy=False))
+    columns = {"id": arrow_column(ids), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}
     if text_hashes is not None:
-        columns["text_hash"] = pa.array(text_hashes, pa.int64())
+        columns["text_hash"] = arrow_array(np.asarray(text_hashes, dtype=np.int64))
     return pa.table(columns)
 
 
@@ -270,7 +274,7 @@ class EmbedShards:
             tokenized = self.tokens.take(rows, todo)
         else:
             tokenized = self.encoder.tokenize([rows[column][r] for r in todo])
-        return rows["id"], hashes, old_rows, todo, tokenized
+        return self.source.data.column("id").slice(lo, len(hashes)), hashes, old_rows, todo, tokenized
 
     def compute(self, i, prepared, on_rows, parts=None):
         if self.plan.chunking:
@@ -332,8 +336,10 @@ def _write_hashes(assembly, scheme) -> None:
     side file for the next --incremental run."""
     import numpy as np
 
+    from .dataset import numpy_array
+
     table = assembly.joined  # (no rows: joined from no shard, without the shards' text_hash)
-    hashes = table.column("text_hash").to_numpy() if "text_hash" in table.column_names else np.zeros(0, np.int64)
+    hashes = numpy_array(table.column("text_hash")) if "text_hash" in table.column_names else np.zeros(0, np.int64)
     write_hash_file(assembly.dir, table.column("id"), hashes, scheme=scheme)
 
 

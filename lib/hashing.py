@@ -71,7 +71,9 @@ def write_hash_file(directory: Path, ids, hashes: np.ndarray, text_column: str |
     import pyarrow.parquet as pq
 
     metadata = {"scheme": scheme, **({"text_column": text_column} if text_column else {})}
-    table = pa.table({"id": ids, "text_hash": pa.array(np.asarray(hashes, np.int64))})
+    from .dataset import arrow_array
+
+    table = pa.table({"id": ids, "text_hash": arrow_array(np.asarray(hashes, np.int64))})
     pq.write_table(table.replace_schema_metadata(metadata), Path(directory) / HASH_FILE)
 
 
@@ -79,6 +81,8 @@ def read_hash_file(directory: Path, with_ids: bool = True) -> HashFile | None:
     """An output's content hashes, or None where it has none (made by an older hfbatch)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from .dataset import numpy_array
 
     path = Path(directory) / HASH_FILE
     if not path.exists():
@@ -93,5 +97,5 @@ def read_hash_file(directory: Path, with_ids: bool = True) -> HashFile | None:
                          f"that made {directory} with --force")
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return HashFile(table.column("id") if with_ids else None,
-                    table.column("text_hash").to_numpy().astype(np.int64, copy=False),
+                    numpy_array(table.column("text_hash")).astype(np.int64, copy=False),
                     metadata.get("scheme", LEGACY_SCHEME), metadata.get("text_column"))

@@ -132,6 +132,8 @@ class ShardParts:
         import numpy as np
         import pyarrow as pa
 
+        from .dataset import numpy_array
+
         for stale in self.directory.glob(".*.tmp-*"):
             stale.unlink(missing_ok=True)  # a commit killed half-way; only this process works on this shard
         found, keep = [], set()
@@ -146,11 +148,11 @@ class ShardParts:
                     raise ValueError("not of this plan, or holds batches already resumed")
                 with pa.OSFile(str(data_path)) as source:  # read into memory: the part goes soon
                     table = pa.ipc.open_file(source).read_all()
-                rows = table.column("row").to_numpy()
+                rows = numpy_array(table.column("row"))
                 expected = np.concatenate([np.asarray(self._batches[b]) for b in batches])
                 if not np.array_equal(rows, expected):
                     raise ValueError("its rows are not its batches' rows")
-                flat = table.column("value").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                flat = numpy_array(table.column("value"))
                 values = np.asarray(flat, dtype=np.float32).reshape([len(rows), *record["shape"]]).copy()
             except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
                 log.event(self.job, "discarding_part", shard=self.shard, part=record_path.name,
@@ -185,6 +187,7 @@ class ShardParts:
         import numpy as np
         import pyarrow as pa
 
+        from .dataset import arrow_array
         from .runner import fsync_dir, write_json_atomic
 
         if self.before_commit is not None:
@@ -194,8 +197,8 @@ class ShardParts:
         rows = np.concatenate([np.asarray(self._batches[b], dtype=np.int64) for b in batches])
         values = np.concatenate([np.asarray(v, dtype=np.float32) for _, v in self._uncommitted])
         shape = list(values.shape[1:])
-        flat = pa.array(values.reshape(-1), pa.float32())
-        table = pa.table({"row": pa.array(rows, pa.int64()),
+        flat = arrow_array(values)
+        table = pa.table({"row": arrow_array(rows),
                           "value": pa.FixedSizeListArray.from_arrays(flat, max(1, math.prod(shape)))})
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{self._next_part:05d}"

@@ -72,7 +72,32 @@ def test_the_op_profile_splits_openvinos_own_time_and_caps_follow_from_it():
     at_roof = p["cap_matmuls_and_attention"] * groups["rest"] / (1 - p["cap_matmuls_and_attention"])
     assert abs(at_roof / (at_roof + groups["rest"] + p["softmax_s"]) - p["cap_all_matmuls"]) < 1e-9
     assert abs(at_roof / (at_roof + groups["rest"] / p["rest_speedup_for_75"]) - 0.75) < 1e-9
+    assert abs(at_roof / groups["matmuls"] - p["cap_matmuls_as_run"]) < 1e-9
+    if p["others_speedup_for_75"] is not None:  # (a 1-thread pass on a busy machine may leave no room)
+        others = (groups["attention"] + groups["rest"]) / p["others_speedup_for_75"]
+        assert abs(at_roof / (groups["matmuls"] + others) - 0.75) < 1e-9
+    else:
+        assert p["cap_matmuls_as_run"] <= 0.75
     assert 0 < p["cap_all_matmuls"] < p["cap_matmuls_and_attention"] < 1 and p["roof_1thread_gflops"] > 0
+
+
+def test_the_75_percent_line_says_which_way_the_rest_must_go():
+    """Where the rest already leaves room for 75% (a factor below 1), the line does not ask it to be faster."""
+    from cpu_roof import rest_for_75
+
+    assert rest_for_75(2.9) == "75% would need the rest (LayerNorm, adds, layout, casts) 2.9x faster"
+    assert rest_for_75(0.4) == ("The rest (LayerNorm, adds, layout, casts) does not keep it from 75%: it could "
+                                "take 2.5x its time")
+
+
+def test_the_matmuls_as_run_line_says_what_is_left_for_75_percent():
+    from cpu_roof import matmuls_as_run
+
+    assert matmuls_as_run({"cap_matmuls_as_run": 0.89, "others_speedup_for_75": 2.6}) == (
+        "With the FullyConnected matmuls as run and attention and the rest free: at most 89%; 75% then needs "
+        "attention and the rest together 2.6x faster than run")
+    assert matmuls_as_run({"cap_matmuls_as_run": 0.7, "others_speedup_for_75": None}).endswith(
+        "at most 70%; so 75% needs faster matmul kernels, whatever else is done")
 
 
 def test_a_first_token_last_layer_counts_only_what_it_computes():

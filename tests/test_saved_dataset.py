@@ -1,6 +1,7 @@
 """hfbatch.dataset's pyarrow-only side of datasets' on-disk layout: `features_of` gives the features datasets
 would, `save_table` writes the files `save_to_disk` writes, `SavedDataset` reads them back as datasets does,
-and embed / classify, which use them, never import datasets."""
+and embed / classify, which use them, never import datasets; `arrow_array`, `arrow_strings` and `numpy_array`
+move columns between numpy and Arrow without importing pandas."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hfbatch.dataset import SavedDataset, features_of, save_table
+from hfbatch.dataset import SavedDataset, arrow_array, arrow_strings, features_of, numpy_array, save_table
 from hfbatch.errors import InputError
 from hfbatch.io import read_saved_dataset
 
@@ -137,8 +138,58 @@ def test_unmapped_column_type_is_saved_with_datasets(tmp_path):
     assert loaded.features["when"] == datasets.Value("timestamp[s]")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "int8", "uint16"])
+def test_arrow_array_and_numpy_array_are_views_of_the_same_numbers(dtype):
+    values = (np.arange(24).reshape(6, 4) * 3 - 20).astype(dtype) if dtype[0] != "u" else \
+        np.arange(24, dtype=dtype).reshape(6, 4)
+    array = arrow_array(values)  # flattened
+    assert array.type == pa.from_numpy_dtype(np.dtype(dtype)) and array.equals(pa.array(values.reshape(-1)))
+    back = numpy_array(array)
+    assert back.dtype == values.dtype and np.array_equal(back, values.reshape(-1))
+    assert np.shares_memory(back, values)  # no copy either way
+    assert numpy_array(arrow_array(values[:, 1])).tolist() == values[:, 1].tolist()  # a strided view is copied
+
+
+def test_numpy_array_follows_offsets_chunks_and_fixed_size_lists():
+    flat = pa.array(np.arange(40, dtype=np.float32))
+    lists = pa.FixedSizeListArray.from_arrays(flat, 4)  # 10 rows of 4
+    assert numpy_array(lists.slice(3, 2)).tolist() == list(range(12, 20))
+    chunked = pa.chunked_array([flat.slice(5, 3), flat.slice(30, 2)])
+    assert numpy_array(chunked).tolist() == [5, 6, 7, 30, 31]
+    two_rows = pa.chunked_array([lists.slice(9, 1), lists.slice(0, 1)])
+    assert numpy_array(two_rows).tolist() == [36, 37, 38, 39, 0, 1, 2, 3]
+    empty = numpy_array(pa.chunked_array([], pa.int64()))
+    assert empty.dtype == np.int64 and empty.shape == (0,)
+    with pytest.raises(ValueError, match="no nulls"):
+        numpy_array(pa.array([1.0, None]))
+    for wrong in (pa.array(["a"]), pa.array([True])):
+        with pytest.raises(TypeError, match="takes numbers"):
+            numpy_array(wrong)
+    with pytest.raises(TypeError, match="takes numbers"):
+        arrow_array(np.array([True, False]))
+
+
+def test_arrow_strings_is_pa_array_of_the_strings():
+    for strings in (["LABEL_0", "négatif", "", "正面", "a" * 1000], []):
+        made = arrow_strings(strings)
+        assert made.type == pa.string() and made.equals(pa.array(strings, pa.string()))
+        made.validate(full=True)  # offsets and UTF-8 as Arrow checks them
+
+
+def test_the_helpers_do_not_import_pandas(tmp_path):
+    """pa.array and to_numpy import pandas on their first call (about 0.3 s of a run); these do not."""
+    from conftest import modules_imported
+
+    code = ("import numpy as np, pyarrow as pa; from hfbatch.dataset import arrow_array, arrow_strings, numpy_array; "
+            "a = arrow_array(np.ones((3, 2), np.float32)); numpy_array(pa.FixedSizeListArray.from_arrays(a, 2)); "
+            "pa.table({'label': arrow_strings(['x', 'y', 'z']), 'score': arrow_array(np.zeros(3))})")
+    assert modules_imported(code, ("pandas",), tmp_path) == {"pandas": False}
+    # (and the check can fail: pa.array does import it)
+    assert modules_imported("import pyarrow as pa; pa.array([1.0])", ("pandas",), tmp_path) == {"pandas": True}
+
+
 @pytest.mark.slow
-def test_embed_and_classify_never_import_datasets(tiny_model, tiny_model_factory, tmp_path, monkeypatch):
+def test_embed_and_classify_never_import_datasets_or_pandas(tiny_model, tiny_model_factory, tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     from conftest import modules_imported, sample_rows, write_jsonl
 
@@ -153,7 +204,8 @@ def test_embed_and_classify_never_import_datasets(tiny_model, tiny_model_factory
     for name, run in (("embed", f"hfbatch.embed({ds!r}, {str(tmp_path / 'e')!r}, model={str(tiny_model)!r})"),
                       ("classify", f"hfbatch.classify({ds!r}, {str(tmp_path / 'c')!r}, "
                                    f"model={str(classifier)!r}, top_k=2)")):
-        assert modules_imported(f"import hfbatch; {run}", ("datasets",), cache) == {"datasets": False}, name
+        assert modules_imported(f"import hfbatch; {run}", ("datasets", "pandas"), cache) == \
+            {"datasets": False, "pandas": False}, name
 
     # the same jobs saving through datasets (what they did before): the same features and rows
     def refuse(*args):
