@@ -62,12 +62,14 @@ def arrow_strings(strings: list[str]) -> pa.Array:
 
 
 def numpy_array(array) -> np.ndarray:
-    """A null-free Arrow array or chunked array of a fixed-width number type, or of fixed-size lists of one
-    (flattened), as numpy: a read-only view of its memory where it is one chunk, else one copy."""
+    """A null-free Arrow array or chunked array of a fixed-width number type, or of lists of one (fixed-size
+    or not: flattened), as numpy: a read-only view of its memory where it is one chunk, else one copy."""
     import pyarrow as pa
 
     chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
-    value_type = array.type.value_type if pa.types.is_fixed_size_list(array.type) else array.type
+    lists = pa.types.is_fixed_size_list(array.type) or pa.types.is_list(array.type) or \
+        pa.types.is_large_list(array.type)
+    value_type = array.type.value_type if lists else array.type
     if not (pa.types.is_integer(value_type) or pa.types.is_floating(value_type)):
         raise TypeError(f"numpy_array takes numbers, not {array.type}")
     dtype = np.dtype(value_type.to_pandas_dtype())  # (a numpy dtype: pandas is not imported)

@@ -158,6 +158,8 @@ def test_numpy_array_follows_offsets_chunks_and_fixed_size_lists():
     assert numpy_array(chunked).tolist() == [5, 6, 7, 30, 31]
     two_rows = pa.chunked_array([lists.slice(9, 1), lists.slice(0, 1)])
     assert numpy_array(two_rows).tolist() == [36, 37, 38, 39, 0, 1, 2, 3]
+    ragged = pa.array([[1.0, 2.0], [3.0], [4.0, 5.0, 6.0]], pa.large_list(pa.float64()))
+    assert numpy_array(ragged.slice(1, 2)).tolist() == [3, 4, 5, 6]  # lists of any length, flattened
     empty = numpy_array(pa.chunked_array([], pa.int64()))
     assert empty.dtype == np.int64 and empty.shape == (0,)
     with pytest.raises(ValueError, match="no nulls"):
