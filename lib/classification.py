@@ -99,8 +99,8 @@ class ClassifyShards:
 
     def prepare(self, i):
         plan = self.plan
-        rows = self.source[i * plan.shard_rows:(i + 1) * plan.shard_rows]
-        ids = self.source.data.column("id").slice(i * plan.shard_rows, len(rows["id"]))  # (Arrow, as stored)
+        shard = slice(i * plan.shard_rows, (i + 1) * plan.shard_rows)
+        rows, ids = self.source[shard], self.source.data.column("id")[shard]  # (the ids as stored, in Arrow)
         if self.tokens is not None:  # a `hfbatch tokenize` output: its ids, checked to be this model's
             return ids, self.tokens.take(rows)
         return ids, self.classifier.tokenize(rows[plan.text_column], rows[plan.text_pair_column]
@@ -161,9 +161,9 @@ def labels_table(ids, scores, labels: list[str], k: int | None):
     names = arrow_strings(labels)
     best = order[:, 0]
     columns = {"id": arrow_column(ids), "label": pc.take(names, arrow_array(best)),
-               "score": arrow_array(scores[np.arange(len(best)), best].astype(np.float32))}
+               "score": arrow_array(scores[np.arange(len(best)), best].astype(np.float32, copy=False))}
     if k:
-        top = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+        top = np.take_along_axis(scores, order, axis=1).astype(np.float32, copy=False)
         columns["top_labels"] = pa.FixedSizeListArray.from_arrays(pc.take(names, arrow_array(order)), k)
         columns["top_scores"] = pa.FixedSizeListArray.from_arrays(arrow_array(top), k)
     return pa.table(columns)

@@ -86,15 +86,10 @@ def numpy_array(array) -> np.ndarray:
 
 
 def arrow_column(values):
-    """A column for pa.table: an Arrow array as it is, numpy numbers through `arrow_array`, anything else
-    (a Python list) through pa.array."""
+    """A column for pa.table: an Arrow array as it is (the jobs' ids), a Python list through pa.array."""
     import pyarrow as pa
 
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values
-    if isinstance(values, np.ndarray) and values.dtype.kind in "iuf":
-        return arrow_array(values)
-    return pa.array(values)
+    return values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
 
 
 WRITER_BATCH_ROWS = 1000  # datasets' DEFAULT_MAX_BATCH_SIZE: the record batches save_to_disk writes

@@ -70,9 +70,9 @@ def write_hash_file(directory: Path, ids, hashes: np.ndarray, text_column: str |
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    metadata = {"scheme": scheme, **({"text_column": text_column} if text_column else {})}
     from .dataset import arrow_array
 
+    metadata = {"scheme": scheme, **({"text_column": text_column} if text_column else {})}
     table = pa.table({"id": ids, "text_hash": arrow_array(np.asarray(hashes, np.int64))})
     pq.write_table(table.replace_schema_metadata(metadata), Path(directory) / HASH_FILE)
 
