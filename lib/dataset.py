@@ -36,37 +36,64 @@ STATE_FILE = "state.json"
 INFO_FILE = "dataset_info.json"
 
 
-# pyarrow's pa.array and Array.to_numpy ask pandas whether their argument is one of its types, which imports
-# pandas on the first call: 0.26 s of a 6 s classify run, measured, with the model's streams idle meanwhile.
-# embed and classify need pandas for nothing else, so they move their columns with these three instead.
+# pyarrow's pa.array, pa.scalar (and so a compute function given a Python value) and Array.to_numpy ask pandas
+# whether their argument is one of its types, which imports pandas on the first call: 0.26 s of a 6 s classify
+# run, measured, with the model's streams idle meanwhile, and about a tenth of an ingest of 600,000 rows.
+# embed, classify and ingest need pandas for nothing else, so they move their columns with these instead.
 
-def arrow_array(values) -> pa.Array:
-    """A numpy array of a fixed-width number type, flattened, as an Arrow array over the same memory."""
+def arrow_array(values, dtype=None) -> pa.Array:
+    """A numpy array (or a sequence, as `dtype`) of a fixed-width number type or of booleans, flattened, as
+    an Arrow array: over the same memory for numbers, bit-packed for booleans."""
     import pyarrow as pa
 
-    values = np.ascontiguousarray(values).reshape(-1)
+    values = np.ascontiguousarray(values, dtype=dtype).reshape(-1)
+    if values.dtype.kind == "b":
+        bits = np.packbits(values, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(bits)])
     if values.dtype.kind not in "iuf":
-        raise TypeError(f"arrow_array takes numbers, not {values.dtype}")
+        raise TypeError(f"arrow_array takes numbers or booleans, not {values.dtype}")
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def _variable_width(kind, items: list[bytes]) -> pa.Array:
+    """`items` as an Arrow array of `kind` (large_binary or large_string): 64-bit offsets and their bytes."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(items) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in items], out=offsets[1:])
+    return pa.Array.from_buffers(kind, len(items), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(items))])
+
+
+def arrow_binary(items: list[bytes]) -> pa.Array:
+    """Python bytes as an Arrow binary array."""
+    import pyarrow as pa
+
+    return _variable_width(pa.large_binary(), items).cast(pa.binary())
 
 
 def arrow_strings(strings: list[str]) -> pa.Array:
     """Python strings as an Arrow string array."""
     import pyarrow as pa
 
-    data = [s.encode("utf-8") for s in strings]
-    offsets = np.zeros(len(data) + 1, dtype=np.int64)
-    np.cumsum([len(d) for d in data], out=offsets[1:])
-    return pa.Array.from_buffers(pa.large_string(), len(data), [None, pa.py_buffer(offsets),
-                                                                pa.py_buffer(b"".join(data))]).cast(pa.string())
+    return _variable_width(pa.large_string(), [s.encode("utf-8") for s in strings]).cast(pa.string())
+
+
+def arrow_null(kind) -> pa.Scalar:
+    """A null of Arrow type `kind`, as a compute function's argument."""
+    import pyarrow as pa
+
+    return pa.nulls(1, kind)[0]
 
 
 def numpy_array(array) -> np.ndarray:
     """A null-free Arrow array or chunked array of a fixed-width number type, or of lists of one (fixed-size
-    or not: flattened), as numpy: a read-only view of its memory where it is one chunk, else one copy."""
+    or not: flattened), as numpy: a read-only view of its memory where it is one chunk, else one copy.
+    Booleans come as a numpy bool array (a copy: Arrow packs them in bits)."""
     import pyarrow as pa
 
     chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
+    if pa.types.is_boolean(array.type):
+        return np.concatenate([_numpy_bools(c) for c in chunks]) if chunks else np.zeros(0, bool)
     lists = pa.types.is_fixed_size_list(array.type) or pa.types.is_list(array.type) or \
         pa.types.is_large_list(array.type)
     value_type = array.type.value_type if lists else array.type
@@ -83,6 +110,15 @@ def numpy_array(array) -> np.ndarray:
     if len(parts) == 1:
         return parts[0]
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def _numpy_bools(chunk) -> np.ndarray:
+    if chunk.null_count:
+        raise ValueError("numpy_array takes no nulls (bool)")
+    if not len(chunk):  # (an empty array may have no data buffer)
+        return np.zeros(0, bool)
+    bits = np.frombuffer(chunk.buffers()[1], dtype=np.uint8)
+    return np.unpackbits(bits, bitorder="little", count=chunk.offset + len(chunk))[chunk.offset:].astype(bool)
 
 
 def arrow_column(values):

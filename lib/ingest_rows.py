@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hfbatch.batching import prefetch
+from hfbatch.dataset import arrow_array, arrow_strings, numpy_array
 from hfbatch.errors import InputError
 
 # ---- units of work --------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def hash64(column) -> np.ndarray:
     import pyarrow as pa
 
     if pa.types.is_integer(column.type):
-        return column.to_numpy().astype(np.int64, copy=False).view(np.uint64)
+        return numpy_array(column).astype(np.int64, copy=False).view(np.uint64)
     return np.fromiter(map(hash, column.to_pylist()), np.int64, len(column)).view(np.uint64)
 
 
@@ -317,20 +318,22 @@ def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
         bad[:] |= mask
 
     text = table.column(plan.text_column)
-    mark(np.asarray(pc.is_null(text)), "missing_text", f"missing text in column {plan.text_column!r}")
-    empty = pc.or_(pc.equal(pc.binary_length(text), 0), pc.utf8_is_space(text))  # (bytes: no scan)
-    mark(np.asarray(pc.fill_null(empty, False)), "empty_text", f"empty text in column {plan.text_column!r}")
+    mark(numpy_array(pc.is_null(text)), "missing_text", f"missing text in column {plan.text_column!r}")
+    # (the length in bytes: no scan; Arrow scalars, as a Python one would import pandas: hfbatch.dataset)
+    empty = pc.or_(pc.equal(pc.binary_length(text), arrow_array([0], np.int32)[0]), pc.utf8_is_space(text))
+    mark(numpy_array(pc.fill_null(empty, arrow_array([False])[0])), "empty_text",
+         f"empty text in column {plan.text_column!r}")
     if plan.id_source:
         ids = table.column(plan.id_source).cast(plan.schema.field("id").type)
-        mark(np.asarray(pc.is_null(ids)), "missing_id", f"missing id in column {plan.id_source!r}")
+        mark(numpy_array(pc.is_null(ids)), "missing_id", f"missing id in column {plan.id_source!r}")
         candidates = np.flatnonzero(~bad)
-        fresh = state.ids.add_new(hash64(ids.take(pa.array(candidates))))
+        fresh = state.ids.add_new(hash64(ids.take(arrow_array(candidates))))
         duplicate = np.zeros(n, bool)
         duplicate[candidates[~fresh]] = True
         mark(duplicate, "duplicate_id", "duplicate id")
     if bad.any():
-        rows = table.column("__row").to_numpy()
-        for i, row in zip(np.flatnonzero(bad), table.filter(pa.array(bad)).drop_columns(["__row"]).to_pylist()):
+        rows = numpy_array(table.column("__row"))
+        for i, row in zip(np.flatnonzero(bad), table.filter(arrow_array(bad)).drop_columns(["__row"]).to_pylist()):
             source = sources[i].as_py() if sources is not None else name
             kind, reason = reasons[i]
             if kind == "duplicate_id":
@@ -338,7 +341,7 @@ def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
             tally.rejects.append(reject(source, rows[i], kind, reason, json.dumps(row, default=str,
                                                                                    ensure_ascii=False)))
             tally.source(source)["rejects"] += 1
-        table = table.filter(pa.array(~bad))
+        table = table.filter(arrow_array(~bad))
 
     if plan.filter is not None:
         before = table
@@ -346,7 +349,7 @@ def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
         _tally_drop(tally, before, table, "filtered", plan.by_file, name)
     if plan.dedup and table.num_rows:
         before = table
-        table = table.filter(pa.array(state.texts.add_new(hash64(table.column(plan.text_column)))))
+        table = table.filter(arrow_array(state.texts.add_new(hash64(table.column(plan.text_column)))))
         _tally_drop(tally, before, table, "duplicates", plan.by_file, name)
     if plan.limit is not None and state.kept + table.num_rows > plan.limit:
         table = table.slice(0, max(plan.limit - state.kept, 0))
@@ -361,7 +364,8 @@ def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
     elif plan.by_file:
         ids = table.column("__source")
     else:  # SOURCE:ROW, stable across runs (unlike a counter, it does not move when a row before is bad)
-        ids = pc.binary_join_element_wise(name, table.column("__row").cast(pa.string()), ":")
+        prefix, colon = arrow_strings([name, ":"])
+        ids = pc.binary_join_element_wise(prefix, table.column("__row").cast(pa.string()), colon)
     columns = [_cast(ids, plan.schema.field("id"), unit)]
     for f in list(plan.schema)[1:]:
         columns.append(_cast(table.column(f.name), f, unit) if f.name in table.column_names

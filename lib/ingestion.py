@@ -12,12 +12,9 @@ joins the shards memory-mapped and saves them with `save_to_disk`, beside the ro
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import math
 import os
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,16 +155,7 @@ def ingest(sources, output, *, fmt: str = "auto", by: str = "line", json_field: 
               "limit": limit, "sample": sample, "seed": seed if sample is not None else None,
               "streaming": streaming, "shard_size": shard_size.text}
 
-    # `datasets` takes a second of CPU to import and is only needed to publish: import it in a thread,
-    # alongside hashing and parsing (hashlib and pyarrow let go of the GIL). Everything this thread needs
-    # is imported first, so the two never wait on each other's import locks.
-    _import_readers(found.formats)
-    importer = threading.Thread(target=importlib.import_module, args=("datasets",))
-    importer.start()
-    with contextlib.ExitStack() as stack:
-        stack.callback(importer.join)
-        job = stack.enter_context(Job("ingest", output, config=config, files=found.paths, force=force,
-                                      incremental=incremental))
+    with Job("ingest", output, config=config, files=found.paths, force=force, incremental=incremental) as job:
         if job.up_to_date:
             return {"job": "ingest", **job.summary()}
         plan = make_plan(found.paths[0], found.formats[0], json_field, text_column, id_column, columns, rename,
@@ -178,21 +166,10 @@ def ingest(sources, output, *, fmt: str = "auto", by: str = "line", json_field: 
                                  {"dedup": dedup, "limit": limit, "sample": sample}) if job.previous else None
         _write_units(job, units, plan, state, previous, json_field, streaming, reject_limit)
         records = _check_rejects(job, units, reject_limit, final=True)
-        importer.join()
         extra = {"text_column": text_column, "max_rejects": reject_limit.text, "input_bytes": found.input_bytes,
                  "shards_read": len(units), "source_base": str(found.base)}
         work = _publish(job, units, plan, records, extra, sample, seed, shard_size)
         return {"job": "ingest", **job.summary(), **work}
-
-
-def _import_readers(fmts: list[str]) -> None:
-    import pyarrow.compute  # noqa: F401
-    import pyarrow.csv  # noqa: F401
-    import pyarrow.json  # noqa: F401
-
-    import hfbatch.expr  # noqa: F401
-    if "parquet" in fmts:
-        import pyarrow.parquet  # noqa: F401
 
 
 def _write_units(job: Job, units: list[Unit], plan: Plan, state: State, previous: PreviousOutput | None,
@@ -274,9 +251,7 @@ def _publish(job: Job, units: list[Unit], plan: Plan, records: list[dict], extra
              seed: int, shard_bytes: int) -> dict:
     """The finished shards as the output (the `sample` of their rows, when given), with their content hashes
     and, in the manifest, what --incremental needs to carry units over. Returns the rows carried and parsed."""
-    import datasets
-
-    features = datasets.Features.from_arrow_schema(plan.schema)
+    features = output_features(plan.schema)
     work = _work_done(records)
     log.event("ingest", "rows_carried_and_parsed", **work)
     extra = {**extra, "sources": _per_source(records), "schema": schema_dict(plan.schema),
@@ -293,6 +268,19 @@ def _publish(job: Job, units: list[Unit], plan: Plan, records: list[dict], extra
     _write_content_hashes(job, assembly.dir, len(units), plan, keep)
     job.publish(assembly, extra=extra)
     return work
+
+
+def output_features(schema):
+    """The output's features: in `to_dict()` form where hfbatch.dataset maps every column type, so the
+    output is saved with pyarrow alone; else `datasets.Features` (timestamps, dictionaries, large lists)."""
+    from hfbatch.dataset import features_of
+
+    try:
+        return features_of(schema)
+    except TypeError:
+        import datasets
+
+        return datasets.Features.from_arrow_schema(schema)
 
 
 def _block_bytes(unit: Unit, streaming: bool) -> int | None:
@@ -401,7 +389,7 @@ def _write_content_hashes(job: Job, directory: Path, n_units: int, plan: Plan, k
     """DIRECTORY/content_hashes.parquet: id and text hash of each row (of the rows `keep` when sampled)."""
     import pyarrow as pa
 
-    from hfbatch.dataset import memory_mapped_table
+    from hfbatch.dataset import arrow_array, memory_mapped_table
     from hfbatch.hashing import write_hash_file
 
     ids = pa.chunked_array([chunk for i in range(n_units)
@@ -409,5 +397,5 @@ def _write_content_hashes(job: Job, directory: Path, n_units: int, plan: Plan, k
                            plan.schema.field("id").type)
     hashes = np.concatenate([np.load(job.shards.shard_file(i, ".hashes.npy")) for i in range(n_units)])
     if keep is not None:
-        ids, hashes = ids.take(pa.array(keep)), hashes[keep]
+        ids, hashes = ids.take(arrow_array(keep, np.int64)), hashes[keep]
     write_hash_file(directory, ids, hashes, text_column=plan.text_column)

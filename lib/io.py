@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .dataset import arrow_array, arrow_binary, arrow_null, arrow_strings
 from .errors import InputError
 from .runner import read_manifest, require_complete
 
@@ -238,8 +239,8 @@ def _line_rows(data, ends: np.ndarray, first_row: int, n_rows: int) -> pa.Array 
     if len(ends) - blank.sum() != n_rows:
         return None
     if not blank.any():
-        return pa.array(np.arange(first_row, first_row + len(ends), dtype=np.int64))
-    return pa.array(first_row + np.flatnonzero(~blank), pa.int64())
+        return arrow_array(np.arange(first_row, first_row + len(ends), dtype=np.int64))
+    return arrow_array(first_row + np.flatnonzero(~blank), np.int64)
 
 
 def _utf8_ok(table: pa.Table) -> bool:
@@ -265,7 +266,7 @@ def bisect_parse(items: list, rows: list[int], parse: Callable[[list], pa.Table]
             raise pa.ArrowInvalid("several JSON values on one line")
         if not _utf8_ok(table):
             raise pa.ArrowInvalid("undecodable bytes (not UTF-8)")
-        yield table.append_column("__row", pa.array(rows, pa.int64()))
+        yield table.append_column("__row", arrow_array(rows, np.int64))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
         if len(items) == 1:
             message = str(exc).replace("JSON parse error: ", "").split(" in row ")[0]
@@ -458,7 +459,7 @@ def read_text(blocks: Iterator[bytes], source, first_row: int = 1) -> Iterator[B
         lines = [line.rstrip(b"\r") for line, k in zip(lines, keep) if k]
         rejects = []
         try:
-            texts = pa.array(lines, pa.binary()).cast(pa.string())  # the cast checks UTF-8 for all at once
+            texts = arrow_binary(lines).cast(pa.string())  # the cast checks UTF-8 for all at once
         except pa.ArrowInvalid:
             ok = []
             for i, line in enumerate(lines):
@@ -467,10 +468,10 @@ def read_text(blocks: Iterator[bytes], source, first_row: int = 1) -> Iterator[B
                     ok.append(i)
                 except UnicodeDecodeError as exc:
                     rejects.append(reject(source, numbers[i], "undecodable", f"undecodable bytes: {exc}", line))
-            texts = pa.array([lines[i] for i in ok], pa.binary()).cast(pa.string())
+            texts = arrow_binary([lines[i] for i in ok]).cast(pa.string())
             numbers = numbers[np.array(ok, np.int64)]
         row += len(keep)
-        yield Block(pa.table({"text": texts, "__row": pa.array(numbers, pa.int64())}), rejects, row)
+        yield Block(pa.table({"text": texts, "__row": arrow_array(numbers, np.int64)}), rejects, row)
 
 
 def read_documents(paths: list[Path], names: list[str], block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
@@ -498,8 +499,8 @@ def read_documents(paths: list[Path], names: list[str], block_bytes: int = BLOCK
 
 
 def _documents_block(texts: list[str], sources: list[str], rejects: list[dict]) -> Block:
-    table = pa.table({"text": pa.array(texts, pa.string()), "__source": pa.array(sources, pa.string()),
-                      "__row": pa.array([1] * len(texts), pa.int64())})
+    table = pa.table({"text": arrow_strings(texts), "__source": arrow_strings(sources),
+                      "__row": arrow_array(np.ones(len(texts), np.int64))})
     return Block(table, rejects, 2)
 
 
@@ -574,10 +575,10 @@ def _cast_columns(table: pa.Table, schema: pa.Schema, rows: np.ndarray, source) 
                         undecodable[i] = True
                         reasons.setdefault(i, ("undecodable", f"column {f.name!r}: undecodable bytes: {exc}"))
                 bad |= undecodable  # (and null the value, or showing the rejected row would fail too)
-                col = pc.if_else(pa.array(undecodable), pa.scalar(None, pa.string()), col)
+                col = pc.if_else(arrow_array(undecodable), arrow_null(pa.string()), col)
             columns.append(col)
             continue
-        col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)  # empty field: no value
+        col = pc.if_else(pc.equal(col, arrow_strings([""])[0]), arrow_null(pa.string()), col)  # empty field: no value
         try:
             columns.append(col.cast(f.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -590,14 +591,14 @@ def _cast_columns(table: pa.Table, schema: pa.Schema, rows: np.ndarray, source) 
                     values[i] = None
                     reasons.setdefault(i, ("bad_value", f"column {f.name!r}: {value!r} is not {f.type}"))
             columns.append(pa.array(values, pa.string()).cast(f.type))
-    table = pa.Table.from_arrays(columns, schema=schema).append_column("__row", pa.array(rows, pa.int64()))
+    table = pa.Table.from_arrays(columns, schema=schema).append_column("__row", arrow_array(rows, np.int64))
     if not bad.any():
         return table, []
-    rejected = table.filter(pa.array(bad)).to_pylist()
+    rejected = table.filter(arrow_array(bad)).to_pylist()
     rejects = [reject(source, r["__row"], *reasons[i], json.dumps({k: v for k, v in r.items() if k != "__row"},
                                                                    default=str))
                for i, r in zip(np.flatnonzero(bad), rejected)]
-    return table.filter(pa.array(~bad)), rejects
+    return table.filter(arrow_array(~bad)), rejects
 
 
 def _parquet_file(path: Path):
@@ -619,7 +620,7 @@ def read_parquet(path: Path, schema: pa.Schema) -> Iterator[Block]:
     row = 1
     for batch in parquet.iter_batches(batch_size=BLOCK_ROWS, columns=present):
         table = pa.Table.from_batches([batch])
-        table = table.append_column("__row", pa.array(np.arange(row, row + table.num_rows, dtype=np.int64)))
+        table = table.append_column("__row", arrow_array(np.arange(row, row + table.num_rows, dtype=np.int64)))
         row += table.num_rows
         yield Block(table, [], row)
 

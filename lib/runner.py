@@ -842,13 +842,14 @@ class Publisher:
         return assembly
 
     def _save_with_pyarrow(self, records: list[dict], features: dict, rows, limit: int) -> Assembly:
+        import numpy as np
         import pyarrow as pa
 
-        from .dataset import memory_mapped_table, save_table
+        from .dataset import arrow_array, memory_mapped_table, save_table
 
         tables = [memory_mapped_table(self.shards.shard_file(r["shard"])) for r in records if r["rows"] > 0]
         joined = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        table = joined.take(rows) if rows is not None else joined
+        table = joined.take(arrow_array(rows, np.int64)) if rows is not None else joined
         columns = list(features)
         table = table.select(columns) if table.schema.names != columns else table
         tmp = self._tmp_output()
