@@ -7,7 +7,9 @@ The input is cut into units of work, one resumable shard each (see runner.Job, a
 units, the plan and `conform`). A unit is read as a stream of blocks (hfbatch.io); each block is conformed
 and appended to its shard file as it comes, so memory stays flat whatever the input size. With
 `incremental`, the units of unchanged files are carried over instead (hfbatch.ingest_carry). Publishing
-joins the shards memory-mapped and saves them with `save_to_disk`, beside the rows' content hashes.
+makes the shards the data files of a `save_to_disk` layout (hfbatch.dataset, with pyarrow alone: neither
+datasets nor pandas is imported unless a column has a type only datasets maps), beside the rows' content
+hashes.
 """
 
 from __future__ import annotations
