@@ -217,7 +217,8 @@ def main() -> None:
             (vectors, seconds), roof_then = around(lambda: model_gflops(args.model, roof_dtype, seconds=0.4), timed)
             label = f"hfbatch core --precision {precision} (in-process)"
             adjacent_roofs.setdefault(label, []).append(roof_then)
-            add(label, seconds, vectors, f"({embedder.settings['backend']}/{embedder.settings['precision']})")
+            add(label, seconds, vectors, f"({embedder.settings['backend']}/{embedder.settings['precision']}, "
+                             f"{embedder.settings['batch_tokens']}-token batches)")
         return run
 
     systems = [st_fp32, st_ov] + [process(p) for p in precisions] + [core(p) for p in precisions]

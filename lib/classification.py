@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .batching import DEFAULT_BATCH_TOKENS, warn_truncated
+from .batch_tuning import parse_batch_tokens
+from .batching import warn_truncated
 from .embedding import ModelRun
 from .errors import InputError
 from .runner import Job
@@ -17,7 +18,7 @@ from .runner import Job
 
 def classify(dataset, output, *, model, text_column="text", text_pair_column=None, top_k=None, multi_label=False,
              device="auto", devices=None, precision="auto", backend="auto", max_length=None,
-             batch_tokens=DEFAULT_BATCH_TOKENS, shard_rows=10_000, trust_remote_code=False, force=False,
+             batch_tokens="auto", shard_rows=10_000, trust_remote_code=False, force=False,
              executor="local", ray_address=None, num_workers=None,
              gpus_per_worker=None, max_retries=None) -> dict:
     """The classify job: DATASET's text column -> OUTPUT's labels and scores. Takes the command's options
@@ -28,6 +29,7 @@ def classify(dataset, output, *, model, text_column="text", text_pair_column=Non
 
     executor = executor_for(executor, device, devices, ray_address, num_workers, gpus_per_worker,
                             max_retries)  # None: this machine
+    batch_tokens = parse_batch_tokens(batch_tokens)
     model_dir = resolve_model_dir(model)
     head = read_head(model_dir)
     multi_label = multi_label or head["problem_type"] == "multi_label_classification"
@@ -92,7 +94,7 @@ class ClassifyShards:
         self.source, self.tokens = open_tokens("classify", plan.dataset, source_manifest, source, model_dir,
                                                plan.max_length, plan.text_column, plan.text_pair_column,
                                                plan.trust_remote_code)  # tokens: None for a text dataset
-        self.classifier = plan.encoder_run("classify", device)
+        self.classifier = plan.encoder_run("classify", device, rows=len(self.source))
         self.labels = [self.classifier.config.id2label[i] for i in range(self.classifier.dim)]
         self.k = min(plan.top_k, len(self.labels)) if plan.top_k else None
         self.info = {"labels": self.labels, "max_length": self.classifier.max_length, **self.classifier.settings}

@@ -164,6 +164,20 @@ class SizeType(click.ParamType):
             self.fail(exc.message, param, ctx)
 
 
+class BatchTokensType(click.ParamType):
+    """`auto` or a token budget of at least 16 (hfbatch.batch_tuning.parse_batch_tokens)."""
+
+    name = "auto|integer"
+
+    def convert(self, value, param, ctx):
+        from .batch_tuning import parse_batch_tokens
+
+        try:
+            return parse_batch_tokens(value)
+        except InputError as exc:
+            self.fail(exc.message.removeprefix("--batch-tokens "), param, ctx)
+
+
 def output_option(f):
     return click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
                         help="Output directory (published atomically with a manifest.json).")(f)
@@ -297,14 +311,13 @@ def executor_options(f):
 
 def batching_options(f):
     """Options of every job that runs a model over a dataset (embed, classify)."""
-    from .batching import DEFAULT_BATCH_TOKENS
-
     f = click.option("--shard-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
                      help="Rows per resumable shard; inside a shard, finished batches are committed every "
                           "few seconds, so a killed run redoes only the work since then.")(f)
-    f = click.option("--batch-tokens", type=click.IntRange(min=16), default=DEFAULT_BATCH_TOKENS,
-                     show_default=True, help="Tokens per batch, padding included (rows are sorted by length "
-                                             "first).")(f)
+    f = click.option("--batch-tokens", type=BatchTokensType(), default="auto", show_default=True,
+                     help="Tokens per batch, padding included (rows are sorted by length first). auto: on "
+                          "the CPU (OpenVINO), the budget measured fastest for this model on this machine, "
+                          "once, and remembered in the model cache; 2048 elsewhere.")(f)
     return max_length_option(f)
 
 

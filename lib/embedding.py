@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 
 from . import log
+from .batch_tuning import TUNE_MIN_ROWS, parse_batch_tokens
 from .batching import DEFAULT_BATCH_TOKENS, warn_truncated
 from .errors import InputError
 from .hashing import HASH_FILE, SCHEME, read_hash_file, text_hashes, write_hash_file
@@ -24,7 +25,7 @@ class EncoderRun:
     """
 
     def __init__(self, model_dir, *, task="embed", backend="auto", device="auto", precision="auto",
-                 max_length=None, batch_tokens=DEFAULT_BATCH_TOKENS, trust_remote_code=False):
+                 max_length=None, batch_tokens="auto", trust_remote_code=False, tune=True):
         from .model_files import ConfigFile, TokenizerFile
         from .models import effective_max_length, load_tokenization, make_encoder
 
@@ -39,8 +40,27 @@ class EncoderRun:
         self.config = config
         self.encoder, self.settings = make_encoder(model_dir, task=task, backend=backend, device=device,
                                                    precision=precision, trust_remote_code=trust_remote_code)
-        self.batch_tokens = batch_tokens
+        self.batch_tokens = self._batch_tokens(batch_tokens, tune)
+        self.settings["batch_tokens"] = self.batch_tokens
         self.dim = config.num_labels if task == "classify" else config.hidden_size
+
+    def _batch_tokens(self, requested, tune: bool) -> int:
+        """The budget given, or with "auto" the one measured for OpenVINO's graph on this CPU (remembered in
+        its cache: hfbatch.batch_tuning; measured now only with `tune`, else the default until a job has) and
+        the default elsewhere (torch, CUDA)."""
+        from .batch_tuning import probe_rows, tuned_batch_tokens
+        from .batching import run_batches
+
+        budget = parse_batch_tokens(requested)
+        if budget != "auto":
+            return budget
+        engine = getattr(self.encoder, "engine", None)
+        vocab_size = getattr(self.config, "vocab_size", None)
+        if engine is None or not isinstance(vocab_size, int) or vocab_size < 2:  # (no ids to probe with)
+            return DEFAULT_BATCH_TOKENS
+        rows = probe_rows(vocab_size, self.max_length)
+        pad_id = self.tokenizer.pad_token_id or 0
+        return tuned_batch_tokens(engine, lambda b: run_batches(self.encoder, rows, pad_id, b), measure_now=tune)
 
     def tokenize(self, texts, pairs=None):
         """Unpadded ids; `pairs` (second texts) make BERT-style pairs with their token_type_ids."""
@@ -76,17 +96,18 @@ class ModelRun:
     precision: str
     backend: str
     max_length: int | None
-    batch_tokens: int
+    batch_tokens: int | str  # "auto": hfbatch.batch_tuning
     trust_remote_code: bool
     shard_rows: int
 
-    def encoder_run(self, task: str = "embed", device: str | None = None) -> EncoderRun:
-        """The model on `device` (default: the job's --device)."""
+    def encoder_run(self, task: str = "embed", device: str | None = None, rows: int | None = None) -> EncoderRun:
+        """The model on `device` (default: the job's --device), for `rows` rows: fewer than
+        `TUNE_MIN_ROWS` use a remembered --batch-tokens auto budget but do not measure one."""
         from pathlib import Path
 
         return EncoderRun(Path(self.model_dir), task=task, backend=self.backend, device=device or self.device,
                             precision=self.precision, max_length=self.max_length, batch_tokens=self.batch_tokens,
-                            trust_remote_code=self.trust_remote_code)
+                            trust_remote_code=self.trust_remote_code, tune=rows is None or rows >= TUNE_MIN_ROWS)
 
 
 def embeddings_features(id_feature: dict, dim):
@@ -135,7 +156,7 @@ def read_similarity(model_dir) -> str:
 
 
 def embed(dataset, output, *, model=None, text_column="text", device="auto", devices=None, precision="auto",
-          backend="auto", max_length=None, batch_tokens=DEFAULT_BATCH_TOKENS, shard_rows=10_000,
+          backend="auto", max_length=None, batch_tokens="auto", shard_rows=10_000,
           trust_remote_code=False, force=False, incremental=False, num_shards=1, shard_index=0, chunk_tokens=None,
           chunk_overlap=None, executor="local", ray_address=None, num_workers=None, gpus_per_worker=None,
           max_retries=None) -> dict:
@@ -152,6 +173,7 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
                             max_retries)  # None: this machine
     if shard_index >= num_shards:
         raise InputError(f"--shard-index: {shard_index} is not below --num-shards {num_shards}")
+    batch_tokens = parse_batch_tokens(batch_tokens)
     chunking = chunking_config(chunk_tokens, chunk_overlap, incremental)
     model_dir = resolve_model_dir(model)
     similarity = read_similarity(model_dir)  # a broken config is refused before any work
@@ -235,7 +257,7 @@ class EmbedShards:
 
             check_chunk_options(plan.chunking["chunk_tokens"], plan.chunking["chunk_overlap"],
                                 model_content_limit(model_dir, plan.max_length, plan.trust_remote_code))
-        self.encoder = plan.encoder_run("embed", device)
+        self.encoder = plan.encoder_run("embed", device, rows=stop - start)
         if plan.chunking:
             from .chunking import chunk_features
 

@@ -539,7 +539,8 @@ def query_embedder(manifest, *, model, trust_remote_code, device, precision):
     device = choose_device(device)
     settings = manifest.get("embedding_settings") or {}  # max_length is the model's, not the hardware's
     embedder = EncoderRun(model_dir, device=device, precision=query_precision(precision, device),
-                            max_length=settings.get("max_length"), trust_remote_code=trust_remote_code)
+                            max_length=settings.get("max_length"), trust_remote_code=trust_remote_code,
+                            tune=False)  # queries are too few to pay for measuring a batch budget
     if embedder.dim != manifest.get("dim"):
         raise InputError(f"--model {model_dir} makes {embedder.dim}-d vectors but the index holds "
                          f"{manifest['dim']}-d ones")

@@ -1,0 +1,174 @@
+"""`--batch-tokens auto`: the token budget measured on this machine, once per model graph, and remembered.
+
+Which budget is fastest depends on the CPU's caches and matrix unit, not on the model alone. On the 2-core
+AVX512-BF16 EPYC, 1,024 to 4,096 tokens run alike and 2,048 is best (270 docs/s against 256 at 1,024 and 227
+at 512). On the 2-core AMX Xeon, a chain of the encoder's FullyConnected layers ran 2.3x faster at 512
+tokens than at 2,048: there the activations of a 512-token batch stay in the 2 MiB L2, and AMX is fast enough
+for that to count. So no one constant suits both, and the budget is measured where it runs.
+
+The probe runs rows of synthetic token ids the way a job runs them (sorted, padded, every stream in flight:
+hfbatch.batching.run_batches) at each candidate budget, two rounds interleaved, and keeps each candidate's
+fastest round. The rows have one length, so each budget makes batches of one size and a whole number of
+them on every stream: with rows of mixed lengths, 8,000 tokens make so few 2,048-token batches that the
+last one, running alone on one core, made 2,048 look 18% slower on the EPYC than it runs on real text.
+The default stays unless another candidate beats it by more than `MARGIN`: on a shared VM budgets a few
+percent apart swap places from run to run, and on real text a small budget also pays for its 2-4x more
+batches. The result goes beside the model's IR in the OpenVINO cache (`batch-tokens.json`), one entry per
+CPU, matrix features, threads, streams and precision, so later runs (and a resumed one, which must batch
+alike) read it instead of measuring.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from . import log as hfbatch_log
+from .batching import DEFAULT_BATCH_TOKENS, Tokenized
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = (512, 1024, DEFAULT_BATCH_TOKENS)
+MARGIN = 0.10  # another budget must be this much faster than the default to replace it
+PROBE_LENGTH = 128  # twice the probe rows' median length (Debian descriptions': 70 tokens)
+PROBE_TOKENS = 8192  # tokens a round, the same rows at every candidate
+ROUNDS = 2
+TUNING_FILE = "batch-tokens.json"
+TUNE_MIN_ROWS = 1000  # a job over fewer rows uses a remembered budget or the default: the probe (about 2 s
+# for MiniLM on 2 cores, once) would cost more than a better budget could save it
+
+
+def parse_batch_tokens(value) -> int | str:
+    """`"auto"` or a budget of at least 16 tokens (what --batch-tokens and the Python API take)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        budget = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        budget = None
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 16:
+        raise InputError(f"--batch-tokens must be 'auto' or a whole number of at least 16 tokens, not {value!r}")
+    return int(budget)
+
+
+def machine_key(engine) -> str:
+    """What the best budget depends on besides the graph: the CPU, its matrix features, the threads and
+    streams the model was compiled with, and the precision in force."""
+    from .models import cpu_flags
+    from .openvino_backend import get_core
+
+    try:
+        cpu = str(get_core().get_property("CPU", "FULL_DEVICE_NAME"))
+    except Exception:  # pragma: no cover - depends on the OpenVINO build
+        cpu = "cpu"
+    features = ",".join(sorted(cpu_flags() & {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"}))
+    return f"{cpu}|{features}|threads={engine.num_threads}|streams={engine.streams}|{engine.precision}"
+
+
+def probe_rows(vocab_size: int, max_length: int, tokens: int = PROBE_TOKENS) -> Tokenized:
+    """`tokens` worth of rows of `PROBE_LENGTH` token ids (or max_length where that is shorter), from a fixed
+    seed, above the first quarter of the vocabulary where the special tokens sit. Rows of one length make
+    batches of one size at each budget, a whole number of them on every stream, so no budget is favoured
+    by a last batch running alone."""
+    length = min(PROBE_LENGTH, max_length)
+    ids = np.random.default_rng(0).integers(vocab_size // 4, vocab_size, size=(max(1, tokens // length), length))
+    return Tokenized(ids.tolist(), None, 0)
+
+
+def measure(run_at: Callable[[int], object], candidates=CANDIDATES, rounds: int = ROUNDS,
+            clock: Callable[[], float] = time.perf_counter) -> dict[int, float]:
+    """Seconds of `run_at(budget)` (the probe's rows, run as a job runs them) at each candidate budget:
+    each one's fastest of `rounds` interleaved rounds, as a neighbour only ever slows a round down and the
+    first round also pays for the shapes the model sees first."""
+    seconds = {b: float("inf") for b in candidates}
+    for r in range(rounds):
+        for budget in candidates[r % len(candidates):] + candidates[:r % len(candidates)]:
+            start = clock()
+            run_at(budget)
+            seconds[budget] = min(seconds[budget], clock() - start)
+    return seconds
+
+
+def choose(seconds: dict[int, float], default: int = DEFAULT_BATCH_TOKENS, margin: float = MARGIN) -> int:
+    """The fastest budget if it beats `default` by more than `margin`, else `default`."""
+    best = min(seconds, key=seconds.get)
+    if default in seconds and seconds[best] * (1 + margin) >= seconds[default]:
+        return default
+    return best
+
+
+def tuned_batch_tokens(engine, run_at: Callable[[int], object], measure_fn: Callable | None = None,
+                       measure_now: bool = True) -> int:
+    """The budget for this engine's graph on this machine: remembered in the IR's cache entry, or measured
+    now and remembered there (with `measure_now` False: the default, for work too small to pay for it)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(engine.ir_path).parent / TUNING_FILE
+    key = machine_key(engine)
+    known = _read(path).get(key)
+    if known is not None:
+        return int(known["batch_tokens"])
+    if not measure_now:
+        return DEFAULT_BATCH_TOKENS
+    # one process measures while the others (--devices workers on the same CPU) wait, rather than all of
+    # them measuring at once, each slowed by the others
+    try:
+        lock = FileLock(str(path) + ".lock", timeout=600)
+        lock.acquire()
+    except (OSError, Timeout):  # a cache this process may not write (shared, read-only): measure nothing
+        return DEFAULT_BATCH_TOKENS
+    try:
+        known = _read(path).get(key)
+        if known is not None:
+            return int(known["batch_tokens"])
+        started = time.perf_counter()
+        seconds = (measure_fn or measure)(run_at)
+        budget = choose(seconds)
+        entries = _read(path)
+        # (unrounded: the choice can be checked against what is kept)
+        entries[key] = {"batch_tokens": budget, "probe_seconds": {str(b): s for b, s in seconds.items()},
+                        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _write(path, entries)
+    finally:
+        lock.release()
+    hfbatch_log.event("batch_tokens", "measured", chosen=budget, seconds_per_budget=json.dumps(
+        {str(b): round(s, 3) for b, s in seconds.items()}, separators=(",", ":")),
+        probe_s=round(time.perf_counter() - started, 1), remembered_in=str(path))
+    return budget
+
+
+def _read(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {k: v for k, v in entries.items()
+            if isinstance(v, dict) and isinstance(v.get("batch_tokens"), int) and v["batch_tokens"] >= 16}
+
+
+def _write(path: Path, entries: dict) -> None:
+    """Atomically (a reader sees the old file or the new one); best effort, as a lost file only means
+    measuring again."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{TUNING_FILE}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(entries, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        log.debug("could not save %s", path, exc_info=True)
