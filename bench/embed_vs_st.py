@@ -197,7 +197,8 @@ def main() -> None:
             vectors = np.asarray(datasets.load_from_disk(str(out)).with_format("numpy")["embedding"])
             add(f"hfbatch embed --precision {precision} (process)", measured.wall_s, vectors,
                 f"(peak RSS {measured.peak_rss_mb:.0f} MB, CPU {measured.cpu_s:.1f} s, in force "
-                f"{manifest['backend']}/{manifest['precision']}, conversion cache hit "
+                f"{manifest['backend']}/{manifest['precision']}, {manifest.get('batch_tokens')}-token batches, "
+                f"conversion cache hit "
                 f"{manifest.get('openvino', {}).get('cache_hit')}, truncated {manifest['counts'].get('truncated', 0)}"
                 f" at {manifest['max_length']})")
         return run
