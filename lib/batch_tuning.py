@@ -42,8 +42,9 @@ PROBE_LENGTH = 128  # twice the probe rows' median length (Debian descriptions':
 PROBE_TOKENS = 8192  # tokens a round, the same rows at every candidate
 ROUNDS = 2
 TUNING_FILE = "batch-tokens.json"
-TUNE_MIN_ROWS = 1000  # a job over fewer rows uses a remembered budget or the default: the probe (about 2 s
-# for MiniLM on 2 cores, once) would cost more than a better budget could save it
+TUNE_MIN_ROWS = 5000  # a job over fewer rows uses a remembered budget or the default. The probe runs about
+# 49,000 tokens (3 budgets x 2 rounds x 8,192), as many as ~500 rows of ~100 tokens, for any model (its cost
+# and the job's both scale with the model's FLOPs a token): at most a tenth of the first job's work, once
 
 
 def parse_batch_tokens(value) -> int | str:
