@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -158,18 +156,11 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, entries: dict) -> None:
-    """Atomically (a reader sees the old file or the new one); best effort, as a lost file only means
-    measuring again."""
+    """Atomically (hfbatch.runner.write_json_atomic: temp file, fsync, rename; the caller holds the lock, so
+    one writer at a time); best effort, as a lost file only means measuring again."""
+    from .runner import write_json_atomic
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{TUNING_FILE}.tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entries, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_json_atomic(path, entries)
     except OSError:
         log.debug("could not save %s", path, exc_info=True)

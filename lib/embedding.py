@@ -58,9 +58,9 @@ class EncoderRun:
         vocab_size = getattr(self.config, "vocab_size", None)
         if engine is None or not isinstance(vocab_size, int) or vocab_size < 2:  # (no ids to probe with)
             return DEFAULT_BATCH_TOKENS
-        rows = probe_rows(vocab_size, self.max_length)
+        rows = functools.cache(lambda: probe_rows(vocab_size, self.max_length))  # made only if it measures
         pad_id = self.tokenizer.pad_token_id or 0
-        return tuned_batch_tokens(engine, lambda b: run_batches(self.encoder, rows, pad_id, b), measure_now=tune)
+        return tuned_batch_tokens(engine, lambda b: run_batches(self.encoder, rows(), pad_id, b), measure_now=tune)
 
     def tokenize(self, texts, pairs=None):
         """Unpadded ids; `pairs` (second texts) make BERT-style pairs with their token_type_ids."""

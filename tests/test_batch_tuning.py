@@ -88,7 +88,7 @@ def test_the_budget_is_measured_once_per_machine_and_remembered_beside_the_ir(tm
     assert tuned_batch_tokens(other, "RUN", measure_fn=lambda r: {512: 1.0, 1024: 1.0, 2048: 1.0}) == 2048
     assert sorted(e["batch_tokens"] for e in json.loads((tmp_path / "entry" / TUNING_FILE).read_text()).values()) \
         == [512, 2048]
-    assert not list((tmp_path / "entry").glob(f".{TUNING_FILE}.tmp-*"))  # written through a temp file, renamed
+    assert not list((tmp_path / "entry").glob(f".{TUNING_FILE}.tmp*"))  # written through a temp file, renamed
 
 
 def test_without_measuring_an_unknown_machine_gets_the_default_and_nothing_is_written(tmp_path):
