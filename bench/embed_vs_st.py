@@ -206,7 +206,9 @@ def main() -> None:
     # The roof of this machine moves: on the 2-core AMX VM the same bf16 product ran at ~1,000 GFLOP/s for
     # half an hour and at ~2,100 in another (what shares the core's matrix unit changes). So each core run is
     # also set against the roof measured just before and just after it (the better of the two).
-    adjacent_roofs: dict[str, list[float]] = {}
+    # Each against the roof of the precision in force: an fp32 run against the fp32 roof is the figure a CPU
+    # without bf16 (which runs fp32 by default) would give.
+    adjacent_roofs: dict[str, tuple[str, list[float]]] = {}
 
     def core(precision):
         def timed():
@@ -215,9 +217,10 @@ def main() -> None:
 
         def run():
             embedder = cores[precision]
-            (vectors, seconds), roof_then = around(lambda: model_gflops(args.model, roof_dtype, seconds=0.4), timed)
+            dtype = "bfloat16" if embedder.settings["precision"] == "bf16" else "float32"
+            (vectors, seconds), roof_then = around(lambda: model_gflops(args.model, dtype, seconds=0.4), timed)
             label = f"hfbatch core --precision {precision} (in-process)"
-            adjacent_roofs.setdefault(label, []).append(roof_then)
+            adjacent_roofs.setdefault(label, (dtype, []))[1].append(roof_then)
             add(label, seconds, vectors, f"({embedder.settings['backend']}/{embedder.settings['precision']}, "
                              f"{embedder.settings['batch_tokens']}-token batches)")
         return run
@@ -269,11 +272,11 @@ def main() -> None:
     if ov_key not in rows:
         print("(ST backend=openvino was skipped: see the note above)")
     print(f"roof measured {roof['gflops']:.0f} GFLOP/s (the best of the start and the end of the run)")
-    for label, roofs in adjacent_roofs.items():
+    for label, (dtype, roofs) in adjacent_roofs.items():
         shares = [len(texts) / secs * roof["flops_per_doc"] / 1e9 / g for secs, g in zip(rows[label]["seconds"], roofs)]
-        summary[label]["adjacent_roofs_gflops"], summary[label]["of_adjacent_roof"] = roofs, shares
-        print(f"{label}: {statistics.median(shares):.0%} [{min(shares):.0%}-{max(shares):.0%}] of the roof measured "
-              f"just before and after each of its runs ({', '.join(f'{g:.0f}' for g in roofs)} GFLOP/s)")
+        summary[label].update(adjacent_roof_dtype=dtype, adjacent_roofs_gflops=roofs, of_adjacent_roof=shares)
+        print(f"{label}: {statistics.median(shares):.0%} [{min(shares):.0%}-{max(shares):.0%}] of the {dtype} roof "
+              f"measured just before and after each of its runs ({', '.join(f'{g:.0f}' for g in roofs)} GFLOP/s)")
     line, matmul_only = matmul_only_line(roof, args.model, texts)
     print(line)
     profile = op_profile(args.model, profile_sample(texts))

@@ -49,6 +49,23 @@ def test_bf16_classifier_runs_its_head_in_f32(classifier, tmp_path):
     assert enc.dim == 5
 
 
+@pytest.mark.skipif(not ob.cpu_has_bf16(), reason="the CPU has no native bf16: everything runs in f32")
+@pytest.mark.parametrize("rows", [3, 17])
+def test_the_f32_head_runs_on_padded_rows_and_gives_each_row_its_own_logits(classifier, tmp_path, rows):
+    """The head sees batches padded to a multiple of HEAD_ROWS (few shapes for the plugin to set up), and
+    every real row's logits are those of the head run on the unpadded batch."""
+    enc = ob.OpenVINOEncoder(classifier, task="classify", precision="bf16", cache_dir=tmp_path)
+    ids, mask = np.resize(IDS, (rows, IDS.shape[1])), np.resize(MASK, (rows, IDS.shape[1]))
+    logits = enc.run(ids, mask)
+    assert enc._head_request.get_input_tensor(0).shape[0] == -(-rows // ob.HEAD_ROWS) * ob.HEAD_ROWS
+    hidden = np.array(enc.compiled.create_infer_request().infer(enc._inputs(ids, mask))[0])
+    unpadded = np.array(enc._head.create_infer_request().infer({ob.HEAD_INPUT: hidden})[0])
+    assert logits.shape == (rows, 5)
+    np.testing.assert_allclose(logits, unpadded, rtol=1e-6, atol=1e-7)
+    # and the same rows in another batch size give the same logits
+    np.testing.assert_allclose(enc.run(ids[:2], mask[:2]), logits[:2], rtol=1e-6, atol=1e-7)
+
+
 def test_classifier_last_layer_computes_the_first_token_only(classifier, tmp_path):
     """The cached graph's last layer runs on the first token, and gives the whole graph's logits."""
     xml, _ = ob.get_ir(classifier, task="classify", cache_dir=tmp_path)
