@@ -129,6 +129,8 @@ def main() -> int:
         sys.exit(f"{CORPUS} not found")
     from hfbatch.ingestion import STREAMING_THRESHOLD
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)  # a new folder is fine: the run's dir goes in it
     work = Path(tempfile.mkdtemp(prefix="hfbatch-bench-", dir=args.workdir))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "HF_DATASETS_CACHE": str(work / "hf-cache"), "PYTHONUNBUFFERED": "1"}
