@@ -167,12 +167,10 @@ def main() -> None:
         print(f"model: {model_note}; {len(texts)} docs; max_length {max_length}; {os.cpu_count()} CPUs",
               flush=True)
 
-        from cpu_roof import ceiling, describe, model_gflops, op_profile, op_profile_line, profile_sample
+        from cpu_roof import ceiling, describe, model_gflops, op_profile, op_profile_line, profile_sample, roof_dtype
 
-        from hfbatch.models import cpu_has_bf16
-
-        roof_dtype = "bfloat16" if cpu_has_bf16() else "float32"
-        roof_before = model_gflops(model_dir, roof_dtype)  # and again at the end: the best of the two counts
+        default_dtype = roof_dtype()
+        roof_before = model_gflops(model_dir, default_dtype)  # and again at the end: the best of the two counts
         rounds: dict[str, list[float]] = {}
         kept = {}
 
@@ -194,7 +192,7 @@ def main() -> None:
                 system(r)
         reference, default, settings, exact = (kept["pipeline"][0], kept["hfbatch_default"][0],
                                                kept["hfbatch_default"][2], kept["hfbatch_fp32"][0])
-        roof = ceiling(model_dir, texts, roof_dtype, also_measured=roof_before)
+        roof = ceiling(model_dir, texts, default_dtype, also_measured=roof_before)
         profile = op_profile(model_dir, profile_sample(texts), task="classify")
 
     figures = {name: statistics.median(seconds) for name, seconds in rounds.items()}

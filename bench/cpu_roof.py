@@ -102,6 +102,16 @@ def token_lengths(model_dir, texts: list[str], max_length: int | None = None) ->
     return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
 
 
+def roof_dtype(precision: str | None = None) -> str:
+    """The torch dtype whose matmul roof a run at `precision` ("bf16" or "fp32", as hfbatch reports the one
+    in force) is judged against; None: the precision hfbatch runs by default on this CPU."""
+    if precision is None:
+        from hfbatch.models import cpu_has_bf16
+
+        precision = "bf16" if cpu_has_bf16() else "fp32"
+    return "bfloat16" if precision == "bf16" else "float32"
+
+
 def model_gflops(model_dir, dtype: str = "float32", seconds: float = 1.5) -> float:
     from transformers import AutoConfig
 
@@ -235,7 +245,7 @@ def op_profile(model_dir, texts: list[str], task: str = "embed", batch_tokens: i
     # the FLOPs this graph computes: fewer where its last layer runs on the first token only
     narrowed = read_meta(engine.ir_path).get("last_layer") == "first token"
     flops = encoder_flops(config, lengths, narrowed)
-    dtype = "bfloat16" if engine.precision == "bf16" else "float32"
+    dtype = roof_dtype(engine.precision)
 
     def one_pass(snippets: str) -> dict:
         settings = {k: v for k, v in engine.config.items() if k != "CACHE_DIR"}  # a compile of its own

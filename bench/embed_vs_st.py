@@ -141,10 +141,11 @@ def main() -> None:
         op_profile,
         op_profile_line,
         profile_sample,
+        roof_dtype,
     )
 
-    roof_dtype = "bfloat16" if cpu_has_bf16() else "float32"
-    roof_before = model_gflops(args.model, roof_dtype)  # and again at the end: the best of the two counts
+    default_dtype = roof_dtype()
+    roof_before = model_gflops(args.model, default_dtype)  # and again at the end: the best of the two counts
 
     def add(label, seconds, vectors, note=""):
         row = rows.setdefault(label, {"seconds": [], "vectors": vectors, "note": note, "load_avg": []})
@@ -217,7 +218,7 @@ def main() -> None:
 
         def run():
             embedder = cores[precision]
-            dtype = "bfloat16" if embedder.settings["precision"] == "bf16" else "float32"
+            dtype = roof_dtype(embedder.settings["precision"])
             (vectors, seconds), roof_then = around(lambda: model_gflops(args.model, dtype, seconds=0.4), timed)
             label = f"hfbatch core --precision {precision} (in-process)"
             adjacent_roofs.setdefault(label, (dtype, []))[1].append(roof_then)
@@ -240,7 +241,7 @@ def main() -> None:
 
     ref_key, ov_key = "ST fp32 (batch 32)", "ST backend=openvino (batch 32)"
     ref = rows[ref_key]["vectors"]
-    roof = ceiling(args.model, texts, roof_dtype, also_measured=roof_before)
+    roof = ceiling(args.model, texts, default_dtype, also_measured=roof_before)
 
     def rate(label, r):
         return len(texts) / rows[label]["seconds"][r]

@@ -116,3 +116,15 @@ def test_a_first_token_last_layer_counts_only_what_it_computes():
     assert projection_flops(config, lengths) - projection_flops(config, lengths, True) == \
         2 * (tokens - len(lengths)) * (h * h + 2 * h * i)
     assert attention_flops(config, lengths) - attention_flops(config, lengths, True) == 4 * h * (squares - tokens)
+
+
+def test_a_run_is_judged_against_the_roof_of_its_own_precision():
+    """bench/cpu_roof.roof_dtype: bf16 against the bf16 matmul, fp32 against the fp32 one, and by default
+    the precision hfbatch runs on this CPU."""
+    from cpu_roof import roof_dtype
+
+    from hfbatch.models import cpu_has_bf16
+
+    assert roof_dtype("bf16") == "bfloat16"
+    assert roof_dtype("fp32") == "float32"
+    assert roof_dtype() == ("bfloat16" if cpu_has_bf16() else "float32")
