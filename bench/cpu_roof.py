@@ -14,6 +14,7 @@ embed_vs_st.py and classify_vs_pipeline.py print the same ceiling beside their m
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -230,7 +231,7 @@ def op_profile(model_dir, texts: list[str], task: str = "embed", batch_tokens: i
 
     from transformers import AutoConfig
 
-    from hfbatch.batching import budget_batches, pad
+    from hfbatch.batching import budget_batches, pad, padded_width
     from hfbatch.embedding import EncoderRun
     from hfbatch.models import engine_arrays
     from hfbatch.openvino_backend import get_core, read_meta
@@ -240,7 +241,10 @@ def op_profile(model_dir, texts: list[str], task: str = "embed", batch_tokens: i
     engine = run.encoder.engine
     tokenized = run.tokenize(texts)
     lengths = np.fromiter((len(s) for s in tokenized.input_ids), dtype=np.int64, count=len(tokenized))
-    padded = (pad(tokenized, rows, run.tokenizer.pad_token_id or 0) for rows in budget_batches(lengths, batch_tokens))
+    # padded as the jobs pad them (the multiple hfbatch.batch_tuning remembered for this graph and CPU)
+    width = functools.partial(padded_width, multiple=run.pad_multiple, max_width=run.max_length)
+    padded = (pad(tokenized, rows, run.tokenizer.pad_token_id or 0, width)
+              for rows in budget_batches(lengths, batch_tokens, width))
     feeds = [engine._inputs(*engine_arrays(b)) for b in padded]
     # the FLOPs this graph computes: fewer where its last layer runs on the first token only
     narrowed = read_meta(engine.ir_path).get("last_layer") == "first token"
@@ -274,7 +278,8 @@ def op_profile(model_dir, texts: list[str], task: str = "embed", batch_tokens: i
               "attention": fused["by_type"].get("attention", 0.0)}
     groups["rest"] = sum(fused["by_type"].values()) - groups["matmuls"] - groups["attention"]
     softmax = unfused["by_type"].get("Softmax", 0.0)
-    return {"dtype": dtype, "docs": len(texts), "batches": len(feeds), "roof_1thread_gflops": roof,
+    return {"dtype": dtype, "docs": len(texts), "batches": len(feeds), "pad_multiple": run.pad_multiple,
+            "roof_1thread_gflops": roof,
             "first_token_last_layer": narrowed, "flops_of_full_forward": flops / encoder_flops(config, lengths),
             "of_roof": flops / fused["wall_s"] / 1e9 / roof, "groups_s": groups,
             "by_type_s": fused["by_type"], "unfused_by_type_s": unfused["by_type"],
@@ -298,7 +303,8 @@ def op_profile_line(p: dict) -> str:
     narrowed = "" if not p.get("first_token_last_layer") else (
         f" (its last layer on the first token only: {p['flops_of_full_forward']:.0%} of a full forward's FLOPs, "
         f"the figures here count those it computes)")
-    return (f"OpenVINO's own per-op counters, 1 thread, {p['docs']} docs in {p['batches']} batches{narrowed}: "
+    return (f"OpenVINO's own per-op counters, 1 thread, {p['docs']} docs in {p['batches']} batches (padded to "
+            f"a multiple of {p.get('pad_multiple', 1)}){narrowed}: "
             f"{p['of_roof']:.0%} of the 1-thread {p['dtype']} roof ({p['roof_1thread_gflops']:.0f} GFLOP/s); time in "
             f"matmuls {g['matmuls'] / total:.0%} (at {p['matmul_gflops']:.0f} GFLOP/s), attention "
             f"{g['attention'] / total:.0%}, the rest {g['rest'] / total:.0%}. With every matmul and the whole "

@@ -2,9 +2,16 @@
 
 Which budget is fastest depends on the CPU's caches and matrix unit, not on the model alone. On the 2-core
 AVX512-BF16 EPYC, 1,024 to 4,096 tokens run alike and 2,048 is best (270 docs/s against 256 at 1,024 and 227
-at 512). On the 2-core AMX Xeon, a chain of the encoder's FullyConnected layers ran 2.3x faster at 512
+at 512). On one 2-core AMX Xeon, a chain of the encoder's FullyConnected layers ran 2.3x faster at 512
 tokens than at 2,048: there the activations of a 512-token batch stay in the 2 MiB L2, and AMX is fast enough
-for that to count. So no one constant suits both, and the budget is measured where it runs.
+for that to count (on another, the whole model ran best at 2,048: 424 docs/s against 412 at 1,024 and 372 at
+512). So no one constant suits every CPU, and the budget is measured where it runs.
+
+The same goes for the width a batch is padded to. On that second AMX Xeon, bf16 runs 15-20% faster a token
+at widths of 16k than at 16k + 4 to 16k + 12 (the fused attention and the tiles work in blocks of 16), so
+padding each batch up to a multiple of 16 makes real text 7% faster; in fp32 it only adds tokens (4%
+slower). `tuned_pad_multiple` measures the same rows unpadded and padded, once, and remembers the choice
+beside the budget.
 
 The probe runs rows of synthetic token ids the way a job runs them (sorted, padded, every stream in flight:
 hfbatch.batching.run_batches) at each candidate budget, two rounds interleaved, and keeps each candidate's
@@ -40,6 +47,11 @@ PROBE_LENGTH = 128  # twice the probe rows' median length (Debian descriptions':
 PROBE_TOKENS = 8192  # tokens a round, the same rows at every candidate
 ROUNDS = 2
 TUNING_FILE = "batch-tokens.json"
+PAD_MULTIPLE = 16  # on the AMX Xeon a width of 16k runs 15-20% faster a token than 16k + 8: AMX tiles are
+# 16 rows, and so is an AVX-512 register of f32. Whether padding up to it pays is measured, as the budget is
+PAD_PROBE_LENGTH = 120  # 16k + 8: halfway, where that Xeon runs slowest a token
+PAD_MARGIN = 0.03  # padded must be this much faster than unpadded (it already pays for 6.7% more tokens)
+PAD_ROUNDS = 3
 TUNE_MIN_ROWS = 5000  # a job over fewer rows uses a remembered budget or the default. The probe runs about
 # 49,000 tokens (3 budgets x 2 rounds x 8,192), as many as ~500 rows of ~100 tokens, for any model (its cost
 # and the job's both scale with the model's FLOPs a token): at most a tenth of the first job's work, once
@@ -108,40 +120,86 @@ def tuned_batch_tokens(engine, run_at: Callable[[int], object], measure_fn: Call
                        measure_now: bool = True) -> int:
     """The budget for this engine's graph on this machine: remembered in the IR's cache entry, or measured
     now and remembered there (with `measure_now` False: the default, for work too small to pay for it)."""
+    def probe():
+        seconds = (measure_fn or measure)(run_at)
+        budget = choose(seconds)
+        # (unrounded: the choice can be checked against what is kept)
+        return budget, {"batch_tokens": budget, "probe_seconds": {str(b): s for b, s in seconds.items()}}
+
+    return _remembered(engine, "batch_tokens", DEFAULT_BATCH_TOKENS, probe, measure_now)
+
+
+def pad_probe_length(max_length: int) -> int | None:
+    """The pad probe's row length: `PAD_MULTIPLE // 2` tokens short of a multiple of `PAD_MULTIPLE` (120, or
+    less where max_length is under 128); None where max_length leaves no such width."""
+    length = min(PAD_PROBE_LENGTH, max_length // PAD_MULTIPLE * PAD_MULTIPLE - PAD_MULTIPLE // 2)
+    return length if length >= PAD_MULTIPLE // 2 else None
+
+
+def pad_probe_batches(vocab_size: int, length: int, batch_tokens: int, streams: int) -> list[np.ndarray]:
+    """The pad probe's batches: two per stream (so none runs alone), each of as many rows of `length` synthetic
+    ids (fixed seed, above the first quarter of the vocabulary) as the budget holds at the padded width. The
+    same rows run unpadded and padded: whether padding pays is a question about the same rows."""
+    width = -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+    rows = max(1, batch_tokens // width)
+    rng = np.random.default_rng(1)
+    return [rng.integers(vocab_size // 4, vocab_size, size=(rows, length)) for _ in range(2 * max(1, streams))]
+
+
+def choose_pad(seconds: dict[int, float], margin: float = PAD_MARGIN) -> int:
+    """`PAD_MULTIPLE` if the probe rows padded to it ran more than `margin` faster than unpadded, else 1."""
+    return PAD_MULTIPLE if seconds[PAD_MULTIPLE] * (1 + margin) < seconds[1] else 1
+
+
+def tuned_pad_multiple(engine, run_with: Callable[[int], object], measure_fn: Callable | None = None,
+                       measure_now: bool = True) -> int:
+    """The multiple of tokens batches are padded to for this engine's graph on this machine: remembered
+    beside its budget, or measured now by `run_with(multiple)` (the pad probe's rows, run at 1 and at
+    `PAD_MULTIPLE`) and remembered. 1 (no padding beyond the longest row) where nothing is remembered and
+    nothing may be measured."""
+    def probe():
+        seconds = (measure_fn or measure)(run_with, candidates=(1, PAD_MULTIPLE), rounds=PAD_ROUNDS)
+        multiple = choose_pad(seconds)
+        return multiple, {"pad_multiple": multiple, "pad_probe_seconds": {str(m): s for m, s in seconds.items()}}
+
+    return _remembered(engine, "pad_multiple", 1, probe, measure_now)
+
+
+def _remembered(engine, field: str, default: int, probe: Callable[[], tuple[int, dict]], measure_now: bool) -> int:
+    """`field` of this engine's entry in its tuning file; else, with `measure_now`, `probe()`'s choice,
+    merged into the entry and remembered; else `default`."""
     from filelock import FileLock, Timeout
 
     path = Path(engine.ir_path).parent / TUNING_FILE
     key = machine_key(engine)
-    known = _read(path).get(key)
+    known = _read(path).get(key, {}).get(field)
     if known is not None:
-        return int(known["batch_tokens"])
+        return int(known)
     if not measure_now:
-        return DEFAULT_BATCH_TOKENS
+        return default
     # one process measures while the others (--devices workers on the same CPU) wait, rather than all of
     # them measuring at once, each slowed by the others
     try:
         lock = FileLock(str(path) + ".lock", timeout=600)
         lock.acquire()
     except (OSError, Timeout):  # a cache this process may not write (shared, read-only): measure nothing
-        return DEFAULT_BATCH_TOKENS
+        return default
     try:
-        known = _read(path).get(key)
+        known = _read(path).get(key, {}).get(field)
         if known is not None:
-            return int(known["batch_tokens"])
+            return int(known)
         started = time.perf_counter()
-        seconds = (measure_fn or measure)(run_at)
-        budget = choose(seconds)
+        chosen, record = probe()
         entries = _read(path)
-        # (unrounded: the choice can be checked against what is kept)
-        entries[key] = {"batch_tokens": budget, "probe_seconds": {str(b): s for b, s in seconds.items()},
-                        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        entries[key] = {**entries.get(key, {}), **record, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _write(path, entries)
     finally:
         lock.release()
-    hfbatch_log.event("batch_tokens", "measured", chosen=budget, seconds_per_budget=json.dumps(
-        {str(b): round(s, 3) for b, s in seconds.items()}, separators=(",", ":")),
+    seconds = next(v for k, v in record.items() if k.endswith("probe_seconds"))
+    hfbatch_log.event(field, "measured", chosen=chosen, seconds_per_candidate=json.dumps(
+        {k: round(s, 3) for k, s in seconds.items()}, separators=(",", ":")),
         probe_s=round(time.perf_counter() - started, 1), remembered_in=str(path))
-    return budget
+    return chosen
 
 
 def _read(path: Path) -> dict:
@@ -152,7 +210,8 @@ def _read(path: Path) -> dict:
     if not isinstance(entries, dict):
         return {}
     return {k: v for k, v in entries.items()
-            if isinstance(v, dict) and isinstance(v.get("batch_tokens"), int) and v["batch_tokens"] >= 16}
+            if isinstance(v, dict) and isinstance(v.get("batch_tokens"), int) and v["batch_tokens"] >= 16
+            and v.get("pad_multiple", 1) in (1, PAD_MULTIPLE)}
 
 
 def _write(path: Path, entries: dict) -> None:

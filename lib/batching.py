@@ -4,6 +4,7 @@ run the model, restore the input order. One copy of this serves embed, classify 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,21 +68,34 @@ def warn_truncated(job, max_length: int) -> None:
                  hint="raise --max-length if the model allows it")
 
 
-def budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Row indices grouped longest-first so that rows × longest row ≤ batch_tokens (at least one row)."""
+def padded_width(longest: int, multiple: int = 1, max_width: int | None = None) -> int:
+    """The width a batch whose longest row is `longest` is padded to: the next multiple of `multiple`, but
+    never past `max_width` (the model's max_length: positions beyond it have no embedding) nor below
+    `longest`."""
+    if multiple <= 1:
+        return longest
+    width = -(-longest // multiple) * multiple
+    return max(longest, width if max_width is None else min(width, max_width))
+
+
+def budget_batches(lengths: np.ndarray, batch_tokens: int, width: Callable[[int], int] = lambda n: n
+                   ) -> list[np.ndarray]:
+    """Row indices grouped longest-first so that rows × padded width ≤ batch_tokens (at least one row);
+    `width(longest)` is the width the batch is padded to (hfbatch.batching.padded_width)."""
     order = np.argsort(-lengths, kind="stable")
     batches, start = [], 0
     while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
+        longest = max(width(int(lengths[order[start]])), 1)
         rows = max(1, batch_tokens // longest)
         batches.append(order[start:start + rows])
         start += rows
     return batches
 
 
-def pad(tokenized: Tokenized, rows: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+def pad(tokenized: Tokenized, rows: np.ndarray, pad_id: int, width: Callable[[int], int] = lambda n: n
+        ) -> dict[str, np.ndarray]:
     seqs = [tokenized.input_ids[i] for i in rows]
-    width = max(len(s) for s in seqs)
+    width = width(max(len(s) for s in seqs))
     input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(seqs), width), dtype=np.int64)
     for r, seq in enumerate(seqs):
@@ -99,21 +113,26 @@ def pad(tokenized: Tokenized, rows: np.ndarray, pad_id: int) -> dict[str, np.nda
 
 def run_batches(forward: Callable[[dict[str, np.ndarray]], np.ndarray], tokenized: Tokenized, pad_id: int,
                 batch_tokens: int = DEFAULT_BATCH_TOKENS, on_batch: Callable[[int], None] | None = None,
-                parts: ShardParts | None = None) -> np.ndarray:
+                parts: ShardParts | None = None, pad_multiple: int = 1, max_width: int | None = None
+                ) -> np.ndarray:
     """`forward(batch) -> [rows, dim]` over length-sorted budget batches; the result is in input order.
+    Each batch is padded to a multiple of `pad_multiple` tokens, up to `max_width` (hfbatch.batch_tuning says
+    where that pays: on the AMX Xeon a width of 16k runs 15-20% faster a token than 16k + 8).
 
     With `parts` (a shard's hfbatch.parts.ShardParts) the batches an earlier, killed attempt committed are
     taken from its parts instead of computed, and finished batches are committed every few seconds."""
     if len(tokenized) == 0:
         return np.zeros((0, 0), dtype=np.float32)
     lengths = np.fromiter((len(s) for s in tokenized.input_ids), dtype=np.int64, count=len(tokenized))
-    batches = budget_batches(lengths, batch_tokens)
+    width = functools.partial(padded_width, multiple=pad_multiple, max_width=max_width)
+    batches = budget_batches(lengths, batch_tokens, width)
     out = None
     resumed = None
     if parts is not None:
         from .parts import plan_key
 
-        resumed = parts.start(batches, lambda: plan_key(batches, tokenized.input_ids, tokenized.token_type_ids))
+        resumed = parts.start(batches, lambda: plan_key(batches, tokenized.input_ids, tokenized.token_type_ids,
+                                                          pad_multiple))
     if resumed is not None:
         rows, values = resumed
         out = np.empty((len(tokenized),) + values.shape[1:], dtype=np.float32)
@@ -121,7 +140,7 @@ def run_batches(forward: Callable[[dict[str, np.ndarray]], np.ndarray], tokenize
         if on_batch is not None:
             on_batch(len(rows))
     todo = [(b, rows) for b, rows in enumerate(batches) if parts is None or b not in parts.done_batches]
-    padded = (pad(tokenized, rows, pad_id) for _, rows in todo)
+    padded = (pad(tokenized, rows, pad_id, width) for _, rows in todo)
     # an encoder with `map` (OpenVINO) keeps several batches in flight; results come in order either way
     results = forward.map(padded) if hasattr(forward, "map") else map(forward, padded)
     try:

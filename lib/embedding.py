@@ -41,7 +41,9 @@ class EncoderRun:
         self.encoder, self.settings = make_encoder(model_dir, task=task, backend=backend, device=device,
                                                    precision=precision, trust_remote_code=trust_remote_code)
         self.batch_tokens = self._batch_tokens(batch_tokens, tune)
+        self.pad_multiple = self._pad_multiple(batch_tokens, tune)
         self.settings["batch_tokens"] = self.batch_tokens
+        self.settings["pad_multiple"] = self.pad_multiple
         self.dim = config.num_labels if task == "classify" else config.hidden_size
 
     def _batch_tokens(self, requested, tune: bool) -> int:
@@ -62,6 +64,32 @@ class EncoderRun:
         pad_id = self.tokenizer.pad_token_id or 0
         return tuned_batch_tokens(engine, lambda b: run_batches(self.encoder, rows(), pad_id, b), measure_now=tune)
 
+    def _pad_multiple(self, requested, tune: bool) -> int:
+        """The multiple of tokens each batch is padded to: the one remembered for OpenVINO's graph on this
+        CPU (hfbatch.batch_tuning), measured now with `--batch-tokens auto` and `tune`, else 1 (torch, CUDA)."""
+        import numpy as np
+
+        from .batch_tuning import pad_probe_batches, pad_probe_length, tuned_pad_multiple
+        from .batching import padded_width
+
+        engine = getattr(self.encoder, "engine", None)
+        vocab_size = getattr(self.config, "vocab_size", None)
+        if engine is None or not isinstance(vocab_size, int) or vocab_size < 2:
+            return 1
+        length = pad_probe_length(self.max_length)
+        # (made only if it measures)
+        ids = functools.cache(lambda: pad_probe_batches(vocab_size, length, self.batch_tokens, engine.streams))
+
+        def run_with(multiple):
+            width = padded_width(length, multiple, self.max_length)
+            batches = [{"input_ids": np.pad(b, ((0, 0), (0, width - length)), constant_values=pad_id),
+                        "attention_mask": np.pad(np.ones_like(b), ((0, 0), (0, width - length)))} for b in ids()]
+            list(self.encoder.map(batches))
+
+        pad_id = self.tokenizer.pad_token_id or 0
+        measure = tune and parse_batch_tokens(requested) == "auto" and length is not None
+        return tuned_pad_multiple(engine, run_with, measure_now=measure)
+
     def tokenize(self, texts, pairs=None):
         """Unpadded ids; `pairs` (second texts) make BERT-style pairs with their token_type_ids."""
         from .batching import tokenize
@@ -78,7 +106,7 @@ class EncoderRun:
         if len(tokenized) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         return run_batches(self.encoder, tokenized, self.tokenizer.pad_token_id or 0, self.batch_tokens,
-                           on_batch, parts)
+                           on_batch, parts, self.pad_multiple, self.max_length)
 
     def __call__(self, texts):
         return self.run(self.tokenize(texts))

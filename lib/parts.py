@@ -63,12 +63,15 @@ def part_seconds() -> float | None:
     return seconds
 
 
-def plan_key(batches: list, input_ids, token_type_ids=None) -> str:
+def plan_key(batches: list, input_ids, token_type_ids=None, pad_multiple: int = 1) -> str:
     """What a part's values depend on besides the job's fingerprint: the batches (which rows, in which
-    order and grouping) and the token ids the model sees. A part of another plan is never used."""
+    order and grouping), the widths they are padded to and the token ids the model sees. A part of another
+    plan is never used."""
     import numpy as np
 
     digest = hashlib.sha256()
+    if pad_multiple != 1:  # (left out at 1, so plans made before padding was tunable keep their keys)
+        digest.update(f"pad_multiple={pad_multiple}".encode())
     digest.update(np.asarray([len(b) for b in batches], dtype=np.int64).tobytes())
     for rows in batches:
         digest.update(np.asarray(rows, dtype=np.int64).tobytes())

@@ -12,8 +12,19 @@ import pytest
 from conftest import invoke, manifest, write_jsonl
 
 from hfbatch import batch_tuning
-from hfbatch.batch_tuning import CANDIDATES, TUNING_FILE, choose, measure, parse_batch_tokens, tuned_batch_tokens
-from hfbatch.batching import DEFAULT_BATCH_TOKENS
+from hfbatch.batch_tuning import (
+    CANDIDATES,
+    PAD_MARGIN,
+    PAD_MULTIPLE,
+    TUNING_FILE,
+    choose,
+    choose_pad,
+    measure,
+    parse_batch_tokens,
+    tuned_batch_tokens,
+    tuned_pad_multiple,
+)
+from hfbatch.batching import DEFAULT_BATCH_TOKENS, padded_width
 from hfbatch.errors import InputError
 
 
@@ -123,30 +134,38 @@ def test_probe_rows_make_equal_batches_at_every_candidate():
 
 
 def test_auto_measures_the_openvino_graph_once_and_changes_no_vector(tiny_model, tmp_path, monkeypatch):
-    """The real probe on a tiny model's OpenVINO graph: it writes its measurements beside the IR, a second
-    EncoderRun reads them, and the vectors equal those of the budget it chose given by hand (fp32: exact)."""
+    """The real probe on a tiny model's OpenVINO graph: it writes its measurements (the budget's, then the
+    padding's) beside the IR, a second EncoderRun reads them, and the vectors equal those of the budget it
+    chose given by hand (fp32: exact)."""
     from hfbatch.embedding import EncoderRun
 
     monkeypatch.setenv("HFBATCH_CACHE_DIR", str(tmp_path / "cache"))
     measured = []
     real_measure = batch_tuning.measure
-    monkeypatch.setattr(batch_tuning, "measure", lambda run_at: measured.append(1) or real_measure(run_at))
+    def counted(run_at, **kw):
+        measured.append(kw.get("candidates", CANDIDATES))
+        return real_measure(run_at, **kw)
+
+    monkeypatch.setattr(batch_tuning, "measure", counted)
     auto = EncoderRun(tiny_model, backend="openvino", precision="fp32")
-    assert measured == [1]
+    assert measured == [CANDIDATES, (1, PAD_MULTIPLE)]
     stored = json.loads((auto.encoder.engine.ir_path.parent / TUNING_FILE).read_text())
     (entry,) = stored.values()
     assert set(entry["probe_seconds"]) == {str(b) for b in CANDIDATES}
     assert all(s > 0 for s in entry["probe_seconds"].values())
     assert auto.batch_tokens == entry["batch_tokens"] == auto.settings["batch_tokens"]
     assert auto.batch_tokens == choose({int(b): s for b, s in entry["probe_seconds"].items()})
+    assert set(entry["pad_probe_seconds"]) == {"1", str(PAD_MULTIPLE)}
+    assert auto.pad_multiple == entry["pad_multiple"] == auto.settings["pad_multiple"]
+    assert auto.pad_multiple == choose_pad({int(m): s for m, s in entry["pad_probe_seconds"].items()})
 
     again = EncoderRun(tiny_model, backend="openvino", precision="fp32")
-    assert measured == [1] and again.batch_tokens == auto.batch_tokens
+    assert len(measured) == 2 and (again.batch_tokens, again.pad_multiple) == (auto.batch_tokens, auto.pad_multiple)
     texts = [f"package {i} " + "data file tool " * (i % 23) for i in range(300)]
     given = EncoderRun(tiny_model, backend="openvino", precision="fp32", batch_tokens=auto.batch_tokens)
     assert np.array_equal(auto(texts), given(texts))
     small = EncoderRun(tiny_model, backend="openvino", precision="fp32", batch_tokens=64)
-    assert small.settings["batch_tokens"] == 64 and measured == [1]  # a given budget measures nothing
+    assert small.settings["batch_tokens"] == 64 and len(measured) == 2  # a given budget measures nothing
     np.testing.assert_allclose(small(texts), given(texts), atol=1e-5)
 
 
@@ -165,7 +184,8 @@ def test_the_cli_records_the_budget_and_refuses_a_bad_one(tiny_model, tmp_path, 
     monkeypatch.setenv("HFBATCH_CACHE_DIR", str(tmp_path / "cache"))
     measured = []
     real_measure = batch_tuning.measure
-    monkeypatch.setattr(batch_tuning, "measure", lambda run_at: measured.append(1) or real_measure(run_at))
+    monkeypatch.setattr(batch_tuning, "measure",
+                        lambda run_at, **kw: measured.append(1) or real_measure(run_at, **kw))
     write_jsonl(tmp_path / "small.jsonl", [{"id": i, "text": f"chess game {i}"} for i in range(20)])
     invoke(runner, ["ingest", tmp_path / "small.jsonl", "-o", tmp_path / "small"])
     for bad in ("8", "lots"):
@@ -183,6 +203,7 @@ def test_the_cli_records_the_budget_and_refuses_a_bad_one(tiny_model, tmp_path, 
     invoke(runner, ["embed", tmp_path / "small", "-o", tmp_path / "emb2", "--model", tiny_model,
                     "--backend", "openvino"])
     assert manifest(tmp_path / "emb2")["batch_tokens"] == DEFAULT_BATCH_TOKENS and measured == []
+    assert manifest(tmp_path / "emb2")["pad_multiple"] == 1
     assert not list((tmp_path / "cache").rglob(TUNING_FILE))
     # a job of TUNE_MIN_ROWS rows measures, once, and records what it chose
     rows = [{"id": i, "text": f"chess game {i}"} for i in range(batch_tuning.TUNE_MIN_ROWS)]
@@ -191,11 +212,14 @@ def test_the_cli_records_the_budget_and_refuses_a_bad_one(tiny_model, tmp_path, 
     invoke(runner, ["embed", tmp_path / "big", "-o", tmp_path / "emb3", "--model", tiny_model, "--backend", "openvino"])
     (tuning,) = (tmp_path / "cache").rglob(TUNING_FILE)
     (entry,) = json.loads(tuning.read_text()).values()
-    assert measured == [1] and manifest(tmp_path / "emb3")["batch_tokens"] == entry["batch_tokens"]
+    # (the budget's probe, then the padding's)
+    assert measured == [1, 1] and manifest(tmp_path / "emb3")["batch_tokens"] == entry["batch_tokens"]
+    assert manifest(tmp_path / "emb3")["pad_multiple"] == entry["pad_multiple"]
     # and now that it is known, a small job uses it too
     invoke(runner, ["embed", tmp_path / "small", "-o", tmp_path / "emb4", "--model", tiny_model,
                     "--backend", "openvino"])
-    assert measured == [1] and manifest(tmp_path / "emb4")["batch_tokens"] == entry["batch_tokens"]
+    assert measured == [1, 1] and manifest(tmp_path / "emb4")["batch_tokens"] == entry["batch_tokens"]
+    assert manifest(tmp_path / "emb4")["pad_multiple"] == entry["pad_multiple"]
 
 
 def test_a_pipeline_step_takes_batch_tokens_as_a_number_or_auto(tmp_path, tiny_model, runner):
@@ -230,3 +254,94 @@ def test_a_cache_it_may_not_write_gets_the_default_and_no_error(tmp_path, monkey
     engine = fake_engine(tmp_path)
     assert tuned_batch_tokens(engine, "RUN", measure_fn=lambda r: pytest.fail("measured")) == DEFAULT_BATCH_TOKENS
     assert not (tmp_path / "entry" / TUNING_FILE).exists()
+
+
+def test_padded_width_rounds_up_within_the_models_length():
+    assert [padded_width(n, 16, 256) for n in (1, 16, 17, 120, 128, 250, 256)] == [16, 16, 32, 128, 128, 256, 256]
+    assert padded_width(250, 16, 250) == 250  # never past max_length (positions beyond it have no embedding)
+    assert padded_width(251, 16, 250) == 251  # nor below the longest row (tokens from a longer max_length)
+    assert padded_width(120, 1, 256) == 120 and padded_width(5, 16) == 16
+
+
+def test_run_batches_pads_to_the_multiple_and_keeps_the_budget_and_every_row():
+    """Padding changes the widths, the budget's rows per batch and the plan's key, never a row's result
+    (here a function of a row's own unmasked ids: equal to the bit)."""
+    from hfbatch.batching import Tokenized, run_batches
+    from hfbatch.parts import plan_key
+
+    rng = np.random.default_rng(3)
+    ids = [list(rng.integers(5, 90, size=n)) for n in rng.integers(1, 91, size=300)]
+    tokenized = Tokenized(ids, None, 0)
+    shapes = {}
+
+    def forward(multiple):
+        def run(batch):
+            shapes.setdefault(multiple, []).append(batch["input_ids"].shape)
+            mask = batch["attention_mask"]
+            assert np.all(batch["input_ids"][mask == 0] == 0)
+            return np.stack([(batch["input_ids"] * mask).sum(1), mask.sum(1)], axis=1).astype(np.float32)
+        return run
+
+    plain = run_batches(forward(1), tokenized, 0, 400)
+    padded = run_batches(forward(16), tokenized, 0, 400, pad_multiple=16, max_width=90)
+    assert np.array_equal(plain, padded)
+    assert plain[:, 1].tolist() == [len(s) for s in ids] and plain[:, 0].tolist() == [sum(s) for s in ids]
+    assert all(w % 16 == 0 or w == 90 for _, w in shapes[16]) and any(w % 16 for _, w in shapes[1])
+    assert all(b * w <= 400 for b, w in shapes[16]) and sum(b for b, _ in shapes[16]) == len(ids)
+    assert plan_key([[0, 1]], ids[:2], None, 1) == plan_key([[0, 1]], ids[:2])  # older parts keep their key
+    assert plan_key([[0, 1]], ids[:2], None, 16) != plan_key([[0, 1]], ids[:2])
+
+
+def test_padding_is_chosen_only_where_it_pays_and_remembered_beside_the_budget(tmp_path):
+    assert choose_pad({1: 1.0, PAD_MULTIPLE: 0.9}) == PAD_MULTIPLE
+    assert choose_pad({1: 1.0, PAD_MULTIPLE: 1 / (1 + PAD_MARGIN)}) == 1  # at the margin: unpadded
+    assert choose_pad({1: 1.0, PAD_MULTIPLE: 1.07}) == 1  # what a CPU without the saw-tooth gives
+    engine = fake_engine(tmp_path)
+    path = engine.ir_path.parent / TUNING_FILE
+    key = batch_tuning.machine_key(engine)
+    # an entry written before padding was measured: the budget is kept, the padding measured and merged
+    path.write_text(json.dumps({key: {"batch_tokens": 1024, "probe_seconds": {"1024": 0.5}}}))
+    calls = []
+
+    def fake_measure(run_with, candidates, rounds):
+        calls.append((candidates, rounds))
+        return {1: 1.0, PAD_MULTIPLE: 0.9}
+
+    assert tuned_pad_multiple(engine, "RUN", measure_fn=fake_measure, measure_now=False) == 1
+    assert calls == [] and "pad_multiple" not in json.loads(path.read_text())[key]
+    assert tuned_pad_multiple(engine, "RUN", measure_fn=fake_measure) == PAD_MULTIPLE
+    entry = json.loads(path.read_text())[key]
+    assert calls == [((1, PAD_MULTIPLE), batch_tuning.PAD_ROUNDS)]
+    assert entry["batch_tokens"] == 1024 and entry["pad_multiple"] == PAD_MULTIPLE
+    assert entry["pad_probe_seconds"] == {"1": 1.0, str(PAD_MULTIPLE): 0.9}
+    assert tuned_pad_multiple(engine, "RUN", measure_fn=lambda *a, **k: pytest.fail("measured")) == PAD_MULTIPLE
+    assert tuned_batch_tokens(engine, "RUN", measure_fn=lambda *a, **k: pytest.fail("measured")) == 1024
+    # a damaged value is measured again, not trusted
+    path.write_text(json.dumps({key: {**entry, "pad_multiple": 7}}))
+    assert tuned_pad_multiple(engine, "RUN", measure_fn=fake_measure) == PAD_MULTIPLE and len(calls) == 2
+
+
+def test_pad_probe_rows_fit_the_model_and_the_budget():
+    assert batch_tuning.pad_probe_length(256) == 120 and batch_tuning.pad_probe_length(128) == 120
+    assert batch_tuning.pad_probe_length(64) == 56 and batch_tuning.pad_probe_length(15) is None
+    batches = batch_tuning.pad_probe_batches(100, 120, 2048, streams=2)
+    assert len(batches) == 4 and all(b.shape == (16, 120) for b in batches)  # 16 rows of 128 fill 2,048
+    assert all(b.min() >= 25 and b.max() < 100 for b in batches)
+
+
+def test_padded_batches_give_the_same_vectors_and_logits_on_openvino(tiny_model, tiny_model_factory, tmp_path,
+                                                                     monkeypatch):
+    """What padding to 16 does to a real graph: the padded positions are masked, so fp32 outputs are the
+    unpadded ones (to float32 rounding: the kernels' blocking moves with the width)."""
+    from hfbatch.embedding import EncoderRun
+
+    monkeypatch.setenv("HFBATCH_CACHE_DIR", str(tmp_path / "cache"))
+    texts = [f"package {i} " + "data file tool " * (i % 23) for i in range(200)]
+    classifier = tiny_model_factory("tiny-cls-3", pooling=None, num_labels=3)
+    for model, task in ((tiny_model, "embed"), (classifier, "classify")):
+        run = EncoderRun(model, task=task, backend="openvino", precision="fp32", batch_tokens=512)
+        tokenized = run.tokenize(texts)
+        run.pad_multiple = 1
+        plain = run.run(tokenized)
+        run.pad_multiple = PAD_MULTIPLE
+        np.testing.assert_allclose(run.run(tokenized), plain, atol=2e-6, rtol=1e-5)
