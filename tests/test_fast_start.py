@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 pytest.importorskip("openvino")
 
+import hfbatch.model_files as model_files  # noqa: E402
 import hfbatch.openvino_backend as ob  # noqa: E402
 from hfbatch.batching import tokenize  # noqa: E402
 from hfbatch.model_files import ConfigFile, TokenizerFile  # noqa: E402
@@ -39,13 +41,22 @@ def test_tokenizer_file_split_over_threads_keeps_ids_order_and_cut_rows(tiny_mod
     from hfbatch.batching import truncation_flags
 
     monkeypatch.setattr(ob, "available_cpus", lambda: 3)
+    # 64 rows a thread instead of 256, so 301 rows make three threads: the pairs of 800-character rows cut
+    # at 16 tokens cost the tokenizer ~0.5 ms a row, in transformers' call as in this one
+    monkeypatch.setattr(model_files, "ROWS_PER_TOKENIZER_THREAD", 64)
     hf, light = load_tokenizer(tiny_model), TokenizerFile.load(tiny_model)
-    texts = [f"{TEXTS[i % len(TEXTS)]} row {i} " + "word " * (i % 23) for i in range(1001)]  # not a multiple of 3
+    texts = [f"{TEXTS[i % len(TEXTS)]} row {i} " + "word " * (i % 23) for i in range(301)]  # not a multiple of 3
+    calls = []
+    real_encode = light.backend_tokenizer.encode_batch_fast
+    kept = ("enable_truncation", "no_truncation", "encode_batch")
+    monkeypatch.setattr(light, "backend_tokenizer", SimpleNamespace(
+        **{name: getattr(light.backend_tokenizer, name) for name in kept},
+        encode_batch_fast=lambda inputs, **kw: calls.append(len(inputs)) or real_encode(inputs, **kw)))
     pairs = texts[::-1]
     for max_length in (16, 64):
         ids = hf(texts, truncation=True, max_length=max_length)["input_ids"]
         encoded = light(texts, truncation=True, max_length=max_length)
-        assert encoded["input_ids"] == ids
+        assert encoded["input_ids"] == ids and calls[-3:] == [101, 101, 99]  # three threads' parts
         assert encoded["truncated"] == truncation_flags(hf, texts, None, ids, max_length)
         assert 0 < sum(encoded["truncated"]) < len(texts)
         a, b = tokenize(hf, texts, max_length, pairs), tokenize(light, texts, max_length, pairs)
