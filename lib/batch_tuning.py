@@ -172,9 +172,9 @@ def _remembered(engine, field: str, default: int, probe: Callable[[], tuple[int,
 
     path = Path(engine.ir_path).parent / TUNING_FILE
     key = machine_key(engine)
-    known = _read(path).get(key, {}).get(field)
+    known = _known(path, key, field)
     if known is not None:
-        return int(known)
+        return known
     if not measure_now:
         return default
     # one process measures while the others (--devices workers on the same CPU) wait, rather than all of
@@ -185,9 +185,9 @@ def _remembered(engine, field: str, default: int, probe: Callable[[], tuple[int,
     except (OSError, Timeout):  # a cache this process may not write (shared, read-only): measure nothing
         return default
     try:
-        known = _read(path).get(key, {}).get(field)
+        known = _known(path, key, field)
         if known is not None:
-            return int(known)
+            return known
         started = time.perf_counter()
         chosen, record = probe()
         entries = _read(path)
@@ -209,9 +209,20 @@ def _read(path: Path) -> dict:
         return {}
     if not isinstance(entries, dict):
         return {}
-    return {k: v for k, v in entries.items()
-            if isinstance(v, dict) and isinstance(v.get("batch_tokens"), int) and v["batch_tokens"] >= 16
-            and v.get("pad_multiple", 1) in (1, PAD_MULTIPLE)}
+    return {k: v for k, v in entries.items() if isinstance(v, dict) and _valid("batch_tokens", v.get("batch_tokens"))}
+
+
+def _valid(field: str, value) -> bool:
+    """A remembered value that can be used: a budget of at least 16 tokens, a pad multiple of 1 or
+    `PAD_MULTIPLE` (anything else is measured again)."""
+    if type(value) is not int:  # (not a bool, a float or a string)
+        return False
+    return value >= 16 if field == "batch_tokens" else value in (1, PAD_MULTIPLE)
+
+
+def _known(path: Path, key: str, field: str) -> int | None:
+    value = _read(path).get(key, {}).get(field)
+    return value if _valid(field, value) else None
 
 
 def _write(path: Path, entries: dict) -> None:

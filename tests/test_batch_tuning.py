@@ -316,9 +316,13 @@ def test_padding_is_chosen_only_where_it_pays_and_remembered_beside_the_budget(t
     assert entry["pad_probe_seconds"] == {"1": 1.0, str(PAD_MULTIPLE): 0.9}
     assert tuned_pad_multiple(engine, "RUN", measure_fn=lambda *a, **k: pytest.fail("measured")) == PAD_MULTIPLE
     assert tuned_batch_tokens(engine, "RUN", measure_fn=lambda *a, **k: pytest.fail("measured")) == 1024
-    # a damaged value is measured again, not trusted
-    path.write_text(json.dumps({key: {**entry, "pad_multiple": 7}}))
-    assert tuned_pad_multiple(engine, "RUN", measure_fn=fake_measure) == PAD_MULTIPLE and len(calls) == 2
+    # a damaged value is measured again, not trusted, and the budget beside it is kept
+    for damaged in (7, True, "16", 16.0):
+        path.write_text(json.dumps({key: {**entry, "pad_multiple": damaged}}))
+        assert tuned_pad_multiple(engine, "RUN", measure_fn=fake_measure) == PAD_MULTIPLE
+        assert tuned_pad_multiple(engine, "RUN", measure_fn=lambda *a, **k: pytest.fail("again")) == PAD_MULTIPLE
+        assert json.loads(path.read_text())[key]["batch_tokens"] == 1024
+    assert len(calls) == 5
 
 
 def test_pad_probe_rows_fit_the_model_and_the_budget():
