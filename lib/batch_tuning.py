@@ -52,9 +52,11 @@ PAD_MULTIPLE = 16  # on the AMX Xeon a width of 16k runs 15-20% faster a token t
 PAD_PROBE_LENGTH = 120  # 16k + 8: halfway, where that Xeon runs slowest a token
 PAD_MARGIN = 0.03  # padded must be this much faster than unpadded (it already pays for 6.7% more tokens)
 PAD_ROUNDS = 3
-TUNE_MIN_ROWS = 5000  # a job over fewer rows uses a remembered budget or the default. The probe runs about
-# 49,000 tokens (3 budgets x 2 rounds x 8,192), as many as ~500 rows of ~100 tokens, for any model (its cost
-# and the job's both scale with the model's FLOPs a token): at most a tenth of the first job's work, once
+TUNE_MIN_ROWS = 5000  # a job over fewer rows uses a remembered budget or the default. The budget's probe runs
+# about 49,000 tokens (3 budgets x 2 rounds x 8,192) and the padding's about 47,000 more (2 widths x 3 rounds x
+# 2 batches a stream of 16 rows of 120-128 tokens, on 2 streams): together as many as ~1,000 rows of ~100
+# tokens, for any model (its cost and the job's both scale with the model's FLOPs a token): at most a fifth of
+# the first job's work, once
 
 
 def parse_batch_tokens(value) -> int | str:
