@@ -124,11 +124,9 @@ def tuned_batch_tokens(engine, run_at: Callable[[int], object], measure_fn: Call
     now and remembered there (with `measure_now` False: the default, for work too small to pay for it)."""
     def probe():
         seconds = (measure_fn or measure)(run_at)
-        budget = choose(seconds)
-        # (unrounded: the choice can be checked against what is kept)
-        return budget, {"batch_tokens": budget, "probe_seconds": {str(b): s for b, s in seconds.items()}}
+        return choose(seconds), seconds
 
-    return _remembered(engine, "batch_tokens", DEFAULT_BATCH_TOKENS, probe, measure_now)
+    return _remembered(engine, "batch_tokens", "probe_seconds", DEFAULT_BATCH_TOKENS, probe, measure_now)
 
 
 def pad_probe_length(max_length: int) -> int | None:
@@ -138,14 +136,18 @@ def pad_probe_length(max_length: int) -> int | None:
     return length if length >= PAD_MULTIPLE // 2 else None
 
 
-def pad_probe_batches(vocab_size: int, length: int, batch_tokens: int, streams: int) -> list[np.ndarray]:
-    """The pad probe's batches: two per stream (so none runs alone), each of as many rows of `length` synthetic
-    ids (fixed seed, above the first quarter of the vocabulary) as the budget holds at the padded width. The
-    same rows run unpadded and padded: whether padding pays is a question about the same rows."""
-    width = -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
-    rows = max(1, batch_tokens // width)
-    rng = np.random.default_rng(1)
-    return [rng.integers(vocab_size // 4, vocab_size, size=(rows, length)) for _ in range(2 * max(1, streams))]
+def pad_probe_batches(vocab_size: int, length: int, batch_tokens: int, streams: int
+                      ) -> tuple[Tokenized, list[np.ndarray]]:
+    """The pad probe's rows and batches: two batches per stream (so none runs alone), each of as many rows of
+    `length` synthetic ids (fixed seed, above the first quarter of the vocabulary) as the budget holds at the
+    padded width. The same rows run unpadded and padded: whether padding pays is a question about the same
+    rows."""
+    from .batching import padded_width
+
+    rows = max(1, batch_tokens // padded_width(length, PAD_MULTIPLE))
+    batches = 2 * max(1, streams)
+    ids = np.random.default_rng(1).integers(vocab_size // 4, vocab_size, size=(rows * batches, length))
+    return Tokenized(ids.tolist(), None, 0), np.split(np.arange(rows * batches), batches)
 
 
 def choose_pad(seconds: dict[int, float], margin: float = PAD_MARGIN) -> int:
@@ -161,15 +163,16 @@ def tuned_pad_multiple(engine, run_with: Callable[[int], object], measure_fn: Ca
     nothing may be measured."""
     def probe():
         seconds = (measure_fn or measure)(run_with, candidates=(1, PAD_MULTIPLE), rounds=PAD_ROUNDS)
-        multiple = choose_pad(seconds)
-        return multiple, {"pad_multiple": multiple, "pad_probe_seconds": {str(m): s for m, s in seconds.items()}}
+        return choose_pad(seconds), seconds
 
-    return _remembered(engine, "pad_multiple", 1, probe, measure_now)
+    return _remembered(engine, "pad_multiple", "pad_probe_seconds", 1, probe, measure_now)
 
 
-def _remembered(engine, field: str, default: int, probe: Callable[[], tuple[int, dict]], measure_now: bool) -> int:
-    """`field` of this engine's entry in its tuning file; else, with `measure_now`, `probe()`'s choice,
-    merged into the entry and remembered; else `default`."""
+def _remembered(engine, field: str, seconds_field: str, default: int,
+                probe: Callable[[], tuple[int, dict[int, float]]], measure_now: bool) -> int:
+    """`field` of this engine's entry in its tuning file; else, with `measure_now`, the choice `probe()`
+    returns, merged into the entry with its seconds per candidate (as `seconds_field`) and remembered; else
+    `default`."""
     from filelock import FileLock, Timeout
 
     path = Path(engine.ir_path).parent / TUNING_FILE
@@ -191,15 +194,16 @@ def _remembered(engine, field: str, default: int, probe: Callable[[], tuple[int,
         if known is not None:
             return known
         started = time.perf_counter()
-        chosen, record = probe()
+        chosen, seconds = probe()
         entries = _read(path)
-        entries[key] = {**entries.get(key, {}), **record, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        # (unrounded: the choice can be checked against what is kept)
+        entries[key] = {**entries.get(key, {}), field: chosen, seconds_field: {str(c): s for c, s in seconds.items()},
+                        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _write(path, entries)
     finally:
         lock.release()
-    seconds = next(v for k, v in record.items() if k.endswith("probe_seconds"))
     hfbatch_log.event(field, "measured", chosen=chosen, seconds_per_candidate=json.dumps(
-        {k: round(s, 3) for k, s in seconds.items()}, separators=(",", ":")),
+        {str(c): round(s, 3) for c, s in seconds.items()}, separators=(",", ":")),
         probe_s=round(time.perf_counter() - started, 1), remembered_in=str(path))
     return chosen
 

@@ -56,39 +56,46 @@ class EncoderRun:
         budget = parse_batch_tokens(requested)
         if budget != "auto":
             return budget
-        engine = getattr(self.encoder, "engine", None)
-        vocab_size = getattr(self.config, "vocab_size", None)
-        if engine is None or not isinstance(vocab_size, int) or vocab_size < 2:  # (no ids to probe with)
+        engine, vocab_size = self._tunable()
+        if engine is None:
             return DEFAULT_BATCH_TOKENS
         rows = functools.cache(lambda: probe_rows(vocab_size, self.max_length))  # made only if it measures
-        pad_id = self.tokenizer.pad_token_id or 0
-        return tuned_batch_tokens(engine, lambda b: run_batches(self.encoder, rows(), pad_id, b), measure_now=tune)
+        return tuned_batch_tokens(engine, lambda b: run_batches(self.encoder, rows(), self._pad_id, b),
+                                  measure_now=tune)
 
     def _pad_multiple(self, requested, tune: bool) -> int:
         """The multiple of tokens each batch is padded to: the one remembered for OpenVINO's graph on this
         CPU (hfbatch.batch_tuning), measured now with `--batch-tokens auto` and `tune`, else 1 (torch, CUDA)."""
-        import numpy as np
-
         from .batch_tuning import pad_probe_batches, pad_probe_length, tuned_pad_multiple
-        from .batching import padded_width
+        from .batching import pad, padded_width
 
-        engine = getattr(self.encoder, "engine", None)
-        vocab_size = getattr(self.config, "vocab_size", None)
-        if engine is None or not isinstance(vocab_size, int) or vocab_size < 2:
+        engine, vocab_size = self._tunable()
+        if engine is None:
             return 1
         length = pad_probe_length(self.max_length)
         # (made only if it measures)
-        ids = functools.cache(lambda: pad_probe_batches(vocab_size, length, self.batch_tokens, engine.streams))
+        probe = functools.cache(lambda: pad_probe_batches(vocab_size, length, self.batch_tokens, engine.streams))
 
         def run_with(multiple):
-            width = padded_width(length, multiple, self.max_length)
-            batches = [{"input_ids": np.pad(b, ((0, 0), (0, width - length)), constant_values=pad_id),
-                        "attention_mask": np.pad(np.ones_like(b), ((0, 0), (0, width - length)))} for b in ids()]
-            list(self.encoder.map(batches))
+            tokenized, batches = probe()
+            width = functools.partial(padded_width, multiple=multiple, max_width=self.max_length)
+            list(self.encoder.map(pad(tokenized, rows, self._pad_id, width) for rows in batches))
 
-        pad_id = self.tokenizer.pad_token_id or 0
         measure = tune and parse_batch_tokens(requested) == "auto" and length is not None
         return tuned_pad_multiple(engine, run_with, measure_now=measure)
+
+    def _tunable(self):
+        """(OpenVINO engine, vocabulary size) where batching can be measured on this CPU, else (None, None):
+        torch and CUDA, or a config without a vocabulary to make probe ids from."""
+        engine = getattr(self.encoder, "engine", None)
+        vocab_size = getattr(self.config, "vocab_size", None)
+        if engine is None or not isinstance(vocab_size, int) or vocab_size < 2:
+            return None, None
+        return engine, vocab_size
+
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
 
     def tokenize(self, texts, pairs=None):
         """Unpadded ids; `pairs` (second texts) make BERT-style pairs with their token_type_ids."""
@@ -105,8 +112,8 @@ class EncoderRun:
 
         if len(tokenized) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return run_batches(self.encoder, tokenized, self.tokenizer.pad_token_id or 0, self.batch_tokens,
-                           on_batch, parts, self.pad_multiple, self.max_length)
+        return run_batches(self.encoder, tokenized, self._pad_id, self.batch_tokens, on_batch, parts,
+                           self.pad_multiple, self.max_length)
 
     def __call__(self, texts):
         return self.run(self.tokenize(texts))

@@ -328,9 +328,10 @@ def test_padding_is_chosen_only_where_it_pays_and_remembered_beside_the_budget(t
 def test_pad_probe_rows_fit_the_model_and_the_budget():
     assert batch_tuning.pad_probe_length(256) == 120 and batch_tuning.pad_probe_length(128) == 120
     assert batch_tuning.pad_probe_length(64) == 56 and batch_tuning.pad_probe_length(15) is None
-    batches = batch_tuning.pad_probe_batches(100, 120, 2048, streams=2)
-    assert len(batches) == 4 and all(b.shape == (16, 120) for b in batches)  # 16 rows of 128 fill 2,048
-    assert all(b.min() >= 25 and b.max() < 100 for b in batches)
+    tokenized, batches = batch_tuning.pad_probe_batches(100, 120, 2048, streams=2)
+    assert [len(b) for b in batches] == [16] * 4  # 16 rows of 128 fill 2,048; two batches a stream
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(tokenized))) == list(range(64))
+    assert all(len(row) == 120 and 25 <= min(row) and max(row) < 100 for row in tokenized.input_ids)
 
 
 def test_padded_batches_give_the_same_vectors_and_logits_on_openvino(tiny_model, tiny_model_factory, tmp_path,
