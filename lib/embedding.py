@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import log
 from .batch_tuning import TUNE_MIN_ROWS, parse_batch_tokens
@@ -29,6 +30,7 @@ class EncoderRun:
         from .model_files import ConfigFile, TokenizerFile
         from .models import effective_max_length, load_tokenization, make_encoder
 
+        model_dir = Path(model_dir)  # callers pass str or Path; the model-file readers join paths onto it
         # tokenizer.json and config.json read without transformers where they can be (the same ids), so
         # the OpenVINO path never imports torch
         tokenizer = TokenizerFile.load(model_dir, trust_remote_code)

@@ -87,3 +87,14 @@ def test_bad_options_raise_input_error(tmp_path, dataset, tiny_model, classifier
     with pytest.raises(InputError, match="body"):
         hfbatch.classification.classify(str(dataset), str(tmp_path / "c"), model=str(classifier), text_column="body")
     assert not (tmp_path / "e").exists() and not (tmp_path / "c").exists()
+
+
+def test_encoder_run_takes_a_str_model_dir(tiny_model):
+    """The in-process engine (what search embeds queries with, and the benches use) takes the model directory
+    as str as well as Path, with the same vectors."""
+    texts = ["a chess game", "a text editor for the console", "x"]
+    by_path = hfbatch.embedding.EncoderRun(tiny_model, backend="torch", precision="fp32")
+    by_str = hfbatch.embedding.EncoderRun(str(tiny_model), backend="torch", precision="fp32")
+    a, b = by_path.run(by_path.tokenize(texts)), by_str.run(by_str.tokenize(texts))
+    assert a.shape == (3, 32)
+    assert (a == b).all()
