@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from hfbatch.cli import (
+    Number,
     dataset_command,
     executor_options,
     force_option,
@@ -35,12 +36,12 @@ from hfbatch.generation import generate as run_generate
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--do-sample/--greedy", default=False, show_default=True,
               help="Sample (with --temperature, --top-k, --top-p) or take the most likely token.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--temperature", type=Number(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample among the K most likely tokens (0 = all).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--top-p", type=Number(0, 1, min_open=True), default=1.0, show_default=True,
               help="Sample among the most likely tokens whose probabilities add up to P (nucleus sampling).")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--repetition-penalty", type=Number(min=0, min_open=True), default=1.0, show_default=True,
               help="Divide the scores of tokens already in the prompt or the generation (1 = off; the CTRL "
                    "penalty transformers uses).")
 @click.option("--num-return-sequences", type=click.IntRange(min=1), default=1, show_default=True,

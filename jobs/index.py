@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from hfbatch.cli import SizeType, force_option, json_summary, output_option
+from hfbatch.cli import Number, SizeType, force_option, json_summary, output_option
 from hfbatch.lexical import DEFAULT_LANGUAGE, LANGUAGES
 
 
@@ -26,7 +26,7 @@ from hfbatch.lexical import DEFAULT_LANGUAGE, LANGUAGES
 @click.option("--shards", type=click.IntRange(1, 4096), default=1, show_default=True,
               help="Build the index as N shards over row ranges (each trained on the same sample, buildable on "
                    "its own), merged into one: answers as a one-piece build does. Not for hnsw.")
-@click.option("--target-recall", type=click.FloatRange(0.01, 1.0), default=0.95, show_default=True,
+@click.option("--target-recall", type=Number(0.01, 1.0), default=0.95, show_default=True,
               help="recall@10 against exact search that nprobe/efSearch are tuned to reach.")
 @force_option
 @click.option("--incremental", is_flag=True,

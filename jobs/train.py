@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from hfbatch.cli import (
+    Number,
     dataset_command,
     device_option,
     force_option,
@@ -32,11 +33,11 @@ from hfbatch.cli import (
               help="causal-lm with --from-config: the tokenizer (e.g. made by `hfbatch train-tokenizer`).")
 @click.option("--block-size", type=click.IntRange(min=2), default=128, show_default=True,
               help="causal-lm: tokens per training block (texts packed, separated by EOS).")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True,
+@click.option("--epochs", type=Number(min=0, min_open=True), default=3, show_default=True)
+@click.option("--lr", type=Number(min=0, min_open=True), default=5e-5, show_default=True,
               help="Peak learning rate (AdamW, linear warm-up and decay).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+@click.option("--eval-fraction", type=Number(0, 1, min_open=True, max_open=True), default=0.1,
               show_default=True, help="Share of each label's rows held out to evaluate every epoch.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the split, the head and the order.")
 @click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True,

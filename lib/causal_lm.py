@@ -49,7 +49,7 @@ def train_causal_lm(dataset, output, *, base_model=None, from_config=None, token
                       tokenizer_fingerprint=model_fingerprint(tokenizer_dir))
     # save_steps changes where a killed run can resume, not the model: left out so it can change on resume.
 
-    with Job("train", output, config=config, datasets=[dataset], force=force) as job:
+    with Job("train", output, config=config, datasets=[dataset], force=force, reads=[tokenizer_dir]) as job:
         if job.up_to_date:
             return {**job.summary(), **job.manifest.get("eval", {})}
         return _train(job, dataset, config, tokenizer_dir, save_steps, trust_remote_code)

@@ -44,7 +44,7 @@ def classify(dataset, output, *, model, text_column="text", text_pair_column=Non
         check_devices(devices, device)
         config["devices"] = devices_kind(devices)  # only when given: single-device outputs keep their config
 
-    with Job("classify", output, config=config, datasets=[dataset], force=force) as job:
+    with Job("classify", output, config=config, datasets=[dataset], force=force, reads=[model_dir]) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
         from .executor import run_job_shards

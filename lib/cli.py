@@ -11,6 +11,7 @@ import errno
 import functools
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -164,6 +165,17 @@ class SizeType(click.ParamType):
             self.fail(exc.message, param, ctx)
 
 
+class Number(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: nan passes every range comparison, and would be
+    recorded in a manifest (as invalid JSON) and never compare equal on a re-run."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a number; give a finite value ({self._describe_range()})", param, ctx)
+        return rv
+
+
 class BatchTokensType(click.ParamType):
     """`auto` or a token budget of at least 16 (hfbatch.batch_tuning.parse_batch_tokens)."""
 
@@ -279,7 +291,7 @@ def mode_option(f):
 def lexical_weight_option(f):
     from hfbatch.retrieval import DEFAULT_LEXICAL_WEIGHT
 
-    return click.option("--lexical-weight", type=click.FloatRange(0.0, 1.0), default=None, metavar="W",
+    return click.option("--lexical-weight", type=Number(0.0, 1.0), default=None, metavar="W",
                         help=f"Hybrid mode: the share of the normalised BM25 score in the fused score [default: "
                              f"{DEFAULT_LEXICAL_WEIGHT}, chosen on bench/debian_retrieval.py's dev queries].")(f)
 
@@ -301,7 +313,7 @@ def executor_options(f):
     f = click.option("--num-workers", type=click.IntRange(min=1), default=None,
                      help="--executor ray: model actors, each loading the model once (default: one per GPU "
                           "with GPUs, else one per node).")(f)
-    f = click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+    f = click.option("--gpus-per-worker", type=Number(min=0), default=None,
                      help="--executor ray: GPUs per actor (default 1 with --device cuda, else 0: CPU actors, "
                           "each given an equal share of the CPUs).")(f)
     return click.option("--max-retries", type=click.IntRange(min=0), default=None,

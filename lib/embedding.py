@@ -226,7 +226,8 @@ def embed(dataset, output, *, model=None, text_column="text", device="auto", dev
         config.update(chunking)  # only when chunking: unchunked outputs keep their old config
     # batch_tokens changes speed, not results: it is left out of the config so it can be tuned on resume.
 
-    with Job("embed", output, config=config, datasets=[dataset], force=force, incremental=incremental) as job:
+    with Job("embed", output, config=config, datasets=[dataset], force=force, incremental=incremental,
+             reads=[model_dir]) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return job.summary()
         source, _ = open_arrow_dataset(dataset)

@@ -100,6 +100,10 @@ def export(dataset, output, *, fmt: str = "auto", columns: list[str] | None = No
     ds = selected_columns(dataset, columns or [])
     if not path.parent.is_dir():
         raise InputError(f"{path.parent} does not exist")
+    source = Path(dataset).resolve()
+    if path == source or source in path.parents:  # the file would replace, or sit among, the data it is read from
+        raise InputError(f"--output {path} is inside the dataset {source} that it exports: choose a file "
+                         f"outside it")
     paths = OutputPaths(path)
     lock = OutputLock(path)
     lock.acquire()
@@ -114,6 +118,9 @@ def export(dataset, output, *, fmt: str = "auto", columns: list[str] | None = No
 
 
 def selected_columns(dataset, wanted: list[str]):
+    from .ingestion import check_unique_columns
+
+    check_unique_columns(wanted)
     ds, _ = open_dataset(dataset)
     missing = [c for c in wanted if c not in ds.column_names]
     if missing:

@@ -92,7 +92,7 @@ def generate(dataset, output, *, model, prompt_column="text", chat_history_colum
         config["devices"] = devices_kind(devices)
     # batch_size changes speed, not rows (each sequence has its own generator): left out of the config.
 
-    with Job("generate", output, config=config, datasets=[dataset], force=force) as job:
+    with Job("generate", output, config=config, datasets=[dataset], force=force, reads=[model_dir]) as job:
         if job.up_to_date:
             return job.summary()
         from .executor import run_job_shards

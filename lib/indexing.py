@@ -591,7 +591,16 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
     space = faiss.ParameterSpace()   # knows how to reach through Refine/PreTransform wrappers
     for name in ("nprobe", "efSearch"):
         if name in params:
-            space.set_index_parameter(index, name, params[name])
+            space.set_index_parameter(index, name, min(int(params[name]), _knob_ceiling(index, name)))
+
+
+def _knob_ceiling(index: faiss.Index, name: str) -> int:
+    """The largest nprobe / efSearch that can change a result: every list, every vector. A larger value (a user's
+    --nprobe 2**31) would wrap faiss's C int negative, or size its buffers by it (queries x nprobe)."""
+    if name == "nprobe":
+        nlists = [idx.nlist for idx in index_layers(index) if isinstance(idx, faiss.IndexIVF)]
+        return max(nlists, default=2**31 - 1)
+    return max(int(index.ntotal), 1)
 
 
 def timed_search(index: faiss.Index, queries: np.ndarray, k: int, repeat: int = 1) -> tuple[np.ndarray, float]:

@@ -89,9 +89,24 @@ def parse_rename(values: Iterable[str]) -> dict[str, str]:
 
 
 def parse_columns(values: Iterable[str]) -> list[str] | None:
-    """`--columns a,b --columns c` as [a, b, c]; None for none (all columns)."""
+    """`--columns a,b --columns c` as [a, b, c]; None for none (all columns). A name given twice, or a
+    --columns that names nothing, is refused."""
+    values = list(values)
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if values and not names:
+        raise InputError(f"--columns {','.join(values)!r} names no column: give names like id,text, or leave "
+                         "the option out for all columns")
+    check_unique_columns(names)
     return names or None
+
+
+def check_unique_columns(names: Iterable[str]) -> None:
+    """Refuse a column named twice: the output would have two columns of one name."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise InputError(f"--columns: {name!r} is named twice; name each column once")
+        seen.add(name)
 
 
 def _check_options(fmt: str, by: str, limit, sample) -> None:

@@ -113,7 +113,9 @@ def search(index_dir, queries=(), *, queries_file=None, query_vectors=None, quer
     if mode is not None or lexical_weight is not None:
         config.update(mode=mode, lexical_weight=lexical_weight)
     files = [path for path in (queries_file, query_vectors, query_ids) if path]
-    with Job("search", output, config=config, files=files, datasets=[index_dir], force=force) as job:
+    reads = [p for p in (searcher.rows.source_path, searcher.rows.embeddings_path) if p]
+    with Job("search", output, config=config, files=files, datasets=[index_dir], force=force,
+             reads=reads) as job:
         if job.up_to_date:
             return job.summary()
         table, features = hits_table(searcher, run(), show_span)

@@ -567,7 +567,7 @@ class Job:
     """
 
     def __init__(self, name: str, output, *, config: dict, files: Iterable = (), datasets: Iterable = (),
-                 force: bool = False, incremental: bool = False):
+                 force: bool = False, incremental: bool = False, reads: Iterable = ()):
         self.name = name
         self.incremental = incremental
         self.previous: dict | None = None  # with --incremental: the manifest of the output being updated
@@ -576,6 +576,9 @@ class Job:
         self.force = force
         self._file_paths = [Path(p) for p in files]
         self._dataset_paths = [Path(p) for p in datasets]
+        # read by the job besides its inputs (a --model, --base-model or --tokenizer directory; search's index's
+        # source dataset): an output that is, holds or sits inside one is refused like one over an input
+        self._read_paths = [Path(p) for p in reads]
         self.paths = OutputPaths(self.output)
         self.partial = self.paths.partial
         self.lock = OutputLock(self.output)
@@ -646,7 +649,12 @@ class Job:
         if not ancestor.is_dir():
             raise InputError(f"--output {out}: {ancestor} is not a directory; choose an output whose parent "
                              f"is a directory")
-        protected = [(p.resolve(), f"the input {p.resolve()}") for p in self._file_paths + self._dataset_paths]
+        inputs = [p.resolve() for p in self._file_paths + self._dataset_paths + self._read_paths]
+        for path in inputs:
+            if path in out.parents:  # e.g. an export over one of the input dataset's own files
+                raise InputError(f"--output {out} is inside the input {path}, which this run reads: choose an "
+                                 f"output outside it")
+        protected = [(p, f"the input {p}") for p in inputs]
         home = os.environ.get("HOME")
         if home:
             protected.append((Path(home).resolve(), "your home directory ($HOME)"))

@@ -191,7 +191,7 @@ def tokenize(dataset, output, *, model=None, text_column="text", text_pair_colum
               "text_column": text_column, "text_pair_column": text_pair_column, "max_length": max_length,
               "offsets": offsets, "shard_rows": shard_rows}
 
-    with Job("tokenize", output, config=config, datasets=[dataset], force=force) as job:
+    with Job("tokenize", output, config=config, datasets=[dataset], force=force, reads=[model_dir]) as job:
         if job.up_to_date:
             return job.summary()
         import datasets

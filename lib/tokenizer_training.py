@@ -52,7 +52,8 @@ def train_tokenizer(dataset, output, *, base=None, vocab_size=None, algorithm=No
     if base_dir is not None and (base_dir / "config.json").exists():
         config["base_fingerprint"] = model_fingerprint(base_dir)
 
-    with Job("train-tokenizer", output, config=config, datasets=[dataset], force=force) as job:
+    with Job("train-tokenizer", output, config=config, datasets=[dataset], force=force,
+             reads=[base_dir] if base_dir else []) as job:
         if job.up_to_date:
             return {**job.summary(), **job.manifest.get("fertility", {})}
         from .io import open_dataset, require_text_column

@@ -58,7 +58,7 @@ def train(dataset, output, *, label_column: str | None = None, text_column: str 
               "batch_size": batch_size, "eval_fraction": eval_fraction, "seed": seed, "max_length": max_length,
               "device": device, "precision": precision}
     # save_steps changes where a killed run can resume, not the model: left out so it can change on resume.
-    with Job("train", output, config=config, datasets=[dataset], force=force) as job:
+    with Job("train", output, config=config, datasets=[dataset], force=force, reads=[base_dir]) as job:
         if job.up_to_date:  # decided from manifests alone: a no-op re-run never imports torch
             return {**job.summary(), **job.manifest.get("eval", {})}
         return _train(job, dataset, base_dir, base_model is None, config, save_steps, trust_remote_code)

@@ -606,3 +606,27 @@ def test_a_filter_mixing_integers_and_floats_compares_them_as_floats(tmp_path, r
     assert load(tmp_path / "out")["text"] == ["big", "huge"]
     invoke(runner, ["ingest", docs, "-o", tmp_path / "low", "--filter", "n == -9223372036854775808"])
     assert load(tmp_path / "low")["text"] == ["low"]
+
+
+@pytest.mark.parametrize("value", ["nan", "-nan", "inf"])
+def test_a_float_option_refuses_nan_and_inf(runner, tmp_path, value):
+    """nan passes every range comparison: --target-recall nan was accepted, written to the manifest as invalid
+    JSON, and the same command again was "made from other options" (nan != nan)."""
+    result = invoke(runner, ["index", tmp_path, "-o", tmp_path / "idx", "--target-recall", value], expect=2)
+    assert "--target-recall" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "idx").exists()
+    result = invoke(runner, ["generate", tmp_path, "-o", tmp_path / "g", "--model", tmp_path, "--temperature",
+                             value], expect=2)
+    assert "--temperature" in result.output
+
+
+@pytest.mark.parametrize("columns, message", [("id,id", "'id' is named twice"), ("text,text", "named twice"),
+                                              ("", "names no column"), (",", "names no column")])
+def test_export_columns_named_twice_or_not_at_all_are_refused(runner, tmp_path, columns, message):
+    """--columns id,id reached pandas/pyarrow ("internal error"); CSV wrote a header no ingest reads back."""
+    write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "a"}, {"id": 2, "text": "b"}])
+    invoke(runner, ["ingest", tmp_path / "a.jsonl", "-o", tmp_path / "ds"])
+    for name in ("x.jsonl", "x.parquet", "x.csv"):
+        result = invoke(runner, ["export", tmp_path / "ds", "-o", tmp_path / name, "--columns", columns], expect=2)
+        assert message in result.output and "internal error" not in result.output
+        assert not (tmp_path / name).exists()

@@ -311,3 +311,50 @@ def test_the_work_directory_of_an_unpublished_run_is_resumed_not_removed(runner,
     invoke(runner, ["ingest", src, "-o", out])
     assert json.loads((out / "manifest.json").read_text())["rows"] == len(ROWS)
     assert not OutputPaths(out).partial.exists()
+
+
+def test_an_output_inside_an_input_dataset_is_refused(runner, tmp_path, src, tiny_model):
+    """A dataset job's output, or an export's file, inside the dataset it reads (with --force too): the
+    export would have replaced the dataset's own Arrow file with JSON Lines."""
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds"])
+    before = tree(tmp_path)
+    arrow = next((tmp_path / "ds").glob("*.arrow"))
+    refused(runner, ["export", tmp_path / "ds", "-o", arrow, "--format", "jsonl", "--force"], arrow, "inside")
+    refused(runner, ["export", tmp_path / "ds", "-o", tmp_path / "ds" / "x.jsonl"], "inside")
+    refused(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "ds" / "emb", "--model", tiny_model, "--force"],
+            tmp_path / "ds" / "emb", "inside")
+    assert tree(tmp_path) == before
+    invoke(runner, ["export", tmp_path / "ds", "-o", tmp_path / "rows.jsonl"])
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(ROWS)
+
+
+def test_search_output_over_the_datasets_its_index_reads_is_refused(runner, tmp_path, src, tiny_model):
+    """search reads the index's source dataset (text, --filter) and records its embeddings: -o over either, with
+    --force, would have replaced them with the hits."""
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds"])
+    invoke(runner, ["embed", tmp_path / "ds", "-o", tmp_path / "emb", "--model", tiny_model, "--precision", "fp32"])
+    invoke(runner, ["index", tmp_path / "emb", "-o", tmp_path / "idx"])
+    before = tree(tmp_path)
+    for target in (tmp_path / "ds", tmp_path / "emb"):
+        refused(runner, ["search", tmp_path / "idx", "a query", "-o", target, "--force"], target, "input")
+    assert tree(tmp_path) == before
+    hits = invoke(runner, ["search", tmp_path / "idx", "a query", "-k", "2"]).stdout.splitlines()
+    assert [json.loads(h)["text"] is not None for h in hits] == [True, True]
+
+
+def test_an_output_over_the_model_directory_a_job_reads_is_refused(runner, tmp_path, src, tiny_model):
+    """--model (and --base-model, --tokenizer) directories are inputs too: `-o MODEL --force`, or an output
+    holding the model, replaced them with the job's output. Here the model is an hfbatch output itself (made
+    by train), so only the input check can save it."""
+    import shutil
+
+    model = tmp_path / "work" / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "manifest.json").write_text(json.dumps({"hfbatch": "0.1.0", "job": "train"}))
+    invoke(runner, ["ingest", src, "-o", tmp_path / "ds"])
+    before = tree(tmp_path)
+    for target in (model, model.parent):
+        refused(runner, ["embed", tmp_path / "ds", "-o", target, "--model", model, "--force"], target, "input")
+        refused(runner, ["tokenize", tmp_path / "ds", "-o", target, "--model", model, "--force"], target, "input")
+    refused(runner, ["embed", tmp_path / "ds", "-o", model / "emb", "--model", model], "inside")
+    assert tree(tmp_path) == before

@@ -188,3 +188,16 @@ def test_filtered_search_falls_back_to_exact_search_when_the_index_cannot_find_e
     D, I = filtered_search(index, vectors[:4], 3, allowed, exact_reader=lambda: (lambda a, b: vectors[a:b]))
     assert all(sorted(row) == [3, 1500, 3999] for row in I.tolist())
     np.testing.assert_allclose(D[0], np.sort(vectors[allowed] @ vectors[0])[::-1], rtol=1e-5)
+
+
+def test_an_nprobe_past_faiss_int_range_means_every_list(built, runner):
+    """faiss keeps nprobe in a C int: 2**31 wrapped negative and failed inside faiss ("internal error"). Any
+    nprobe at or above nlist probes every list, so 2**31 and 2**63 give the hits of nprobe = nlist (8)."""
+    def hits(nprobe):
+        out = invoke(runner, ["search", built / "ivfpq", "chess game", "-k", "5", "--mode", "dense",
+                              "--nprobe", nprobe]).stdout
+        return [json.loads(line)["id"] for line in out.splitlines()]
+
+    every_list = hits(8)
+    assert len(every_list) == 5
+    assert hits(2**31) == every_list and hits(2**63) == every_list
