@@ -651,7 +651,7 @@ class Job:
                              f"is a directory")
         inputs = [p.resolve() for p in self._file_paths + self._dataset_paths + self._read_paths]
         for path in inputs:
-            if path in out.parents:  # e.g. an export over one of the input dataset's own files
+            if path in out.parents:  # e.g. embed ds -o ds/emb, or train -o MODEL/sub --base-model MODEL
                 raise InputError(f"--output {out} is inside the input {path}, which this run reads: choose an "
                                  f"output outside it")
         protected = [(p, f"the input {p}") for p in inputs]
