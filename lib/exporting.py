@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import InputError, JobFailed
 from .io import open_dataset, split_compression
-from .runner import OutputLock, OutputPaths, write_json_atomic
+from .runner import OutputLock, OutputPaths, refuse_output_inside_inputs, write_json_atomic
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
            ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet"}
@@ -101,9 +101,9 @@ def export(dataset, output, *, fmt: str = "auto", columns: list[str] | None = No
     if not path.parent.is_dir():
         raise InputError(f"{path.parent} does not exist")
     source = Path(dataset).resolve()
-    if path == source or source in path.parents:  # the file would replace, or sit among, the data it is read from
-        raise InputError(f"--output {path} is inside the dataset {source} that it exports: choose a file "
-                         f"outside it")
+    if path == source:
+        raise InputError(f"--output {path} is the dataset it exports: choose a file outside it")
+    refuse_output_inside_inputs(path, [source])  # (export is not a Job: the one check it shares with them)
     paths = OutputPaths(path)
     lock = OutputLock(path)
     lock.acquire()

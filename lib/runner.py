@@ -49,6 +49,15 @@ JOB_FILE = "job.json"
 
 # ---- small durable-file helpers -----------------------------------------------------------------------
 
+def refuse_output_inside_inputs(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse (InputError) an output inside a directory the run reads: embed ds -o ds/emb, train -o MODEL/sub
+    --base-model MODEL, export ds -o ds/data-00000-of-00001.arrow. `out` and `inputs` resolved."""
+    for path in inputs:
+        if path in out.parents:
+            raise InputError(f"--output {out} is inside the input {path}, which this run reads: choose an "
+                             f"output outside it")
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -650,10 +659,7 @@ class Job:
             raise InputError(f"--output {out}: {ancestor} is not a directory; choose an output whose parent "
                              f"is a directory")
         inputs = [p.resolve() for p in self._file_paths + self._dataset_paths + self._read_paths]
-        for path in inputs:
-            if path in out.parents:  # e.g. embed ds -o ds/emb, or train -o MODEL/sub --base-model MODEL
-                raise InputError(f"--output {out} is inside the input {path}, which this run reads: choose an "
-                                 f"output outside it")
+        refuse_output_inside_inputs(out, inputs)
         protected = [(p, f"the input {p}") for p in inputs]
         home = os.environ.get("HOME")
         if home:
