@@ -303,6 +303,7 @@ def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
         if column in table.column_names:
             table = table.set_column(table.column_names.index(column), column,
                                      table.column(column).cast(pa.string()))
+    table = _fill_missing_columns(table, unit, plan)
     for source, count in _count_by(sources, name, n):
         tally.source(source)["read"] += count
     tally.read += n
@@ -371,6 +372,34 @@ def conform(table, unit: Unit, plan: Plan, state: State, tally: Tally):
         columns.append(_cast(table.column(f.name), f, unit) if f.name in table.column_names
                        else pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(columns, schema=plan.schema)
+
+
+def _fill_missing_columns(table, unit: Unit, plan: Plan):
+    """A later source (a Parquet file, plain text) may lack columns the first one has. The text and the ids
+    cannot be made up: the source is refused by name. Any other column is null in its rows, as a CSV's or
+    a JSON object's missing field is, so a filter on it sees null."""
+    import pyarrow as pa
+
+    original = {new: old for old, new in plan.rename.items()}
+    wanted = [f.with_name(plan.rename.get(f.name, f.name)) for f in plan.read_schema]
+    missing = [f for f in wanted if f.name not in table.column_names]
+    required = [f.name for f in missing if f.name in (plan.text_column, plan.id_source)]
+    if required:
+        from hfbatch.io import sniff_schema
+
+        roles = " and ".join("the text" if c == plan.text_column else "the rows' ids" for c in required)
+        names = " and ".join(repr(original.get(c, c)) for c in required)
+        column, hold = ("columns", "hold") if len(required) > 1 else ("column", "holds")
+        if unit.fmt == "text":
+            has = "plain text has only lines"
+        else:
+            own = sniff_schema(unit.paths[0], unit.fmt, None)
+            has = "it has " + (", ".join(own.names) if own is not None and own.names else "no column")
+        raise InputError(f"{unit.paths[0]}: no {column} {names}, which {hold} {roles} in the first source ({has}); "
+                         f"give every source that column, or ingest this one into a dataset of its own")
+    for f in missing:
+        table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table
 
 
 def _cast(values, field, unit: Unit):

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,9 +56,30 @@ def resolve_model_dir(model: str | os.PathLike | None, option: str = "--model") 
         raise InputError(f"model directory {path} is incomplete: missing {', '.join(missing)}; "
                          f"save it with save_pretrained() for both the model and its tokenizer")
     read_json_object(path / "config.json")
-    for file in safetensors_files(path):
+    weights = safetensors_files(path)
+    for file in weights:
         safetensors_tensors(file)  # a damaged header fails here, in the first second, not at load
+    if not weights:  # transformers loads pickled weights only where there are no safetensors
+        for file in sorted(path.glob("pytorch_model*.bin")):
+            check_torch_archive(file)
     return path.resolve()
+
+
+def check_torch_archive(file: Path) -> None:
+    """A pickled pytorch_model.bin is a zip archive (torch.save since 1.6): a truncated or damaged one is
+    refused by name here, from its central directory alone, not as an OSError from inside torch.load. A
+    pre-1.6 file (no zip) is left to torch.load."""
+    import zipfile
+
+    with open(file, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            return
+    try:
+        with zipfile.ZipFile(file):
+            pass
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InputError(f"{file} is damaged or truncated ({exc}); copy it again, or save the model with "
+                         f"save_pretrained(), which writes safetensors")
 
 
 def read_json(file: Path):
@@ -282,6 +304,12 @@ def loading(path: Path, what: str = "the model"):
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise InputError(f"cannot load {what} from {path} ({type(exc).__name__}: {_first_line(exc)}); save it "
                          f"again with save_pretrained()")
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) met a pickle that builds other objects than tensors: refused
+        # unexecuted, which is the safe outcome, but the job cannot go on
+        raise InputError(f"cannot load {what} from {path}: its pickled weights (pytorch_model*.bin) hold Python "
+                         f"objects other than tensors, which hfbatch never unpickles; convert the model to "
+                         f"safetensors where it is trusted (save_pretrained() writes them)")
     except RuntimeError as exc:
         if "mismatch" not in str(exc):
             raise

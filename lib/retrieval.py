@@ -641,7 +641,7 @@ def allowed_positions(rows: IndexRows, filters: dict[str, list[str]]):
         if column not in source.column_names:
             raise InputError(f"--filter {column}=...: the source dataset {rows.source_path} has no column "
                              f"{column!r}; available: {', '.join(source.column_names)}")
-        data = source.data.column(column)
+        data = rows.source_column(column)
         try:
             as_text = pc.cast(data, pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -653,7 +653,7 @@ def allowed_positions(rows: IndexRows, filters: dict[str, list[str]]):
     source_rows = np.flatnonzero(mask)
     if rows.same_order():
         return source_rows.astype(np.int64)
-    ids = source.data.column("id").take(pa.array(source_rows))  # every chunk of a matching document, over chunks
+    ids = rows.source_column("id").take(pa.array(source_rows))  # every chunk of a matching document, over chunks
     return np.flatnonzero(pc.is_in(rows.table.column(rows.id_column), value_set=ids)
                           .to_numpy(zero_copy_only=False)).astype(np.int64)
 
@@ -747,6 +747,7 @@ class IndexRows:
         self.embeddings_changed = not self.text_only and self.embeddings_hash is None or \
             current_manifest_hash(self.embeddings_path) != self.embeddings_hash
         self.foreign = manifest.get("vectors")  # made elsewhere: no model, no source dataset, no text
+        self.source_manifest = {}
         self.source, self.source_problem = self._indexed_source()
         self._same = None
         self._doc_codes = None
@@ -770,8 +771,28 @@ class IndexRows:
             return None, f"the index does not record which version of {self.source_path} it was built from"
         if current != recorded:
             return None, f"the dataset {self.source_path} changed since {self.index_dir} was built"
-        source, _ = open_dataset(self.source_path)
+        # validated where it is read: a filter's column whole, hits' text row by row (not all of it per search)
+        source, self.source_manifest = open_dataset(self.source_path, validate=False)
         return source, None
+
+    def source_column(self, name: str, rows=None):
+        """A column of the source dataset, validated (offsets in bounds, UTF-8) before it is read: whole, or
+        only `rows` (numpy positions). A damaged data file is one line naming it, not a crash."""
+        import numpy as np
+        import pyarrow as pa
+
+        from hfbatch.io import damaged
+
+        column = self.source.data.column(name)
+        try:
+            if rows is None:
+                column.validate(full=True)
+            else:
+                for row in np.unique(rows):
+                    column.slice(int(row), 1).validate(full=True)
+        except pa.ArrowException as exc:
+            raise damaged("dataset", self.source_path, self.source_manifest.get("job"), exc)
+        return column
 
     def outdated(self):
         """(warning name, reason, what to re-run) when what the index was built from changed; else None."""
@@ -810,6 +831,7 @@ class IndexRows:
     def texts(self, positions) -> list:
         """The source dataset's text of each position's row (found by id), or None: no indexed source, or
         no row with that id."""
+        import numpy as np
         import pyarrow.compute as pc
 
         source = self.source
@@ -819,10 +841,11 @@ class IndexRows:
             rows = _take(positions)
         else:
             if self._source_ids is None:
-                self._source_ids = source.data.column("id").combine_chunks()
+                self._source_ids = self.source_column("id").combine_chunks()
             rows = pc.index_in(self.table.column(self.id_column).take(_take(positions)), value_set=self._source_ids)
         found = rows.is_valid()
-        texts = take_by_chunk(source.data.column(self.text_column), rows.fill_null(0))
+        rows = np.asarray(rows.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        texts = take_by_chunk(self.source_column(self.text_column, rows), rows)
         return [text if ok else None for text, ok in zip(texts, found.to_pylist())]
 
     def doc_codes(self):

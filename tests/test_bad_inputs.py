@@ -270,6 +270,47 @@ for _name, (_file, _content, _named) in MODEL_FILES.items():
     case(f"embed-model-{_name}")(lambda w, tmp, f=_file, c=_content, n=_named: embed_with_model_file(w, tmp, f, c, n))
 
 
+class _Touch:
+    """Unpickled, it would create `path`: the marker that a pickle's code ran."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def model_with_pickled_weights(w, tmp, job: str, extra=None, cut: bool = False) -> Path:
+    """The job's tiny model with its weights as a pytorch_model.bin (torch.save), holding `extra` beside them."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = copy_of(w.classifier if job == "classify" else w.model, tmp, "model")
+    weights = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    torch.save({**weights, **({"extra": extra} if extra is not None else {})}, model / "pytorch_model.bin")
+    if cut:
+        data = (model / "pytorch_model.bin").read_bytes()
+        (model / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    return model
+
+
+for _job in ("embed", "embed-torch", "classify"):
+    # (found by a sweep) UnpicklingError or OSError from inside torch.load reached the catch-all
+    def _make_code(w, tmp, job=_job):
+        model = model_with_pickled_weights(w, tmp, job, _Touch(tmp / "code-ran"))
+        options = ["--backend", "torch"] if job == "embed-torch" else []
+        return [job.split("-")[0], w.ds, "-o", tmp / "out", "--model", model, *options], [model, "never unpickles"]
+    case(f"{_job}-pickled-weights-with-code")(_make_code)
+
+    def _make_cut(w, tmp, job=_job):
+        model = model_with_pickled_weights(w, tmp, job, cut=True)
+        options = ["--backend", "torch"] if job == "embed-torch" else []
+        return [job.split("-")[0], w.ds, "-o", tmp / "out", "--model", model, *options], \
+            [model / "pytorch_model.bin", "truncated"]
+    case(f"{_job}-pickled-weights-truncated")(_make_cut)
+
+
 @case("embed-model-config-without-model-type")  # (beyond the issue: ValueError from the OpenVINO conversion)
 def _(w, tmp):
     config = {k: v for k, v in json.loads((w.model / "config.json").read_text()).items() if k != "model_type"}
@@ -630,3 +671,43 @@ def test_export_columns_named_twice_or_not_at_all_are_refused(runner, tmp_path, 
         result = invoke(runner, ["export", tmp_path / "ds", "-o", tmp_path / name, "--columns", columns], expect=2)
         assert message in result.output and "internal error" not in result.output
         assert not (tmp_path / name).exists()
+
+
+def damage_in_place(dataset: Path, how: str) -> None:
+    """Bytes of the text column changed, the file's size kept (a bad disk, a careless edit): invalid UTF-8,
+    or offsets pointing past the data. Both opened, then crashed whatever read the text."""
+    from hfbatch.dataset import memory_mapped_table
+
+    data = next(dataset.glob("*.arrow"))
+    chunk = memory_mapped_table(data).column("text").chunk(0)
+    raw = data.read_bytes()
+    if how == "utf8":
+        old = chunk[2].as_py().encode()
+        new = b"\xff" * len(old)
+    else:
+        old = chunk.buffers()[1].to_pybytes()[4:]
+        new = (0x7FFFFF00).to_bytes(4, "little") * (len(old) // 4)
+    assert raw.count(old) == 1
+    data.write_bytes(raw.replace(old, new))
+
+
+@pytest.mark.parametrize("how", ["utf8", "offsets"])
+def test_a_dataset_damaged_in_place_is_one_error_in_every_job(how, world, tmp_path, runner):
+    """(found by a sweep) SystemError, UnicodeDecodeError, and a segfault in export, from a same-size data file
+    whose bytes changed: the data is validated before a job reads it."""
+    from test_generate import make_tiny_gpt2
+
+    gpt2 = make_tiny_gpt2(tmp_path / "gpt2")
+    dataset = copy_of(world.ds, tmp_path, "ds")
+    damage_in_place(dataset, how)
+    before = files_under(tmp_path)
+    jobs = [["embed", "--model", world.model], ["embed", "--model", world.model, "--backend", "torch"],
+            ["classify", "--model", world.classifier], ["tokenize", "--model", world.model],
+            ["train-tokenizer", "--vocab-size", "100"], ["generate", "--model", gpt2], ["index", "--kind", "lexical"],
+            ["train", "--label-column", "n", "--base-model", world.classifier]]
+    for job, *options in jobs:
+        result = runner.invoke(cli, [job, str(dataset), "-o", str(tmp_path / "out"), *map(str, options)])
+        line = assert_refused(result, 2, [dataset, "is damaged", "hfbatch ingest"], before, tmp_path)
+        assert "text" in line or "Column 1" in line, line
+    result = runner.invoke(cli, ["export", str(dataset), "-o", str(tmp_path / "out.jsonl")])
+    assert_refused(result, 2, [dataset, "is damaged"], before, tmp_path)

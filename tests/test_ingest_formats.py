@@ -158,6 +158,28 @@ def test_several_files_globs_and_directories(runner, tmp_path):
     assert "matches no file" in result.output
 
 
+def test_later_source_lacking_a_column_of_the_first(runner, tmp_path):
+    """The text and the ids cannot be made up: a later source without them is refused by name, and nothing
+    is left behind. Another column is null in its rows, so a filter on it drops them."""
+    first = write(tmp_path / "a.jsonl", jsonl_bytes([{"id": 1, "lang": "en", "text": "first"},
+                                                      {"id": 2, "lang": "de", "text": "zweite"}]))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "body.parquet")
+    pq.write_table(pa.table({"id": [3, 4], "text": ["third", "fourth"]}), tmp_path / "nolang.parquet")
+    write(tmp_path / "lines.txt", b"a line\n")
+    for later, words in [("body.parquet", "no columns 'id' and 'text', which hold the rows' ids and the text "
+                                          "in the first source (it has body)"),
+                         ("lines.txt", "no column 'id', which holds the rows' ids")]:
+        result = invoke(runner, ["ingest", first, tmp_path / later, "-o", tmp_path / "ds"], expect=2)
+        line = result.output.strip().splitlines()[-1]
+        assert line.startswith(f"Error: {tmp_path / later}: ") and words in line, line
+        assert sorted(p.name for p in tmp_path.iterdir() if "ds" in p.name) == [".ds.hfbatch-lock"]
+
+    invoke(runner, ["ingest", first, tmp_path / "nolang.parquet", "-o", tmp_path / "all"])
+    assert load(tmp_path / "all")["lang"] == ["en", "de", None, None]
+    invoke(runner, ["ingest", first, tmp_path / "nolang.parquet", "--filter", 'lang != "de"', "-o", tmp_path / "f"])
+    assert load(tmp_path / "f")["id"] == [1]
+
+
 def test_ambiguous_or_unknown_format_is_a_clear_error(runner, tmp_path):
     write(tmp_path / "data.dat", b"id,text\n1,hello\n")
     result = invoke(runner, ["ingest", tmp_path / "data.dat", "-o", tmp_path / "ds"], expect=2)

@@ -4,6 +4,7 @@ similarity, and damaged index files or query files are one clear error."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,6 +277,26 @@ def test_a_damaged_index_is_one_error_naming_the_file(small_index, tmp_path, run
     result = invoke(runner, args, expect=2)
     assert_one_error(result, str(index / name))
     assert not list(tmp_path.glob("hits*"))                       # nothing written, not even a .partial
+
+
+@pytest.mark.parametrize("how", ["utf8", "offsets"])
+def test_a_source_dataset_damaged_in_place_is_one_error_when_its_text_is_read(small_index, tmp_path, runner, how):
+    """Search validates only what it reads of the source dataset (a filter's column, the hits' rows): a
+    same-size data file whose text bytes changed gave UnicodeDecodeError or a crash."""
+    from test_bad_inputs import damage_in_place
+
+    root = tmp_path / "copy"
+    shutil.copytree(small_index, root, symlinks=True)
+    index = root / "index"
+    source = Path(manifest(index)["source_dataset"])
+    assert source == small_index / "dataset"
+    relocated = {**manifest(index), "source_dataset": str(root / "dataset")}
+    (index / "manifest.json").write_text(json.dumps(relocated))
+    hits_before = hits_of(invoke(runner, ["search", index, "chess", "-k", "20"]))
+    assert all(h["text"] for h in hits_before)
+    damage_in_place(root / "dataset", how)
+    result = invoke(runner, ["search", index, "chess", "-k", "20"], expect=2)
+    assert_one_error(result, f"dataset {root / 'dataset'} is damaged")
 
 
 @pytest.mark.parametrize("job", ["search", "evaluate"])
